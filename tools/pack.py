@@ -1,0 +1,11 @@
+#!/usr/bin/env python
+"""Pack a VOC split into webdataset shards + manifest. See segtrain/pack.py for details.
+
+    python tools/pack.py --voc-root datasets/data/VOCdevkit/VOC2012 --split train --out shards/
+"""
+import sys
+
+from segtrain.pack import main
+
+if __name__ == "__main__":
+    sys.exit(main())
