@@ -4,6 +4,9 @@
 #   ./launch.sh test [PYTEST ARGS] run the test suite (what CI runs)
 #   ./launch.sh setup              create .venv and install (idempotent; every command does it first)
 #   ./launch.sh pack ARGS          tools/pack.py ARGS (VOCdevkit -> webdataset shards + manifest)
+#   ./launch.sh train [--gpus N | --cpu-procs N | --accelerate-config F] ARGS
+#                                  accelerate launch segtrain/train.py ARGS with the matching config
+#   ./launch.sh compare-losses [ARGS]  CE vs an imbalance-aware loss, same settings, then the report
 #   ./launch.sh help               this text
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -36,6 +39,23 @@ setup() {
   fi
 }
 
+# accelerate launch with the config that fits: one GPU (default), N GPUs (DDP), or N CPU
+# processes (real DDP over gloo; see accelerate_configs/cpu_ddp.yaml for why it is spelled so).
+train() {
+  local acc=(--config_file accelerate_configs/single_gpu.yaml) env=()
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --gpus) acc=(--config_file accelerate_configs/multi_gpu.yaml --num_processes "$2"); shift 2 ;;
+      --cpu-procs) env=(ACCELERATE_USE_CPU=1)
+                   acc=(--multi_gpu --num_processes "$2" --num_machines 1 --mixed_precision no
+                        --dynamo_backend no --main_process_port "${PORT:-29533}"); shift 2 ;;
+      --accelerate-config) acc=(--config_file "$2"); shift 2 ;;
+      *) break ;;
+    esac
+  done
+  env "${env[@]}" "$VENV/bin/accelerate" launch "${acc[@]}" segtrain/train.py "$@"
+}
+
 demo() {
   local data="$ROOT/datasets/synthetic" shards="$ROOT/shards/synthetic" run="$ROOT/runs/demo"
   mkdir -p "$run"
@@ -56,10 +76,11 @@ case "$cmd" in
   setup) setup; log "environment ready: source $VENV/bin/activate" ;;
   demo) setup; demo "$@" ;;
   pack) setup; exec "$PY" tools/pack.py "$@" ;;
+  train) setup; train "$@" ;;
   test)
     setup
     exec "$PY" -m pytest "$@" ;;
   *)
-    sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
     [ "$cmd" = help ] || { log "unknown command: $cmd"; exit 2; } ;;
 esac

@@ -1,0 +1,409 @@
+"""DeepLabV3 / DeepLabV3+ on a timm backbone, and segtrain's checkpoint format.
+
+The heads follow VainF/DeepLabV3Plus-Pytorch module for module (torchvision's
+DeepLabV3 head has the same layout), so parameter counts match theirs exactly
+and their checkpoints map onto ours by renaming keys (see ``segtrain.convert``).
+
+    model = build_model("deeplabv3plus", "resnet50", num_classes=21, output_stride=16)
+    logits = model(images)["out"]          # (N, C, H, W), same H, W as the input
+    save_checkpoint("ckpt.pt", model, step=1000)
+    model, ckpt = load_checkpoint("ckpt.pt")
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import warnings
+from collections.abc import Collection, Mapping
+from typing import Any, Optional, Union
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import SeparableConv2d
+from torch import nn
+from torchvision.models.segmentation.fcn import FCNHead
+
+from segtrain.voc import DataError, atomic_write_bytes
+
+PathLike = Union[str, os.PathLike]
+
+ARCHS = ("deeplabv3", "deeplabv3plus")
+OUTPUT_STRIDES = (8, 16)
+# Atrous rates double when the output stride halves, so the branches see the same image area.
+ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
+ASPP_CHANNELS = 256
+LOW_LEVEL_CHANNELS = 48  # V3+ squeezes stride-4 features to 48 ch so they don't swamp the 256 ASPP ch
+CONFIG_KEYS = ("arch", "backbone", "num_classes", "output_stride", "separable", "aux_head")
+
+__all__ = [
+    "ASPPConv", "ASPPPooling", "ASPP", "DeepLabHead", "DeepLabHeadV3Plus", "FCNHead", "DeepLab",
+    "CheckpointError", "build_model", "load_weights", "model_from_state_dict", "torch_load",
+    "save_checkpoint", "load_checkpoint",
+]
+
+
+class CheckpointError(DataError):
+    """A weights file that cannot be used; the message names the file and what is wrong."""
+
+
+def conv3x3(in_channels: int, out_channels: int, dilation: int = 1, separable: bool = False) -> nn.Module:
+    """3x3 conv without bias (a BN follows); depthwise + pointwise when ``separable``.
+
+    The separable form is VainF's ``convert_to_separable_conv``: no norm between
+    the depthwise and pointwise convs.
+    """
+    if separable:
+        return SeparableConv2d(in_channels, out_channels, 3, dilation=dilation)
+    return nn.Conv2d(in_channels, out_channels, 3, padding=dilation, dilation=dilation, bias=False)
+
+
+class ASPPConv(nn.Sequential):
+    def __init__(self, in_channels: int, out_channels: int, dilation: int, separable: bool = False):
+        super().__init__(
+            conv3x3(in_channels, out_channels, dilation, separable),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+
+class ASPPPooling(nn.Sequential):
+    """Image-level features: global average, 1x1 conv, BN, ReLU, broadcast back to the map size."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(in_channels, out_channels, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Bilinear upsampling of a 1x1 map is a constant map: expand says so without the interpolation.
+        return super().forward(x).expand(-1, -1, *x.shape[-2:])
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling: a 1x1 branch, three atrous 3x3 branches and image pooling."""
+
+    def __init__(self, in_channels: int, atrous_rates: tuple[int, int, int],
+                 out_channels: int = ASPP_CHANNELS, separable: bool = False):
+        super().__init__()
+        self.convs = nn.ModuleList([
+            nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, bias=False),
+                nn.BatchNorm2d(out_channels),
+                nn.ReLU(inplace=True),
+            ),
+            *(ASPPConv(in_channels, out_channels, rate, separable) for rate in atrous_rates),
+            ASPPPooling(in_channels, out_channels),
+        ])
+        self.project = nn.Sequential(
+            nn.Conv2d(len(self.convs) * out_channels, out_channels, 1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(torch.cat([conv(x) for conv in self.convs], dim=1))
+
+
+class DeepLabHead(nn.Sequential):
+    """DeepLabV3: ASPP, 3x3 conv, BN, ReLU, 1x1 classifier (logits at the backbone's stride)."""
+
+    def __init__(self, in_channels: int, num_classes: int, atrous_rates: tuple[int, int, int],
+                 separable: bool = False):
+        super().__init__(
+            ASPP(in_channels, atrous_rates, separable=separable),
+            conv3x3(ASPP_CHANNELS, ASPP_CHANNELS, separable=separable),
+            nn.BatchNorm2d(ASPP_CHANNELS),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(ASPP_CHANNELS, num_classes, 1),
+        )
+
+
+class DeepLabHeadV3Plus(nn.Module):
+    """DeepLabV3+: ASPP on the deep features, upsampled to stride 4 and fused with projected
+    stride-4 features, then 3x3 conv, BN, ReLU, 1x1 classifier (logits at stride 4)."""
+
+    def __init__(self, in_channels: int, low_level_channels: int, num_classes: int,
+                 atrous_rates: tuple[int, int, int], separable: bool = False):
+        super().__init__()
+        self.project = nn.Sequential(
+            nn.Conv2d(low_level_channels, LOW_LEVEL_CHANNELS, 1, bias=False),
+            nn.BatchNorm2d(LOW_LEVEL_CHANNELS),
+            nn.ReLU(inplace=True),
+        )
+        self.aspp = ASPP(in_channels, atrous_rates, separable=separable)
+        self.classifier = nn.Sequential(
+            conv3x3(LOW_LEVEL_CHANNELS + ASPP_CHANNELS, ASPP_CHANNELS, separable=separable),
+            nn.BatchNorm2d(ASPP_CHANNELS),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(ASPP_CHANNELS, num_classes, 1),
+        )
+
+    def forward(self, x: torch.Tensor, low_level: torch.Tensor) -> torch.Tensor:
+        low_level = self.project(low_level)
+        x = F.interpolate(self.aspp(x), size=low_level.shape[-2:], mode="bilinear", align_corners=False)
+        return self.classifier(torch.cat([low_level, x], dim=1))
+
+
+def init_head(module: nn.Module) -> None:
+    """VainF's head init: Kaiming-normal convs, BN as identity."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class DeepLab(nn.Module):
+    """A timm feature backbone + DeepLabV3 or V3+ head (+ optional FCN auxiliary head).
+
+    ``forward(x)`` returns ``{"out": logits}`` (and ``"aux"`` when ``aux_head``),
+    each (N, num_classes, H, W) at the input's size, as torchvision's models do.
+    ``backbone``, ``head`` and ``aux_head`` are separate attributes so training can
+    give the backbone its own learning rate. ``model_config`` rebuilds the model.
+    """
+
+    def __init__(self, arch: str = "deeplabv3plus", backbone: str = "resnet50", num_classes: int = 21,
+                 output_stride: int = 16, separable: bool = False, aux_head: bool = False,
+                 pretrained: bool = False):
+        super().__init__()
+        self.model_config: dict[str, Any] = dict(
+            arch=arch, backbone=backbone, num_classes=num_classes, output_stride=output_stride,
+            separable=separable, aux_head=aux_head)
+        # Every feature level is returned because the stride-4 level's index varies by family
+        # (1 for ResNets, 0 for ConvNeXt); returning the extra maps costs no compute.
+        self.backbone = create_backbone(backbone, output_stride, pretrained)
+        channels = self.backbone.feature_info.channels()
+        reductions = self.backbone.feature_info.reduction()
+        if reductions[-1] != output_stride:
+            raise ValueError(f"backbone {backbone!r} ends at stride {reductions[-1]}, not the requested "
+                             f"output_stride {output_stride}; it does not support dilation")
+        rates = ASPP_RATES[output_stride]
+        if arch == "deeplabv3plus":
+            if 4 not in reductions:
+                raise ValueError(f"backbone {backbone!r} has no stride-4 features (strides {reductions}), "
+                                 "which DeepLabV3+ needs; use arch='deeplabv3'")
+            self.low_level_index = max(i for i, r in enumerate(reductions) if r == 4)
+            self.head: nn.Module = DeepLabHeadV3Plus(
+                channels[-1], channels[self.low_level_index], num_classes, rates, separable)
+        else:
+            self.head = DeepLabHead(channels[-1], num_classes, rates, separable)
+        init_head(self.head)
+        # torchvision's auxiliary classifier reads the stage before the last (ResNet layer3).
+        self.aux_index = len(channels) - 2
+        self.aux_head: Optional[nn.Module] = None
+        if aux_head:
+            self.aux_head = FCNHead(channels[self.aux_index], num_classes)
+            init_head(self.aux_head)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        size = x.shape[-2:]
+        features = self.backbone(x)
+        if isinstance(self.head, DeepLabHeadV3Plus):
+            logits = self.head(features[-1], features[self.low_level_index])
+        else:
+            logits = self.head(features[-1])
+        out = {"out": F.interpolate(logits, size=size, mode="bilinear", align_corners=False)}
+        if self.aux_head is not None:
+            aux = self.aux_head(features[self.aux_index])
+            out["aux"] = F.interpolate(aux, size=size, mode="bilinear", align_corners=False)
+        return out
+
+    def classifier_keys(self) -> set[str]:
+        """State-dict keys of the final 1x1 convs: the only tensors whose shape depends on num_classes."""
+        finals = [self.head.classifier[-1] if isinstance(self.head, DeepLabHeadV3Plus) else self.head[-1]]
+        if self.aux_head is not None:
+            finals.append(self.aux_head[-1])
+        return {f"{name}.{param}" for name, module in self.named_modules()
+                if any(module is final for final in finals)
+                for param, _ in module.named_parameters(recurse=False)}
+
+
+def create_backbone(name: str, output_stride: int, pretrained: bool) -> nn.Module:
+    """timm feature extractor (all levels); a short, actionable error when weights can't be downloaded."""
+    try:
+        return timm.create_model(name, pretrained=pretrained, features_only=True, output_stride=output_stride)
+    except OSError as e:  # hub failures are OSErrors: huggingface_hub's LocalEntryNotFoundError, urllib's URLError
+        if not pretrained:
+            raise
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise RuntimeError(
+            f"could not download pretrained weights for backbone {name!r} ({reason}). Fix: pass "
+            "--backbone-weights PATH (a local timm/torchvision state dict), or set HF_HUB_OFFLINE=1 "
+            "with the weights already in the Hugging Face cache (HF_HOME), or use --no-pretrained"
+        ) from None
+
+
+def build_model(arch: str = "deeplabv3plus", backbone: str = "resnet50", num_classes: int = 21,
+                output_stride: int = 16, pretrained: bool = False, backbone_weights: Optional[PathLike] = None,
+                separable: bool = False, aux_head: bool = False) -> DeepLab:
+    """Build a DeepLab model.
+
+    ``pretrained`` downloads ImageNet weights through timm (a tagged name such as
+    ``resnet50.tv_in1k`` picks the weights). ``backbone_weights`` instead loads a
+    local timm or torchvision state dict into the backbone and wins over
+    ``pretrained``, so nothing is downloaded.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    if output_stride not in OUTPUT_STRIDES:
+        raise ValueError(f"output_stride must be 8 or 16, got {output_stride!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if not timm.is_model(backbone):
+        base = backbone.split(".")[0]
+        close = timm.list_models(f"*{base}*")[:8]
+        raise ValueError(f"unknown timm backbone {backbone!r}" + (f"; similar: {', '.join(close)}" if close else ""))
+    model = DeepLab(arch, backbone, num_classes, output_stride, bool(separable), bool(aux_head),
+                    pretrained=pretrained and backbone_weights is None)
+    if backbone_weights is not None:
+        load_backbone_weights(model.backbone, backbone_weights)
+    return model
+
+
+def load_backbone_weights(backbone: nn.Module, path: PathLike) -> None:
+    """Load an ImageNet classifier's state dict (timm or torchvision ResNet keys) into the backbone."""
+    state = torch_load(path)
+    if isinstance(state, Mapping):
+        for wrapper in ("state_dict", "model"):
+            if isinstance(state.get(wrapper), Mapping):
+                state = state[wrapper]
+                break
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{path}: expected a state dict, got {type(state).__name__}")
+    # The features_only backbone has no classifier; everything else must fit exactly.
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    load_weights(backbone, state, source=str(path))
+
+
+def load_weights(module: nn.Module, state: Mapping[str, Any], source: str, skip: Collection[str] = ()) -> None:
+    """Strict ``load_state_dict`` that fails with one message naming every bad key.
+
+    Keys in ``skip`` are neither loaded nor required (they keep their current values).
+    A missing ``num_batches_tracked`` is tolerated, as torch does: old weights predate it.
+    """
+    own = module.state_dict()
+    missing = [k for k in own if k not in state and k not in skip and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__} in file "
+             f"vs {tuple(own[k].shape)} in model"
+             for k, v in state.items()
+             if k in own and k not in skip and (not isinstance(v, torch.Tensor) or v.shape != own[k].shape)]
+    problems = [f"{label} ({len(keys)}): {_listing(keys)}"
+                for label, keys in (("wrong shape", wrong), ("missing", missing), ("unexpected", unexpected))
+                if keys]
+    if problems:
+        raise CheckpointError(f"{source}: weights do not fit the model; " + "; ".join(problems))
+    module.load_state_dict({k: v for k, v in state.items() if k not in skip}, strict=False)
+
+
+def _listing(items: list[str], limit: int = 10) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... and {len(items) - limit} more" if len(items) > limit else "")
+
+
+# numpy scalars are plain data; VainF's checkpoints store best_score as one. Unpickling
+# one needs numpy's scalar constructor (numpy.core in numpy 1, numpy._core in numpy 2) and
+# the dtype classes.
+_numpy_scalar = np.float64(0).__reduce__()[0]
+_NUMPY_SCALAR_GLOBALS = [
+    np.dtype,
+    *{type(np.dtype(code)) for code in "?bBhHiIlLqQefdFD"},
+    *((_numpy_scalar, f"{module}.multiarray.scalar") for module in ("numpy.core", "numpy._core")),
+]
+_ALLOWED_GLOBAL_NAMES = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}"
+                         for g in _NUMPY_SCALAR_GLOBALS}
+
+
+def torch_load(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` with one-line errors for missing and unreadable files."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+    try:
+        with torch.serialization.safe_globals(_NUMPY_SCALAR_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # a bad file surfaces as RuntimeError, EOFError, KeyError, ... depending on the bytes
+        unsafe = _unsafe_globals(path) if isinstance(e, pickle.UnpicklingError) else []
+        if unsafe:
+            raise CheckpointError(
+                f"{path}: holds pickled Python objects ({_listing(unsafe, 5)}) that weights_only loading "
+                "refuses; re-save it with only tensors, numbers, strings, lists and dicts") from None
+        first_line = next((line for line in str(e).splitlines() if line.strip()), "")
+        raise CheckpointError(f"{path}: not a readable PyTorch weights file "
+                              f"({type(e).__name__}: {first_line[:200]})") from None
+
+
+def _unsafe_globals(path: PathLike) -> list[str]:
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip checkpoint at all: nothing to list
+        return []
+    return [name for name in found if name not in _ALLOWED_GLOBAL_NAMES]
+
+
+def save_checkpoint(path: PathLike, model: DeepLab, **extra: Any) -> None:
+    """Write ``{"model": state_dict, "model_config": ..., **extra}`` atomically.
+
+    ``extra`` must be loadable with ``weights_only=True`` (tensors, numbers, strings, lists, dicts).
+    """
+    if not isinstance(model, DeepLab):
+        raise TypeError(f"save_checkpoint needs the bare DeepLab model, got {type(model).__name__} "
+                        "(unwrap it first, e.g. accelerator.unwrap_model(model))")
+    clash = {"model", "model_config"} & extra.keys()
+    if clash:
+        raise ValueError(f"save_checkpoint: extra keys {sorted(clash)} are reserved")
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "model_config": dict(model.model_config), **extra}, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: PathLike, num_classes: Optional[int] = None,
+                    map_location: Union[str, torch.device] = "cpu") -> tuple[DeepLab, dict]:
+    """Rebuild the model saved by ``save_checkpoint`` and load its weights.
+
+    Returns ``(model, checkpoint)``; ``checkpoint`` holds the extras saved with it.
+    With ``num_classes`` different from the checkpoint's, the classifier layers are
+    re-initialised (with a warning) and every other weight is loaded: fine-tuning
+    on a new label set.
+    """
+    ckpt = torch_load(path, map_location)
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        found = sorted(map(str, ckpt))[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path}: not a segtrain checkpoint (no 'model' entry; found {found}); "
+                              "convert VainF/torchvision weights with tools/convert_checkpoint.py")
+    if "model_config" not in ckpt:
+        raise CheckpointError(f"{path}: checkpoint has no 'model_config', so the model cannot be rebuilt; "
+                              "convert VainF/torchvision weights with tools/convert_checkpoint.py")
+    model = model_from_state_dict(ckpt["model_config"], ckpt["model"], num_classes, source=str(path))
+    return model.to(map_location), ckpt
+
+
+def model_from_state_dict(model_config: Mapping[str, Any], state: Mapping[str, Any],
+                          num_classes: Optional[int] = None, source: str = "state dict") -> DeepLab:
+    """Build the model ``model_config`` describes and load ``state`` into it (see ``load_checkpoint``)."""
+    if not isinstance(model_config, Mapping) or set(model_config) != set(CONFIG_KEYS):
+        got = sorted(model_config) if isinstance(model_config, Mapping) else type(model_config).__name__
+        raise CheckpointError(f"{source}: model_config must have keys {list(CONFIG_KEYS)}, got {got}")
+    config = dict(model_config)
+    reinit = num_classes is not None and num_classes != config["num_classes"]
+    if reinit:
+        config["num_classes"] = num_classes
+    model = build_model(**config)
+    skip = model.classifier_keys() if reinit else set()
+    load_weights(model, state, source, skip=skip)
+    if reinit:
+        warnings.warn(f"{source}: checkpoint has {model_config['num_classes']} classes, model has {num_classes}: "
+                      f"classifier layers re-initialised ({', '.join(sorted(skip))}); all other weights loaded",
+                      stacklevel=2)
+    return model

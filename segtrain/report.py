@@ -1,0 +1,215 @@
+"""Compare training runs side by side: a Markdown report with PNG figures.
+
+    python -m segtrain.report runs/ce runs/weighted_ce --out reports/losses
+    python -m segtrain.report runs/ce runs/focal --out r/ --ids 2007_000129 2007_000323 ...
+    python -m segtrain.report runs/demo --out r/ --sam-checkpoint sam_vit_b_01ec64.pth
+
+Writes into --out:
+  report.md          the report (links the figures below)
+  curves.png         val mIoU per epoch of every run, and the training loss
+  class_balance.png  per-class pixel and image share of the training data
+  predictions.png    5 val images: | RGB | Ground truth | run 1 | run 2 | ... [| SAM | SAM-refined]
+  summary.json       the table's numbers
+
+It reads only what every run directory holds: config.yaml, metrics.jsonl and best.pt.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import yaml
+
+from segtrain import shards, stats, visualize
+from segtrain.model import load_checkpoint
+from segtrain.predict import predict_mask
+from segtrain.voc import CLASSES, DataError, atomic_write_bytes, decode_target
+
+
+@dataclass
+class Run:
+    name: str
+    path: Path
+    config: dict
+    records: list[dict]
+
+    @property
+    def vals(self) -> list[dict]:
+        return [r for r in self.records if "val/miou" in r]
+
+    @property
+    def best(self) -> Optional[dict]:
+        return max(self.vals, key=lambda r: r["val/miou"], default=None)
+
+
+def load_run(path: Path) -> Run:
+    """A run directory written by segtrain/train.py."""
+    for need in ("config.yaml", "metrics.jsonl"):
+        if not (path / need).is_file():
+            raise DataError(f"{path}: not a segtrain run directory (no {need})")
+    config = yaml.safe_load((path / "config.yaml").read_text())
+    records = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return Run(path.name, path, config, records)
+
+
+def unique_names(runs: list[Run]) -> None:
+    """Label runs by folder name, falling back to the parent folder when two names collide."""
+    names = [r.name for r in runs]
+    for run in runs:
+        if names.count(run.name) > 1:
+            run.name = f"{run.path.parent.name}/{run.path.name}"
+
+
+def plot_curves(runs: list[Run], out: Path) -> Path:
+    """Val mIoU per epoch (left) and training loss per step (right), one line per run."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 4.2), dpi=110)
+    ax_miou, ax_loss = fig.subplots(1, 2)
+    for run in runs:
+        vals = run.vals
+        ax_miou.plot([r["epoch"] for r in vals], [r["val/miou"] for r in vals], marker="o", label=run.name)
+        train = [r for r in run.records if "train/loss" in r]
+        ax_loss.plot([r["step"] for r in train], [r["train/loss"] for r in train], label=run.name, alpha=0.85)
+    ax_miou.set(xlabel="epoch", ylabel="val mIoU", title="Validation mIoU")
+    ax_loss.set(xlabel="optimizer step", ylabel="loss", title="Training loss", yscale="log")
+    for ax in (ax_miou, ax_loss):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    visualize.save_figure(fig, out)
+    return out
+
+
+def _fmt(value: Optional[float]) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
+
+
+def results_table(runs: list[Run]) -> tuple[str, list[dict]]:
+    """Markdown: one row per run (best mIoU, its pixel accuracy, per-class IoU), and the rows as data."""
+    rows = []
+    for run in runs:
+        best = run.best or {}
+        rows.append({"run": run.name, "loss": run.config.get("loss"), "best_step": best.get("step"),
+                     "miou": best.get("val/miou"), "pixel_acc": best.get("val/pixel_acc"),
+                     "mean_class_acc": best.get("val/mean_class_acc"),
+                     "iou": best.get("val/iou", [None] * len(CLASSES))})
+    head = "| run | loss | best step | mIoU | pixel acc | mean class acc |\n|---|---|---|---|---|---|\n"
+    body = "".join(f"| {r['run']} | {r['loss']} | {r['best_step']} | {_fmt(r['miou'])} | "
+                   f"{_fmt(r['pixel_acc'])} | {_fmt(r['mean_class_acc'])} |\n" for r in rows)
+    per_class = ("| class | " + " | ".join(r["run"] for r in rows) + " |\n|---|"
+                 + "---|" * len(rows) + "\n"
+                 + "".join(f"| {name} | " + " | ".join(_fmt(r["iou"][c]) for r in rows) + " |\n"
+                           for c, name in enumerate(CLASSES)))
+    return head + body + "\n**Per-class IoU (%) at each run's best step**\n\n" + per_class, rows
+
+
+def choose_ids(data: str, split: str, num: int) -> list[str]:
+    """Val images that together show many classes (greedy cover over per-image classes)."""
+    return visualize.greedy_class_cover(shards.image_classes(data, split), k=num)
+
+
+def prediction_rows(runs: list[Run], data: str, split: str, ids: Sequence[str],
+                    device: torch.device) -> tuple[list[list[np.ndarray]], list[np.ndarray], list[np.ndarray]]:
+    """Grid rows | RGB | GT | run... |, plus the images and labels (for optional SAM columns)."""
+    samples = {sid: (img, lbl) for sid, img, lbl in shards.iter_samples(data, split, ids=ids)}
+    images = [np.asarray(samples[sid][0]) for sid in ids]
+    labels = [samples[sid][1] for sid in ids]
+    rows = [[img, decode_target(lbl)] for img, lbl in zip(images, labels)]
+    for run in runs:
+        best = run.path / "best.pt"
+        if not best.is_file():
+            raise DataError(f"{run.path}: no best.pt (did the run validate at least once?)")
+        model, _ = load_checkpoint(best, map_location=device)
+        model.eval()
+        for row, sid in zip(rows, ids):
+            row.append(decode_target(predict_mask(model, samples[sid][0], device)))
+        del model
+    return rows, images, labels
+
+
+def build_report(run_dirs: Sequence[Path], out: Path, data: Optional[str] = None, split: str = "val",
+                 ids: Optional[Sequence[str]] = None, num_images: int = 5,
+                 sam_checkpoint: Optional[str] = None, sam_model_type: str = "vit_b",
+                 device: str = "auto") -> Path:
+    """Write the comparison report into ``out``; returns the path of report.md."""
+    runs = [load_run(Path(p)) for p in run_dirs]
+    if not runs:
+        raise DataError("no run directories given")
+    unique_names(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    train_data = runs[0].config["data"]
+    val_data = data or runs[0].config.get("val_data") or train_data
+
+    plot_curves(runs, out / "curves.png")
+    table, rows = results_table(runs)
+    sections = ["# segtrain run comparison\n",
+                "Runs: " + ", ".join(f"`{r.path}`" for r in runs) + "\n",
+                "## Validation mIoU and training loss\n", "![curves](curves.png)\n",
+                "## Results\n", table]
+
+    manifest = shards.resolve_data(train_data, runs[0].config.get("train_split", "train")).manifest
+    if manifest is not None:
+        stats.plot_class_balance(manifest, out / "class_balance.png", title="Training data class balance")
+        sections += ["## Class balance of the training data\n",
+                     "Share of labelled pixels (log scale) and of images containing each class. "
+                     "mIoU averages over classes, so the rare ones weigh as much as background.\n",
+                     "![class balance](class_balance.png)\n"]
+    else:
+        sections += ["## Class balance\n", f"`{train_data}` has no manifest with class counts; "
+                     "pack it with tools/pack.py to get the class-balance chart.\n"]
+
+    chosen = list(ids) if ids else choose_ids(val_data, split, num_images)
+    grid_rows, images, labels = prediction_rows(runs, val_data, split, chosen, dev)
+    columns = ["RGB", "Ground truth"] + [r.name for r in runs]
+    if sam_checkpoint:
+        from segtrain import sam
+        sam_cols = sam.report_columns(sam_checkpoint, sam_model_type, images,
+                                      semantic=runs[0].path / "best.pt", device=dev)
+        for row, extra in zip(grid_rows, sam_cols["images"]):
+            row.extend(extra)
+        columns += sam_cols["titles"]
+    visualize.image_grid(grid_rows, col_titles=columns, row_titles=chosen, out=out / "predictions.png")
+    sections += ["## Predictions on validation images\n",
+                 "| " + " | ".join(columns) + " |\n", "![predictions](predictions.png)\n",
+                 "Images: " + ", ".join(f"`{sid}`" for sid in chosen) + "\n"]
+
+    atomic_write_bytes(out / "summary.json", json.dumps({"runs": rows, "ids": chosen}, indent=1,
+                                                         allow_nan=False, default=str).encode())
+    report = out / "report.md"
+    atomic_write_bytes(report, "\n".join(sections).encode())
+    return report
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", type=Path, help="run directories (RUN_DIR of segtrain/train.py)")
+    ap.add_argument("--out", type=Path, required=True, help="output folder")
+    ap.add_argument("--data", help="validation data (default: the first run's val data)")
+    ap.add_argument("--split", default="val")
+    ap.add_argument("--ids", nargs="+", help="val image ids for the prediction grid")
+    ap.add_argument("--num-images", type=int, default=5)
+    ap.add_argument("--sam-checkpoint", help="add SAM and SAM-refined columns (segment-anything checkpoint)")
+    ap.add_argument("--sam-model-type", default="vit_b", choices=("vit_b", "vit_l", "vit_h"))
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args(argv)
+    try:
+        report = build_report(args.runs, args.out, args.data, args.split, args.ids, args.num_images,
+                              args.sam_checkpoint, args.sam_model_type, args.device)
+    except DataError as e:
+        print(f"segtrain.report: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"report written to {report}")
+
+
+if __name__ == "__main__":
+    main()

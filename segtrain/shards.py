@@ -1,0 +1,466 @@
+"""Streaming data: one ``--data`` argument, three kinds of source, two loaders.
+
+``data`` may be
+
+* a shard manifest ``.../voc-train.json`` written by ``tools/pack.py`` (asking it for
+  another split uses the sibling manifest, e.g. ``voc-val.json``, so one ``--data``
+  serves training and evaluation), or a folder holding ``voc-{split}.json``;
+* a shard pattern: anything webdataset opens (``shards/voc-train-{000000..000005}.tar``,
+  a URL, ``pipe:curl ...``); its sample count is counted once by reading the shards;
+* a VOC folder: ``VOCdevkit/VOC2012`` itself, or a folder holding ``VOCdevkit/VOC2012``
+  or ``VOC2012``.
+
+Training (``train_loader``) gives every rank exactly ``steps_per_epoch`` batches of
+exactly ``batch_size`` samples, whatever the shard count, and is a pure function of
+``(data, seed, epoch, rank, world_size, num_workers)``: a resumed run rebuilds the
+loader for its epoch and skips the batches it has done. Shards are read as an endless
+stream (each pass a fresh seeded permutation of all shards, dealt round-robin to the
+``world_size x num_workers`` reader slots), so no rank ever runs dry; unlike
+webdataset's resampling with replacement, each pass reads every shard once.
+Augmentation draws from a per-sample seed (seed, epoch, rank, reader, position),
+never from the global RNG: reproducible, and the caller's RNG is left alone. Do not
+hand these loaders to ``accelerator.prepare`` (they are already split per rank);
+to resume mid-epoch, ``itertools.islice`` the rebuilt loader.
+
+Evaluation (``val_loader``) gives every sample to exactly one rank, once: shards (or
+folder ids) are split ``rank::world_size``, nothing is resampled, the last batch may
+be partial and a rank may get nothing at all, so run the forward passes on the
+unwrapped model (DDP's forward syncs buffers and would hang) and sum the per-rank
+confusion matrices once, after the loop.
+
+Batches are tuples ``(images float (N, 3, H, W), masks int64 (N, H, W), ids list[str])``.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+import re
+import warnings
+from collections.abc import Collection, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import PIL.Image
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate, get_worker_info
+from torchvision.transforms.v2 import functional as F
+
+from . import voc
+from .transforms import PairTransform, normalize, train_transforms, val_transforms
+from .voc import IGNORE_INDEX, DataError
+
+MANIFEST_FORMAT = "segtrain-shards/1"
+Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
+
+# Raw (undecoded) samples shuffled inside each reader: ~100 kB each for VOC, so cheap,
+# and large enough to mix the samples of several shards.
+RAW_SHUFFLE_BUFFER = 256
+
+
+# --------------------------------------------------------------------------- sources
+
+@dataclass(frozen=True)
+class DataSource:
+    """What a ``--data`` argument resolved to, for one split."""
+
+    kind: str                        # "shards" or "folder"
+    split: str
+    location: str                    # for messages: manifest, pattern or folder
+    urls: tuple[str, ...] = ()       # shard paths/URLs (kind == "shards")
+    voc_root: Optional[Path] = None  # the VOC2012 folder (kind == "folder")
+    manifest: Optional[dict] = None
+    num_samples: Optional[int] = None  # None: a bare shard pattern, counted on demand
+
+
+def read_manifest(path: str | Path) -> dict:
+    """Load and check a shard manifest written by ``tools/pack.py``."""
+    path = Path(path)
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing shard manifest") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not a JSON shard manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise DataError(f"{path}: not a segtrain shard manifest (format {found!r}, "
+                        f"expected {MANIFEST_FORMAT!r})")
+    missing = [k for k in ("split", "num_samples", "shards") if k not in manifest]
+    if missing:
+        raise DataError(f"{path}: shard manifest lacks {', '.join(missing)}")
+    if not manifest["shards"]:
+        raise DataError(f"{path}: shard manifest lists no shards")
+    return manifest
+
+
+def _looks_like_shards(data: str) -> bool:
+    return (data.startswith("pipe:") or "://" in data or "::" in data
+            or bool(re.search(r"\{.*\}", data)) or data.endswith((".tar", ".tar.gz", ".tgz")))
+
+
+def _find_voc_root(folder: Path) -> Optional[Path]:
+    for root in (folder, folder / "VOCdevkit" / "VOC2012", folder / "VOC2012"):
+        if (root / "JPEGImages").is_dir():
+            return root
+    return None
+
+
+def _manifest_source(path: Path, split: str) -> DataSource:
+    manifest = read_manifest(path)
+    if manifest["split"] != split:
+        # One --data for both splits: voc-train.json stands for its sibling voc-val.json.
+        suffix = f"-{manifest['split']}.json"
+        sibling = path.with_name(path.name[: -len(suffix)] + f"-{split}.json") \
+            if path.name.endswith(suffix) else None
+        if sibling is None or not sibling.is_file():
+            raise DataError(f"{path}: manifest is for split {manifest['split']!r}, not {split!r}"
+                            + (f", and {sibling} does not exist" if sibling else ""))
+        return _manifest_source(sibling, split)
+    urls = tuple(str(path.parent / shard["file"]) for shard in manifest["shards"])
+    _check_local_shards(urls, str(path))
+    return DataSource("shards", split, str(path), urls=urls, manifest=manifest,
+                      num_samples=int(manifest["num_samples"]))
+
+
+def _check_local_shards(urls: Iterable[str], where: str) -> None:
+    for url in urls:
+        if not url.startswith("pipe:") and "://" not in url and not Path(url).is_file():
+            raise DataError(f"{where}: shard {url} does not exist")
+
+
+def resolve_data(data: str | Path, split: str) -> DataSource:
+    """Turn a ``--data`` argument (manifest, shard pattern or VOC folder) into a source."""
+    text = str(data)
+    path = Path(text)
+    if text.endswith(".json"):
+        return _manifest_source(path, split)
+    if path.is_dir():
+        root = _find_voc_root(path)
+        if root is not None:
+            num = len(voc.read_split(root, split))
+            return DataSource("folder", split, str(root), voc_root=root, num_samples=num)
+        if (path / f"voc-{split}.json").is_file():
+            return _manifest_source(path / f"voc-{split}.json", split)
+        raise DataError(f"{path}: folder holds neither VOCdevkit/VOC2012 (with JPEGImages) "
+                        f"nor a shard manifest voc-{split}.json")
+    if _looks_like_shards(text):
+        urls = tuple(wds.shardlists.expand_urls(text))
+        _check_local_shards(urls, text)
+        return DataSource("shards", split, text, urls=urls)
+    raise DataError(f"{text}: not a shard manifest (.json), a shard pattern (.tar, "
+                    "{a..b}, URL, pipe:) or a VOCdevkit folder"
+                    + (" (no such file or folder)" if not path.exists() else ""))
+
+
+@functools.lru_cache(maxsize=None)
+def _count_shard_samples(urls: tuple[str, ...]) -> int:
+    """Samples in shards that come without a manifest (read once per process)."""
+    return sum(1 for _ in _raw_shard_samples(urls))
+
+
+def _num_samples(source: DataSource) -> int:
+    return source.num_samples if source.num_samples is not None else _count_shard_samples(source.urls)
+
+
+def _resolve_rank(rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
+    if rank is None and world_size is None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+    if rank is None or world_size is None or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    return rank, world_size
+
+
+def _mix(*words: int) -> int:
+    """A well-mixed 32-bit seed from a few integers (seed, epoch, rank, ...)."""
+    return int(np.random.SeedSequence([int(w) for w in words]).generate_state(1)[0])
+
+
+# --------------------------------------------------------------------------- decoding
+
+def decode_sample(jpeg: bytes, png: bytes, name: str) -> tuple[torch.Tensor, np.ndarray]:
+    """JPEG + label PNG bytes -> (uint8 (3, H, W) tensor, uint8 (H, W) class indices), checked.
+
+    PIL decodes the JPEG: torchvision.io.decode_jpeg is ~20% faster on VOC-sized
+    images (bench/loader_bench.py) but deprecated since torchvision 0.29, and the
+    decode is a small share of a training sample's cost.
+    """
+    image, label = voc.load_pair(jpeg, png, name)
+    return F.pil_to_tensor(image), label
+
+
+def _shard_pair(sample: dict) -> tuple[str, bytes, bytes, str]:
+    """(id, jpeg, png, name for messages) from a webdataset sample dict."""
+    sid, url = sample["__key__"], sample.get("__url__", "?")
+    name = f"sample {sid} in shard {url}"
+    if "jpg" not in sample or "png" not in sample:
+        have = sorted(k for k in sample if not k.startswith("__"))
+        raise DataError(f"{name}: needs {sid}.jpg and {sid}.png members, has {have}")
+    return sid, sample["jpg"], sample["png"], name
+
+
+def _raw_shard_samples(urls: Iterable[str]) -> Iterator[dict]:
+    return wds.tarfile_samples({"url": url} for url in urls)
+
+
+def _seeded(transform: PairTransform, image, mask, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``transform`` with its own RNG stream, leaving the caller's RNG untouched."""
+    with torch.random.fork_rng(devices=[]):
+        # Seed only the CPU generator: torch.manual_seed also queues seeds for every
+        # accelerator backend, recording a stack trace each time (~1 ms per call).
+        torch.default_generator.manual_seed(seed)
+        return transform(image, mask)
+
+
+def _stack(samples: list[tuple[torch.Tensor, torch.Tensor, str]]) -> Batch:
+    # default_collate stacks straight into shared memory inside a DataLoader worker,
+    # saving the copy that sending a batch to the main process would otherwise cost.
+    images, masks, ids = default_collate(samples)
+    return images, masks, ids
+
+
+def _finish(batch: Batch) -> Batch:
+    """uint8 batch from the workers -> normalised float images and int64 masks."""
+    images, masks, ids = batch
+    return normalize(images), masks.long(), ids
+
+
+def pad_collate(samples: list[tuple[torch.Tensor, torch.Tensor, str]]) -> Batch:
+    """Normalise and batch uint8 samples of different sizes.
+
+    Pads bottom/right: images with 0 (after normalisation, i.e. the mean colour),
+    masks with 255 so padding never counts.
+    """
+    height = max(image.shape[1] for image, _, _ in samples)
+    width = max(image.shape[2] for image, _, _ in samples)
+    images = torch.zeros(len(samples), 3, height, width)
+    masks = torch.full((len(samples), height, width), IGNORE_INDEX, dtype=torch.long)
+    for i, (image, mask, _) in enumerate(samples):
+        images[i, :, : image.shape[1], : image.shape[2]] = normalize(image)
+        masks[i, : mask.shape[0], : mask.shape[1]] = mask
+    return images, masks, [sid for _, _, sid in samples]
+
+
+# --------------------------------------------------------------------------- training
+
+def _shard_cycle(urls: tuple[str, ...], seed: int, epoch: int) -> Iterator[str]:
+    """Endless shard order: pass after pass, each a seeded permutation of all shards."""
+    for rnd in itertools.count():
+        for index in np.random.default_rng([seed, epoch, rnd]).permutation(len(urls)):
+            yield urls[index]
+
+
+class _TrainShardStream(IterableDataset):
+    """Endless decoded+augmented samples for one (rank, DataLoader worker) reader slot."""
+
+    def __init__(self, urls: tuple[str, ...], transform: PairTransform, seed: int, epoch: int,
+                 rank: int, world_size: int):
+        super().__init__()
+        self.urls, self.transform = urls, transform
+        self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, str]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        slot, num_slots = self.rank * num_workers + worker, self.world_size * num_workers
+        shard_urls = itertools.islice(_shard_cycle(self.urls, self.seed, self.epoch),
+                                      slot, None, num_slots)
+        slot_seed = _mix(self.seed, self.epoch, self.rank, worker)
+        shuffle = wds.shuffle(RAW_SHUFFLE_BUFFER, RAW_SHUFFLE_BUFFER, seed=slot_seed)
+        samples = shuffle(_raw_shard_samples(shard_urls))
+        for n, sample in enumerate(samples):
+            sid, jpeg, png, name = _shard_pair(sample)
+            image, mask = _seeded(self.transform, *decode_sample(jpeg, png, name), _mix(slot_seed, n))
+            yield image, mask, sid
+
+
+class _FolderSamples(Dataset):
+    """Map-style view of chosen VOC folder samples, decoded and transformed.
+
+    With ``seed`` set, sample ``i`` is augmented from its own seed (seed, i): the
+    result does not depend on which DataLoader worker loads it.
+    """
+
+    def __init__(self, dataset: voc.VOCSegmentation, indices: list[int], transform: PairTransform,
+                 seed: Optional[int] = None):
+        self.dataset, self.indices, self.transform, self.seed = dataset, indices, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+        index = self.indices[i]
+        sid = self.dataset.ids[index]
+        image, mask = decode_sample(*self.dataset.load_raw(index), f"{sid} in {self.dataset.root}")
+        if self.seed is None:
+            image, mask = self.transform(image, mask)
+        else:
+            image, mask = _seeded(self.transform, image, mask, _mix(self.seed, i))
+        return image, mask, sid
+
+
+def _fit_workers(num_workers: int, num_shards: int, world_size: int) -> int:
+    """Readers per rank such that every (rank, worker) slot owns at least one shard."""
+    fitted = min(num_workers, max(1, num_shards // world_size))
+    if fitted < num_workers:
+        warnings.warn(f"{num_shards} shard(s) for {world_size} rank(s) x {num_workers} workers: "
+                      f"using {fitted} worker(s) per rank"
+                      + ("; ranks will read the same shards" if num_shards < world_size else ""),
+                      stacklevel=3)
+    return fitted
+
+
+def train_loader(data: str | Path, batch_size: int, crop_size: int, *, split: str = "train",
+                 num_workers: int = 2, seed: int = 0, epoch: int = 0, rank: Optional[int] = None,
+                 world_size: Optional[int] = None, color_jitter: bool = False,
+                 scale: tuple[float, float] = (0.5, 2.0)) -> tuple[Iterable[Batch], int]:
+    """Augmented training batches for this rank and epoch, and the number of steps.
+
+    ``batch_size`` is per process. Every rank yields exactly ``steps_per_epoch =
+    max(1, num_samples // (world_size * batch_size))`` batches of exactly
+    ``batch_size`` samples. Iterating the loader again replays the same batches;
+    build a new loader for the next epoch.
+    """
+    rank, world_size = _resolve_rank(rank, world_size)
+    source = resolve_data(data, split)
+    steps = max(1, _num_samples(source) // (world_size * batch_size))
+    # Workers ship uint8 crops; _finish normalises whole batches in this process.
+    transform = train_transforms(crop_size, scale=scale, color_jitter=color_jitter, normalize=False)
+    generator = torch.Generator().manual_seed(_mix(seed, epoch, rank, 1))
+
+    if source.kind == "folder":
+        dataset = voc.VOCSegmentation(source.voc_root, split)
+        # Seeded permutations of all ids (the same on every rank) dealt rank::world_size;
+        # more than one pass only when the data holds fewer than world_size x batch_size.
+        needed = steps * batch_size * world_size
+        passes = -(-needed // len(dataset))
+        order = np.concatenate([np.random.default_rng([seed, epoch, p]).permutation(len(dataset))
+                                for p in range(passes)])
+        indices = order[rank:needed:world_size].tolist()
+        samples = _FolderSamples(dataset, indices, transform, seed=_mix(seed, epoch, rank))
+        loader = DataLoader(samples, batch_size=batch_size, shuffle=False, drop_last=True,
+                            num_workers=num_workers, collate_fn=_stack, generator=generator)
+        return wds.DataPipeline(loader, wds.map(_finish)), steps
+
+    workers = _fit_workers(num_workers, len(source.urls), world_size)
+    stream = wds.DataPipeline(
+        _TrainShardStream(source.urls, transform, seed, epoch, rank, world_size),
+        wds.batched(batch_size, collation_fn=_stack, partial=False),  # fewer, larger IPC messages
+    )
+    # Re-batch in the main process, mixing the workers' samples (a small buffer: the
+    # raw-sample shuffle in each worker does the real mixing, and decoded samples left
+    # in this buffer at the end of the epoch are wasted). The shard stream is endless,
+    # so with_epoch always gets its `steps` full batches on every rank.
+    loader = (wds.WebLoader(stream, batch_size=None, num_workers=workers, generator=generator)
+              .unbatched()
+              .shuffle(2 * batch_size, initial=2 * batch_size, seed=_mix(seed, epoch, rank, 2))
+              .batched(batch_size, collation_fn=_stack, partial=False)
+              .map(_finish)
+              .with_epoch(steps))
+    return loader, steps
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def _decode_val(sample: dict, transform: PairTransform) -> tuple[torch.Tensor, torch.Tensor, str]:
+    sid, jpeg, png, name = _shard_pair(sample)
+    image, mask = transform(*decode_sample(jpeg, png, name))
+    return image, mask, sid
+
+
+def val_loader(data: str | Path, *, split: str = "val", batch_size: int = 1, num_workers: int = 1,
+               protocol: str = "whole", crop_size: int = 513, rank: Optional[int] = None,
+               world_size: Optional[int] = None) -> Iterable[Batch]:
+    """Every sample of ``split`` exactly once across ranks, normalised, un-augmented.
+
+    Batches of differently sized images are padded (image 0, mask 255). A rank that
+    gets no shard (more ranks than shards) yields nothing.
+    """
+    rank, world_size = _resolve_rank(rank, world_size)
+    source = resolve_data(data, split)
+    # Workers send single uint8 samples; pad_collate normalises and pads in this process.
+    transform = val_transforms(protocol, crop_size, normalize=False)
+
+    if source.kind == "folder":
+        dataset = voc.VOCSegmentation(source.voc_root, split)
+        samples = _FolderSamples(dataset, list(range(rank, len(dataset), world_size)), transform)
+        loader = DataLoader(samples, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                            collate_fn=list)
+        return wds.DataPipeline(loader, wds.map(pad_collate))
+
+    my_urls = list(source.urls[rank::world_size])
+    if not my_urls:
+        return []
+    samples = (wds.WebDataset(my_urls, shardshuffle=False, nodesplitter=None, empty_check=False)
+               .map(functools.partial(_decode_val, transform=transform)))
+    return (wds.WebLoader(samples, batch_size=None, num_workers=min(num_workers, len(my_urls)))
+            .batched(batch_size, collation_fn=pad_collate, partial=True))
+
+
+# --------------------------------------------------------------------------- raw access
+
+def _raw_pairs(source: DataSource, wanted: Optional[set[str]] = None) -> Iterator[tuple[str, bytes, bytes, str]]:
+    """(id, jpeg, png, name) in dataset order; ``wanted`` skips reading other folder files."""
+    if source.kind == "folder":
+        dataset = voc.VOCSegmentation(source.voc_root, source.split)
+        for index, sid in enumerate(dataset.ids):
+            if wanted is None or sid in wanted:
+                yield (sid, *dataset.load_raw(index), f"{sid} in {source.voc_root}")
+    else:
+        for sample in _raw_shard_samples(source.urls):
+            yield _shard_pair(sample)
+
+
+def iter_samples(data: str | Path, split: str,
+                 ids: Optional[Collection[str]] = None) -> Iterator[tuple[str, PIL.Image.Image, np.ndarray]]:
+    """Decoded ``(id, RGB PIL image, (H, W) uint8 label)`` pairs in dataset order.
+
+    With ``ids``, only those (stopping once all are found); ids that are not in the
+    split raise a DataError listing them.
+    """
+    source = resolve_data(data, split)
+    wanted = None if ids is None else set(ids)
+    for sid, jpeg, png, name in _raw_pairs(source, wanted):
+        if wanted is not None:
+            if sid not in wanted:
+                continue
+            wanted.discard(sid)
+        image, label = voc.load_pair(jpeg, png, name)
+        yield sid, image, label
+        if wanted is not None and not wanted:
+            return
+    if wanted:
+        missing = sorted(wanted)
+        raise DataError(f"{source.location}: {len(missing)} id(s) not in split {split!r}: "
+                        + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
+
+
+def image_classes(data: str | Path, split: str) -> dict[str, list[int]]:
+    """Classes present in each image's label, by id: background 0 included, 255 not.
+
+    Read from the manifest when it has them, else computed by decoding every label.
+    """
+    source = resolve_data(data, split)
+    if source.manifest is not None and "image_classes" in source.manifest:
+        return {sid: list(map(int, classes)) for sid, classes in source.manifest["image_classes"].items()}
+    classes = {}
+    if source.kind == "folder":
+        dataset = voc.VOCSegmentation(source.voc_root, split)
+        for index, sid in enumerate(dataset.ids):
+            label_path = dataset.paths(index)[1]
+            label = voc.decode_label(voc.read_bytes(label_path, "label (PNG)"), str(label_path))
+            classes[sid] = _present(label)
+    else:
+        for sid, _, png, name in _raw_pairs(source):
+            classes[sid] = _present(voc.decode_label(png, f"{name} (label)"))
+    return classes
+
+
+def _present(label: np.ndarray) -> list[int]:
+    counts = np.bincount(label.ravel(), minlength=256)
+    return [c for c in np.flatnonzero(counts).tolist() if c != IGNORE_INDEX]

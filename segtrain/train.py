@@ -1,0 +1,389 @@
+"""Train DeepLabV3 / DeepLabV3+ on PASCAL VOC with Hugging Face Accelerate.
+
+One process:        python segtrain/train.py --data shards/voc-train.json
+One or more GPUs:   accelerate launch --config_file accelerate_configs/multi_gpu.yaml segtrain/train.py ...
+Resume exactly:     ... --run-dir runs/X --resume latest
+
+Config: segtrain/config.py (defaults = the reference recipe; --config YAML and
+--key value flags override). The loop below is the whole training procedure:
+data -> model -> optimizer -> [step: lr, forward, backward, clip, update, log,
+checkpoint, validate] -> best.pt. Everything a run writes lives in RUN_DIR:
+config.yaml, metrics.jsonl, checkpoints/step_*/, best.pt, final.pt, wandb/.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as a script (accelerate launch segtrain/train.py): import the package from the
+    # repository root, and keep segtrain/ itself off sys.path so its module names
+    # (model, shards, ...) can never shadow a library's.
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import contextlib
+import itertools
+import json
+import math
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm import tqdm
+
+from segtrain import shards
+from segtrain.config import ConfigError, TrainConfig, config_to_dict, parse_config, save_config
+from segtrain.evaluate import evaluate, loader_protocol
+from segtrain.losses import build_loss
+from segtrain.metrics import to_jsonable
+from segtrain.model import build_model, save_checkpoint
+from segtrain.voc import CLASSES, DataError
+
+
+# ----------------------------------------------------------------------------- schedule
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of the base lr at optimizer step ``step`` (0-based).
+
+    A function of the optimizer step alone, set by the loop itself, so the
+    schedule is identical on 1 or N processes (a scheduler passed through
+    ``accelerator.prepare`` would step once per process).
+    """
+    if cfg.lr_schedule == "step":
+        factor = cfg.step_gamma ** (step // cfg.step_size)
+    elif cfg.lr_schedule == "poly":
+        factor = (1 - min(step, cfg.iterations) / cfg.iterations) ** cfg.poly_power
+    else:
+        factor = 1.0
+    if step < cfg.warmup_iters:
+        factor *= (step + 1) / cfg.warmup_iters
+    return factor
+
+
+def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
+    """Backbone at lr x backbone_lr_mult (0.1 in the reference recipe), head(s) at lr."""
+    backbone = list(model.backbone.parameters())
+    ids = {id(p) for p in backbone}
+    head = [p for p in model.parameters() if id(p) not in ids]
+    return [{"name": "backbone", "params": backbone, "lr": cfg.lr * cfg.backbone_lr_mult,
+             "base_lr": cfg.lr * cfg.backbone_lr_mult},
+            {"name": "head", "params": head, "lr": cfg.lr, "base_lr": cfg.lr}]
+
+
+def sync_buffers(model: torch.nn.Module, accelerator: Accelerator) -> None:
+    """Give every rank rank 0's BatchNorm running statistics.
+
+    DDP broadcasts buffers at the START of each forward, so after a step every rank
+    holds statistics updated by its own batch. Validation and the saved weights must
+    use the same, authoritative ones (the ones DDP itself would broadcast next).
+    """
+    if accelerator.num_processes > 1:
+        for buffer in accelerator.unwrap_model(model).buffers():
+            torch.distributed.broadcast(buffer, src=0)
+
+
+# ----------------------------------------------------------------------------- state on disk
+
+class TrainState:
+    """What the loop needs to resume besides model, optimizer and RNGs (saved by Accelerate)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+        self.best_miou = -1.0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "best_miou": self.best_miou}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.best_miou = int(state["step"]), float(state["best_miou"])
+
+
+class MetricsLog:
+    """RUN_DIR/metrics.jsonl: one JSON object per line, the plain-text record reports read."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop lines a crashed run wrote after the checkpoint it resumes from."""
+        if self.enabled and self.path.exists():
+            keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(to_jsonable(record), allow_nan=False) + "\n")
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "checkpoints").glob("step_*"))
+
+
+def resolve_resume(resume: str, run_dir: Path) -> Path:
+    if resume == "latest":
+        found = checkpoint_dirs(run_dir)
+        if not found:
+            raise ConfigError(f"resume: no checkpoint in {run_dir / 'checkpoints'} to resume from")
+        return found[-1]
+    path = Path(resume)
+    if not (path / "train_state.json").exists() and not path.is_dir():
+        raise ConfigError(f"resume: {path} is not a checkpoint folder (expected RUN_DIR/checkpoints/step_*)")
+    return path
+
+
+def save_training_state(accelerator: Accelerator, run_dir: Path, step: int, keep: int) -> None:
+    """``save_state`` into a temp folder, then rename: a crash never leaves a half checkpoint
+    that ``--resume latest`` would pick. Assumes RUN_DIR is on a filesystem all nodes share."""
+    root = run_dir / "checkpoints"
+    final, tmp = root / f"step_{step:07d}", root / f".step_{step:07d}.tmp"
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(run_dir)[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def summary(metrics: dict) -> dict:
+    """The JSON-safe scalar and per-class metrics stored in best.pt / final.pt."""
+    keep = ("miou", "pixel_acc", "mean_class_acc", "fwiou", "iou", "class_acc", "num_images")
+    return to_jsonable({k: metrics[k] for k in keep if k in metrics})
+
+
+# ----------------------------------------------------------------------------- tracking
+
+def wandb_init_kwargs(cfg: TrainConfig, run_dir: Path) -> dict:
+    """Go offline when no credentials exist, instead of failing after a network timeout."""
+    if "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):
+        netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+        if not (netrc.exists() and "api.wandb.ai" in netrc.read_text()):
+            os.environ["WANDB_MODE"] = "offline"
+    run_id = "".join(c if c.isalnum() or c in "-_" else "-" for c in cfg.name)[-64:]
+    return {"wandb": {"dir": str(run_dir), "name": cfg.name, "id": run_id, "resume": "allow"}}
+
+
+def log_val_media(accelerator: Accelerator, step: int, metrics: dict, examples: list[dict]) -> None:
+    """Per-class IoU table and GT/prediction mask overlays for the wandb dashboard."""
+    run = accelerator.get_tracker("wandb", unwrap=True)
+    import wandb
+
+    labels = {i: name for i, name in enumerate(CLASSES)} | {255: "ignore"}
+    table = wandb.Table(columns=["class", "iou"],
+                        data=[[n, None if math.isnan(v) else v] for n, v in zip(CLASSES, metrics["iou"])])
+    images = [wandb.Image(ex["image"], caption=ex["id"], masks={
+        "predictions": {"mask_data": ex["pred"], "class_labels": labels},
+        "ground_truth": {"mask_data": ex["mask"], "class_labels": labels}}) for ex in examples]
+    run.log({"val/per_class_iou": table, "val/examples": images}, step=step)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module  # the trained model (unwrapped from DDP)
+    metrics: dict           # the last validation metrics
+    best_miou: float
+    run_dir: Path
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train with ``cfg``. Called on every process; each gets the same result."""
+    run_dir = cfg.resolved_run_dir()
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
+                              log_with="wandb" if cfg.tracker == "wandb" else None)
+    main = accelerator.is_main_process
+    world = accelerator.num_processes
+    device = accelerator.device
+    say = accelerator.print
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise ConfigError(f"batch_size: the global batch {cfg.batch_size} must be divisible by "
+                          f"processes x grad_accum = {world} x {cfg.grad_accum}")
+    per_process_batch = cfg.batch_size // (world * cfg.grad_accum)
+    if accelerator.mixed_precision == "fp16" and device.type == "cpu":
+        warnings.warn("mixed_precision fp16 does nothing on CPU (Accelerate runs fp32); use bf16")
+    if world > 1 and not cfg.sync_bn and per_process_batch < 8:
+        warnings.warn(f"{per_process_batch} images per process and --sync-bn off: BatchNorm statistics "
+                      "come from very few images; consider --sync-bn true")
+    set_seed(cfg.seed)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+
+    # Data. The loader is rebuilt per epoch from (seed, epoch, rank), which is what
+    # makes resuming exact: the same epoch replays the same batches.
+    def epoch_loader(epoch: int):
+        return shards.train_loader(cfg.data, per_process_batch, cfg.crop_size, split=cfg.train_split,
+                                   num_workers=cfg.workers, seed=cfg.seed, epoch=epoch,
+                                   rank=accelerator.process_index, world_size=world,
+                                   color_jitter=cfg.color_jitter, scale=(cfg.scale_min, cfg.scale_max))
+    _, batches_per_epoch = epoch_loader(0)
+    steps_per_epoch = max(1, batches_per_epoch // cfg.grad_accum)
+    val_data = cfg.val_data or cfg.data  # a train manifest stands for its voc-val.json sibling
+    train_manifest = shards.resolve_data(cfg.data, cfg.train_split).manifest
+
+    # Model, loss, optimizer.
+    model = build_model(cfg.arch, cfg.backbone, cfg.num_classes, cfg.output_stride, cfg.pretrained,
+                        cfg.backbone_weights, cfg.separable, aux_head=cfg.aux_loss_weight > 0)
+    if cfg.sync_bn and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    criterion = build_loss(cfg.loss, cfg.num_classes,
+                           class_pixel_counts=train_manifest["class_pixel_counts"] if train_manifest else None,
+                           weighting=cfg.class_weighting, focal_gamma=cfg.focal_gamma,
+                           ohem_thresh=cfg.ohem_thresh, ohem_min_kept=cfg.ohem_min_kept)
+    optimizer = torch.optim.SGD(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+
+    log = MetricsLog(run_dir / "metrics.jsonl", enabled=main)
+    if cfg.resume:
+        path = resolve_resume(cfg.resume, run_dir)
+        accelerator.load_state(str(path))
+        say(f"resumed from {path} at step {state.step}")
+        log.truncate_after(state.step)
+    if cfg.tracker == "wandb":
+        accelerator.init_trackers(cfg.wandb_project, config=config_to_dict(cfg),
+                                  init_kwargs=wandb_init_kwargs(cfg, run_dir))
+    say(f"run {cfg.name}: {world} process(es) on {device.type}, precision {accelerator.mixed_precision}, "
+        f"{per_process_batch} images/process x {cfg.grad_accum} accumulation = global batch {cfg.batch_size}, "
+        f"{steps_per_epoch} steps/epoch, {cfg.iterations} steps -> {run_dir}")
+
+    def validate(step: int) -> dict:
+        sync_buffers(model, accelerator)
+        examples: list[dict] = []
+
+        def keep_examples(images, masks, preds, ids):
+            # A few val images of the main process for the dashboard's mask overlays.
+            from segtrain.transforms import denormalize
+            for i in range(len(ids)):
+                if len(examples) < cfg.num_val_images:
+                    examples.append({"id": ids[i], "image": denormalize(images[i]),
+                                     "mask": masks[i].cpu().numpy().astype("uint8"),
+                                     "pred": preds[i].cpu().numpy().astype("uint8")})
+
+        loader = shards.val_loader(val_data, split=cfg.val_split, num_workers=min(cfg.workers, 2),
+                                   protocol=loader_protocol(cfg.val_protocol), crop_size=cfg.crop_size,
+                                   rank=accelerator.process_index, world_size=world)
+        metrics = evaluate(accelerator.unwrap_model(model), loader, device, num_classes=cfg.num_classes,
+                           protocol=cfg.val_protocol,
+                           autocast_dtype=torch.bfloat16 if accelerator.mixed_precision == "bf16" else None,
+                           accelerator=accelerator, on_batch=keep_examples if main else None)
+        record = {"step": step, "epoch": step / steps_per_epoch, "val/miou": metrics["miou"],
+                  "val/pixel_acc": metrics["pixel_acc"], "val/mean_class_acc": metrics["mean_class_acc"],
+                  "val/fwiou": metrics["fwiou"]}
+        log.write(record | {"val/iou": metrics["iou"]})
+        accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+        if cfg.tracker == "wandb" and main:
+            log_val_media(accelerator, step, metrics, examples)
+        if metrics["miou"] > state.best_miou:
+            state.best_miou = metrics["miou"]
+            if main:
+                save_checkpoint(run_dir / "best.pt", accelerator.unwrap_model(model),
+                                config=config_to_dict(cfg), step=step, metrics=summary(metrics))
+        say(f"step {step}: val mIoU {metrics['miou']:.4f}, pixel acc {metrics['pixel_acc']:.4f} "
+            f"(best {state.best_miou:.4f})")
+        model.train()
+        return metrics
+
+    model.train()
+    step = state.step
+    metrics: dict[str, Any] = {}
+    progress = tqdm(total=cfg.iterations, initial=step, disable=not main, dynamic_ncols=True, desc="train")
+    images_per_step = cfg.batch_size
+    while step < cfg.iterations:
+        epoch = step // steps_per_epoch
+        loader, _ = epoch_loader(epoch)
+        # Resuming mid-epoch: skip the micro-batches the checkpointed run already used.
+        batches = itertools.islice(iter(loader), (step - epoch * steps_per_epoch) * cfg.grad_accum, None)
+        window_start, window_loss, window_steps = time.perf_counter(), 0.0, 0
+        for _ in range(step - epoch * steps_per_epoch, steps_per_epoch):
+            if step >= cfg.iterations:
+                break
+            factor = lr_factor(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
+
+            for micro in range(cfg.grad_accum):
+                images, masks, _ = next(batches)
+                images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+                if cfg.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                # Gradients are all-reduced only on the last micro-batch of a step.
+                sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(model)
+                with sync:
+                    out = model(images)
+                    loss = criterion(out["out"], masks)
+                    if "aux" in out:
+                        loss = loss + cfg.aux_loss_weight * criterion(out["aux"], masks)
+                    accelerator.backward(loss / cfg.grad_accum)
+                window_loss += loss.item() / cfg.grad_accum
+            if cfg.grad_clip > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            state.step = step
+            window_steps += 1
+            progress.update(1)
+
+            if step % cfg.log_every == 0 or step == cfg.iterations:
+                elapsed = time.perf_counter() - window_start
+                mean_loss = accelerator.reduce(torch.tensor(window_loss / window_steps, device=device),
+                                               "mean").item()
+                record = {"step": step, "epoch": step / steps_per_epoch, "train/loss": mean_loss,
+                          "lr/backbone": optimizer.param_groups[0]["lr"], "lr/head": optimizer.param_groups[1]["lr"],
+                          "images_per_s": images_per_step * window_steps / elapsed}
+                if device.type == "cuda":
+                    record["max_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+                log.write(record)
+                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
+                progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr/head']:.2e}",
+                                     img_s=f"{record['images_per_s']:.1f}")
+                window_start, window_loss, window_steps = time.perf_counter(), 0.0, 0
+            end_of_epoch = step % steps_per_epoch == 0
+            if (end_of_epoch if cfg.val_every == 0 else step % cfg.val_every == 0) or step == cfg.iterations:
+                progress.clear()
+                metrics = validate(step)
+                window_start = time.perf_counter()  # validation time is not training throughput
+            # After validation, so the checkpoint carries the best mIoU it just measured.
+            if step % cfg.checkpoint_every == 0 or step == cfg.iterations:
+                save_training_state(accelerator, run_dir, step, cfg.keep_checkpoints)
+    progress.close()
+
+    sync_buffers(model, accelerator)
+    if main:
+        save_checkpoint(run_dir / "final.pt", accelerator.unwrap_model(model), config=config_to_dict(cfg),
+                        step=step, metrics=summary(metrics))
+    accelerator.end_training()
+    if main and cfg.tracker == "wandb" and os.environ.get("WANDB_MODE") == "offline":
+        offline = sorted((run_dir / "wandb").glob("offline-run-*"))
+        if offline:
+            say(f"wandb ran offline; upload this run with:  wandb sync {offline[-1]}")
+    say(f"done: best val mIoU {state.best_miou:.4f}; best.pt, metrics.jsonl and config.yaml in {run_dir}")
+    return TrainResult(accelerator.unwrap_model(model), metrics, state.best_miou, run_dir)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    try:
+        cfg = parse_config(argv)
+        train(cfg)
+    except (ConfigError, DataError) as e:
+        print(f"segtrain: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

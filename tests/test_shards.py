@@ -1,0 +1,239 @@
+"""segtrain.shards: one --data for manifests, shard patterns and VOC folders; exact
+batch counts per rank, deterministic augmentation, exactly-once validation."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from segtrain import voc
+from segtrain.shards import DataError, image_classes, iter_samples, resolve_data, train_loader, val_loader
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pattern(packed_shards, split: str, first: int, last: int) -> str:
+    return str(packed_shards["dir"] / f"voc-{split}-{{{first:06d}..{last:06d}}}.tar")
+
+
+def batches_of(loader) -> list[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    return [(images, masks, list(ids)) for images, masks, ids in loader]
+
+
+def same_batches(a, b) -> bool:
+    return len(a) == len(b) and all(
+        torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) and x[2] == y[2] for x, y in zip(a, b))
+
+
+# --------------------------------------------------------------------------- resolving --data
+
+def test_resolve_every_kind_of_source(synthetic_voc, packed_shards):
+    manifest = resolve_data(packed_shards["train"], "train")
+    assert manifest.kind == "shards" and manifest.num_samples == 48 and len(manifest.urls) == 5
+    # The train manifest stands for its sibling when asked for val: one --data for both.
+    assert resolve_data(packed_shards["train"], "val").location == str(packed_shards["val"])
+    assert resolve_data(packed_shards["dir"], "val").num_samples == 16  # folder of manifests
+    shard_pattern = resolve_data(pattern(packed_shards, "train", 0, 2), "train")
+    assert shard_pattern.kind == "shards" and len(shard_pattern.urls) == 3 and shard_pattern.num_samples is None
+    for folder in (synthetic_voc, synthetic_voc.parent, synthetic_voc.parent.parent):  # VOC2012, VOCdevkit, its parent
+        source = resolve_data(folder, "train")
+        assert source.kind == "folder" and source.voc_root == synthetic_voc and source.num_samples == 48
+
+
+def test_resolve_errors_name_the_problem(tmp_path, packed_shards):
+    cases = {
+        str(tmp_path / "nothing"): "no such file",
+        str(tmp_path): "neither VOCdevkit",
+        str(tmp_path / "missing.json"): "missing shard manifest",
+        pattern(packed_shards, "train", 0, 7): "voc-train-000005.tar does not exist",
+    }
+    (tmp_path / "bad.json").write_text("{not json")
+    cases[str(tmp_path / "bad.json")] = "not a JSON shard manifest"
+    (tmp_path / "other.json").write_text(json.dumps({"format": "something/2"}))
+    cases[str(tmp_path / "other.json")] = "not a segtrain shard manifest"
+    for data, message in cases.items():
+        with pytest.raises(DataError, match=message):
+            resolve_data(data, "train")
+    with pytest.raises(DataError, match="not 'trainval'.*voc-trainval.json does not exist"):
+        resolve_data(packed_shards["train"], "trainval")
+
+
+def test_manifest_pointing_at_a_missing_shard(tmp_path, packed_shards):
+    m = json.loads(packed_shards["val"].read_text())
+    m["shards"][1]["file"] = "gone.tar"
+    (tmp_path / "voc-val.json").write_text(json.dumps(m))
+    shutil.copy(packed_shards["dir"] / m["shards"][0]["file"], tmp_path)
+    with pytest.raises(DataError, match="gone.tar does not exist"):
+        resolve_data(tmp_path / "voc-val.json", "val")
+
+
+# --------------------------------------------------------------------------- training
+
+def test_train_batches_exact_and_deterministic(packed_shards):
+    # 48 samples, 5 uneven shards, batch 4, as rank 1 of 2 -> 48 // 8 = 6 steps.
+    kwargs = dict(batch_size=4, crop_size=33, num_workers=2, seed=7, rank=1, world_size=2)
+    loader, steps = train_loader(packed_shards["train"], epoch=0, **kwargs)
+    first = batches_of(loader)
+    assert steps == 6 and len(first) == 6
+    for images, masks, ids in first:
+        assert images.shape == (4, 3, 33, 33) and images.dtype == torch.float32
+        assert masks.shape == (4, 33, 33) and masks.dtype == torch.int64 and len(ids) == 4
+        assert set(torch.unique(masks).tolist()) <= set(range(21)) | {255}
+    assert same_batches(first, batches_of(loader))  # iterating again replays the epoch
+    again, _ = train_loader(packed_shards["train"], epoch=0, **kwargs)
+    assert same_batches(first, batches_of(again))  # a rebuilt loader too: resume is exact
+    next_epoch, _ = train_loader(packed_shards["train"], epoch=1, **kwargs)
+    assert not same_batches(first, batches_of(next_epoch))
+    other_rank, _ = train_loader(packed_shards["train"], epoch=0, **{**kwargs, "rank": 0})
+    assert [b[2] for b in batches_of(other_rank)] != [b[2] for b in first]
+
+
+def test_folder_training_is_deterministic_and_independent_of_workers(synthetic_voc):
+    kwargs = dict(batch_size=4, crop_size=33, seed=3, epoch=2)
+    loader, steps = train_loader(synthetic_voc, num_workers=0, **kwargs)
+    serial = batches_of(loader)
+    assert steps == 12 and len(serial) == 12
+    assert same_batches(serial, batches_of(train_loader(synthetic_voc, num_workers=2, **kwargs)[0]))
+    ids = [sid for _, _, batch_ids in serial for sid in batch_ids]
+    assert sorted(ids) == sorted(voc.read_split(synthetic_voc, "train"))  # one epoch = each id once
+    assert not same_batches(serial, batches_of(train_loader(synthetic_voc, num_workers=0, seed=3, epoch=3,
+                                                            batch_size=4, crop_size=33)[0]))
+
+
+def test_training_leaves_the_callers_rng_alone(synthetic_voc):
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    batches_of(train_loader(synthetic_voc, 4, 33, num_workers=0)[0])
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_fewer_shards_than_readers_warns_and_still_fills_every_batch(packed_shards):
+    data = pattern(packed_shards, "train", 0, 0)  # one shard of 10 for 2 ranks x 2 workers
+    with pytest.warns(UserWarning, match="1 shard.* 2 rank.*using 1 worker.*same shards"):
+        loader, steps = train_loader(data, 4, 33, num_workers=2, rank=1, world_size=2)
+    assert steps == 1  # 10 // 8
+    assert [len(ids) for _, _, ids in loader] == [4]
+
+
+def test_rank_arguments_are_checked(packed_shards):
+    with pytest.raises(ValueError, match="rank"):
+        train_loader(packed_shards["train"], 4, 33, rank=2, world_size=2)
+
+
+def test_corrupt_jpeg_names_sample_and_shard(tmp_path, synthetic_voc):
+    sid = voc.read_split(synthetic_voc, "val")[0]
+    good_png = (synthetic_voc / "SegmentationClass" / f"{sid}.png").read_bytes()
+    bad_shard = tmp_path / "bad-000000.tar"
+    with wds.TarWriter(str(bad_shard)) as sink:
+        sink.write({"__key__": sid, "jpg": b"\xff\xd8 definitely not a jpeg", "png": good_png})
+    with pytest.raises(DataError, match=f"{sid} in shard .*bad-000000.tar"):
+        batches_of(val_loader(str(bad_shard), num_workers=0))
+    with pytest.raises(DataError, match=f"{sid} in shard .*bad-000000.tar"):
+        batches_of(train_loader(str(bad_shard), 1, 33, num_workers=0)[0])
+
+
+# --------------------------------------------------------------------------- evaluation
+
+def test_folder_and_shards_give_the_same_val_samples(synthetic_voc, packed_shards):
+    from_shards = {ids[0]: (images, masks) for images, masks, ids in val_loader(packed_shards["val"])}
+    from_folder = {ids[0]: (images, masks) for images, masks, ids in val_loader(synthetic_voc, num_workers=0)}
+    assert sorted(from_shards) == sorted(from_folder) == sorted(voc.read_split(synthetic_voc, "val"))
+    for sid, (images, masks) in from_folder.items():
+        assert torch.equal(images, from_shards[sid][0]) and torch.equal(masks, from_shards[sid][1])
+
+
+@pytest.mark.parametrize("data", ["val", "one-shard", "folder"])
+def test_val_ranks_partition_the_split(data, synthetic_voc, packed_shards):
+    source = {"val": packed_shards["val"], "one-shard": pattern(packed_shards, "val", 1, 1),
+              "folder": synthetic_voc}[data]
+    expected = [sid for sid, _, _ in iter_samples(source, "val")]
+    per_rank = [[sid for _, _, ids in val_loader(source, batch_size=3, rank=r, world_size=2) for sid in ids]
+                for r in range(2)]
+    assert sorted(per_rank[0] + per_rank[1]) == sorted(expected)  # every id exactly once
+    if data == "one-shard":
+        assert per_rank[1] == []  # a rank without a shard yields nothing
+
+
+def test_val_batches_pad_images_with_zero_and_masks_with_255(packed_shards):
+    images, masks, ids = next(iter(val_loader(packed_shards["val"], batch_size=4, num_workers=0)))
+    samples = {sid: label for sid, _, label in iter_samples(packed_shards["val"], "val", ids)}
+    for i, sid in enumerate(ids):
+        h, w = samples[sid].shape
+        assert np.array_equal(masks[i, :h, :w].numpy(), samples[sid])
+        assert (masks[i, h:] == 255).all() and (masks[i, :, w:] == 255).all()
+        assert (images[i, :, h:] == 0).all() and (images[i, :, :, w:] == 0).all()
+
+
+def test_center_crop_protocol(packed_shards):
+    images, masks, _ = next(iter(val_loader(packed_shards["val"], protocol="center-crop", crop_size=49)))
+    assert images.shape == (1, 3, 49, 49) and masks.shape == (1, 49, 49)
+
+
+# --------------------------------------------------------------------------- raw access
+
+def test_iter_samples_and_image_classes_agree_across_sources(synthetic_voc, packed_shards):
+    ids = voc.read_split(synthetic_voc, "train")
+    wanted = [ids[30], ids[2]]
+    got = list(iter_samples(packed_shards["train"], "train", wanted))
+    assert [sid for sid, _, _ in got] == [ids[2], ids[30]]  # dataset order
+    for sid, image, label in got:
+        ref_image, ref_label = voc.VOCSegmentation(synthetic_voc, "train")[ids.index(sid)]
+        assert np.array_equal(np.asarray(image), np.asarray(ref_image)) and np.array_equal(label, ref_label)
+    with pytest.raises(DataError, match="1 id.* not in split 'train': nope"):
+        list(iter_samples(synthetic_voc, "train", [ids[0], "nope"]))
+    by_manifest = image_classes(packed_shards["train"], "train")
+    assert by_manifest == image_classes(synthetic_voc, "train") == image_classes(pattern(packed_shards, "train", 0, 4), "train")
+    assert sorted(by_manifest) == sorted(ids)
+
+
+# --------------------------------------------------------------------------- real 2-process DDP
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_batches_equal_and_validation_exactly_once(synthetic_voc, packed_shards, tmp_path):
+    train = {"uneven": packed_shards["train"],                     # 5 shards (10,10,10,10,8)
+             "few": pattern(packed_shards, "train", 0, 2),          # 3 shards < 2 ranks x 2 workers
+             "folder": synthetic_voc}
+    val = {"val": packed_shards["val"],                             # 2 shards (10, 6)
+           "one": pattern(packed_shards, "val", 0, 0),              # rank 1 gets no shard
+           "folder": synthetic_voc}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), str(REPO / "tests" / "ddp_loader_worker.py"),
+           "--out", str(tmp_path), "--batch-size", "2", "--crop", "33", "--workers", "2"]
+    cmd += [arg for name, data in train.items() for arg in ("--train", f"{name}={data}")]
+    cmd += [arg for name, data in val.items() for arg in ("--val", f"{name}={data}")]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["world_size"] == 2
+
+    expected_steps = {"uneven": 48 // 4, "few": 30 // 4, "folder": 48 // 4}
+    for name, steps in expected_steps.items():
+        runs = [r["train"][name] for r in ranks]
+        assert [run["steps"] for run in runs] == [steps, steps], name
+        assert [len(run["batches"]) for run in runs] == [steps, steps], name
+        for run in runs:
+            assert all(b["images"] == [2, 3, 33, 33] and b["masks"] == [2, 33, 33] for b in run["batches"])
+        assert runs[0]["batches"][0]["ids"] != runs[1]["batches"][0]["ids"]  # ranks read different data
+    assert all("using 1 worker" in " ".join(r["train"]["few"]["warnings"]) for r in ranks)
+    assert not any(r["train"]["uneven"]["warnings"] for r in ranks)
+
+    for name, data in val.items():
+        seen = ranks[0]["val"][name] + ranks[1]["val"][name]
+        expected = [sid for sid, _, _ in iter_samples(data, "val")]
+        assert len(seen) == len(set(seen)) and sorted(seen) == sorted(expected), name
+    assert ranks[1]["val"]["one"] == [] and len(ranks[0]["val"]["one"]) == 10
