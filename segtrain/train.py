@@ -214,6 +214,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     if world > 1 and not cfg.sync_bn and per_process_batch < 8:
         warnings.warn(f"{per_process_batch} images per process and --sync-bn off: BatchNorm statistics "
                       "come from very few images; consider --sync-bn true")
+    if not cfg.resume and (run_dir / "metrics.jsonl").exists():
+        raise ConfigError(f"run_dir: {run_dir} already holds a run; pass --resume latest to continue it, "
+                          "or choose another --run-dir")
     set_seed(cfg.seed)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
