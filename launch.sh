@@ -13,7 +13,8 @@ cd "$(dirname "$0")"
 ROOT=$(pwd)
 VENV="${SEGTRAIN_VENV:-$ROOT/.venv}"
 PY="$VENV/bin/python"
-# The torch/torchvision pair measured to work together (see docs/INSTALL notes in README).
+# The torch/torchvision pair measured to work together (see the top of README.md); only
+# installed when the venv cannot import a working pair already.
 TORCH_PAIR="torch==2.14.1 torchvision==0.29.1"
 
 log() { printf '[launch] %s\n' "$*" >&2; }
@@ -53,28 +54,55 @@ train() {
       *) break ;;
     esac
   done
-  env "${env[@]}" "$VENV/bin/accelerate" launch "${acc[@]}" segtrain/train.py "$@"
+  env ${env[@]+"${env[@]}"} "$VENV/bin/accelerate" launch "${acc[@]}" segtrain/train.py "$@"
+}
+
+SYNTHETIC="$ROOT/datasets/synthetic"
+SYNTHETIC_SHARDS="$ROOT/shards/synthetic"
+# The CPU recipe of the demo: random init (no ImageNet download needed), bf16 autocast
+# (~2x faster than fp32 on CPU), small crops. Flags given after it override it.
+CPU_RECIPE=(--backbone resnet50 --pretrained false --crop-size 129 --batch-size 8 --iterations 150
+            --lr 0.02 --lr-schedule poly --mixed-precision bf16 --workers 2 --checkpoint-every 50)
+
+# The built-in synthetic VOC-format dataset, generated once, packed into shards.
+prepare_synthetic() {
+  if [ ! -f "$SYNTHETIC/VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt" ]; then
+    log "generating the synthetic VOC-format dataset in $SYNTHETIC"
+    "$PY" -m segtrain.synthetic --out "$SYNTHETIC" --train 240 --val 60 --seed 0
+  fi
+  log "packing it into webdataset shards in $SYNTHETIC_SHARDS"
+  for split in train val; do
+    "$PY" tools/pack.py --voc-root "$SYNTHETIC/VOCdevkit/VOC2012" --split "$split" \
+      --out "$SYNTHETIC_SHARDS" --shard-size 64 --workers 2
+  done
+}
+
+# CE and an imbalance-aware loss, otherwise identical, then the comparison report.
+#   ./launch.sh compare-losses [--proposed LOSS_SPEC] [train flags, e.g. --data shards/voc-train.json]
+compare_losses() {
+  local proposed=weighted_ce out="$ROOT/runs/compare-losses"
+  if [ "${1:-}" = --proposed ]; then proposed=$2; shift 2; fi
+  prepare_synthetic
+  local runs=()
+  for loss in ce "$proposed"; do
+    local run="$out/${loss//+/_plus_}"
+    log "training with --loss $loss -> $run"
+    rm -rf "$run"
+    "$PY" segtrain/train.py --data "$SYNTHETIC_SHARDS/voc-train.json" "${CPU_RECIPE[@]}" \
+      --run-dir "$run" --name "compare-$loss" --loss "$loss" --tracker none "$@"
+    runs+=("$run")
+  done
+  "$PY" -m segtrain.report "${runs[@]}" --out "$out/report"
 }
 
 demo() {
-  local data="$ROOT/datasets/synthetic" shards="$ROOT/shards/synthetic" run="$ROOT/runs/demo"
-  local t0=$SECONDS
-  if [ ! -f "$data/VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt" ]; then
-    log "1/5 generating the synthetic VOC-format dataset in $data"
-    "$PY" -m segtrain.synthetic --out "$data" --train 240 --val 60 --seed 0
-  fi
-  log "2/5 packing it into webdataset shards in $shards"
-  for split in train val; do
-    "$PY" tools/pack.py --voc-root "$data/VOCdevkit/VOC2012" --split "$split" --out "$shards" \
-      --shard-size 64 --workers 2
-  done
-  # Random init (no ImageNet download needed); bf16 autocast is ~2x faster than fp32 on CPU.
+  local run="$ROOT/runs/demo" shards="$SYNTHETIC_SHARDS" t0=$SECONDS
+  log "1-2/5 synthetic VOC-format data and shards"
+  prepare_synthetic
   log "3/5 training DeepLabV3+ ResNet50 on CPU (bf16, crop 129, 150 steps, wandb offline)"
   rm -rf "$run"
-  "$PY" segtrain/train.py --data "$shards/voc-train.json" --run-dir "$run" --name demo \
-    --backbone resnet50 --pretrained false --crop-size 129 --batch-size 8 --iterations 150 \
-    --lr 0.02 --lr-schedule poly --mixed-precision bf16 --workers 2 --checkpoint-every 50 \
-    --tracker wandb
+  "$PY" segtrain/train.py --data "$shards/voc-train.json" "${CPU_RECIPE[@]}" --run-dir "$run" \
+    --name demo --tracker wandb
   log "4/5 evaluating best.pt on the val split"
   "$PY" -m segtrain.evaluate --checkpoint "$run/best.pt" --data "$shards/voc-val.json" \
     --out "$run/eval_val.json" --mixed-precision bf16
@@ -102,6 +130,7 @@ case "$cmd" in
   demo) setup; demo "$@" ;;
   pack) setup; exec "$PY" tools/pack.py "$@" ;;
   train) setup; train "$@" ;;
+  compare-losses) setup; compare_losses "$@" ;;
   test)
     setup
     exec "$PY" -m pytest "$@" ;;

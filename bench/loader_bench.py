@@ -10,12 +10,15 @@ rate without augmentation (one process, one thread). Prints a Markdown table.
 Loader rates are steady state: each epoch's clock starts at its first batch, so worker
 start-up and the shuffle buffers' fill are excluded. "CPU ms/sample" adds up every
 process (main + workers, start-up included) and is the steadier figure on a shared
-machine; compare rows within one run only.
+machine; "main ms/sample" is the consumer's share (what the training process pays).
+Compare rows within one run only. Training batches are uint8: the training loop
+normalises them on its device; the cost of doing that on the CPU is printed below
+the table.
 """
 from __future__ import annotations
 
 import argparse
-import gc
+import os
 import resource
 import tempfile
 import time
@@ -25,7 +28,7 @@ from pathlib import Path
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from segtrain import shards, voc
+from segtrain import shards, transforms, voc
 from segtrain.pack import pack_split
 from segtrain.synthetic import generate
 
@@ -46,31 +49,43 @@ def decode_with_torchvision(jpeg: bytes, png: bytes, name: str):
     return image, voc.decode_label(png, name)
 
 
-def cpu_seconds() -> float:
-    """CPU time of this process and its finished children (DataLoader workers are joined)."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+def cpu_seconds(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
 
 
-def loader_rate(data: str, workers: int, batch_size: int, crop: int, epochs: int) -> tuple[float, float]:
-    """(steady-state samples/s, CPU ms per sample over all processes) of train_loader.
+def loader_rate(data: str, workers: int, batch_size: int, crop: int, epochs: int) -> tuple[float, float, float]:
+    """(steady-state samples/s, CPU ms per sample over all processes, of the main process) of train_loader.
 
     Each epoch's clock starts at its first batch: worker start-up and buffer fill are
-    left out of the rate (not of the CPU time).
+    left out of the rate (not of the CPU time). An epoch's DataLoader joins its workers
+    when it runs out, so RUSAGE_CHILDREN holds their whole CPU time.
     """
-    samples, seconds, cpu_start = 0, 0.0, cpu_seconds()
+    samples, seconds, delivered = 0, 0.0, 0
+    main_start, workers_start = cpu_seconds(resource.RUSAGE_SELF), cpu_seconds(resource.RUSAGE_CHILDREN)
     for epoch in range(epochs):
         loader, _ = shards.train_loader(data, batch_size, crop, num_workers=workers, epoch=epoch)
         start = None
         for images, _, _ in loader:
+            delivered += images.shape[0]
             if start is None:
                 start = time.perf_counter()
             else:
                 samples += images.shape[0]
         seconds += time.perf_counter() - start
-        del loader
-        gc.collect()  # shut the workers down now, so their CPU time is counted
-    return samples / seconds, (cpu_seconds() - cpu_start) * 1000 / (samples + epochs * batch_size)
+    main_ms = (cpu_seconds(resource.RUSAGE_SELF) - main_start) * 1000 / delivered
+    workers_ms = (cpu_seconds(resource.RUSAGE_CHILDREN) - workers_start) * 1000 / delivered
+    return samples / seconds, main_ms + workers_ms, main_ms
+
+
+def normalize_cost(batch_size: int, crop: int, repeats: int = 20) -> float:
+    """CPU ms per sample of what training does to a uint8 batch: normalise, masks to int64."""
+    images = torch.randint(0, 256, (batch_size, 3, crop, crop), dtype=torch.uint8)
+    masks = torch.randint(0, 21, (batch_size, crop, crop), dtype=torch.uint8)
+    start = time.process_time()
+    for _ in range(repeats):
+        transforms.normalize(images), masks.long()
+    return (time.process_time() - start) * 1000 / (repeats * batch_size)
 
 
 def main(argv=None) -> None:
@@ -85,14 +100,16 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # DataLoader workers run one thread each; compare like with like
     warnings.simplefilter("ignore", DeprecationWarning)  # torchvision.io decoding, measured on purpose
+    others_load = os.getloadavg()[0]  # before this script adds its own processes
 
     with tempfile.TemporaryDirectory() as tmp:
         root = generate(Path(tmp) / "voc", args.images, 1, seed=0, min_size=375, max_size=500)
         pack_split(root, "train", Path(tmp) / "shards", shard_size=args.shard_size, progress=False)
         manifest = str(Path(tmp) / "shards" / "voc-train.json")
 
-        rows = [("raw decode, PIL JPEG + PNG (used)", "-", *raw_decode_rate(root, shards.decode_sample)),
-                ("raw decode, torchvision.io JPEG + PNG", "-", *raw_decode_rate(root, decode_with_torchvision))]
+        rows = [("raw decode, PIL JPEG + PNG (used)", "-", *raw_decode_rate(root, shards.decode_sample), None),
+                ("raw decode, torchvision.io JPEG + PNG", "-", *raw_decode_rate(root, decode_with_torchvision),
+                 None)]
         raw = rows[0][2]
         for workers in args.workers:
             for name, data in (("shards", manifest), ("folder", str(root))):
@@ -100,11 +117,15 @@ def main(argv=None) -> None:
                              *loader_rate(data, workers, args.batch_size, args.crop, args.epochs)))
 
     print(f"\n{args.images} synthetic images 375-500 px, batch {args.batch_size}, "
-          f"{torch.get_num_threads()} torch thread per process\n")
-    print("| pipeline | workers | samples/s | / raw decode | CPU ms/sample |")
-    print("|---|---|---|---|---|")
-    for name, workers, rate, cpu_ms in rows:
-        print(f"| {name} | {workers} | {rate:.1f} | {rate / raw:.2f} | {cpu_ms:.2f} |")
+          f"{torch.get_num_threads()} torch thread per process, {os.cpu_count()} CPUs, "
+          f"load average {others_load:.1f} before the run\n")
+    print("| pipeline | workers | samples/s | / raw decode | CPU ms/sample | main ms/sample |")
+    print("|---|---|---|---|---|---|")
+    for name, workers, rate, cpu_ms, main_ms in rows:
+        main = "-" if main_ms is None else f"{main_ms:.2f}"
+        print(f"| {name} | {workers} | {rate:.1f} | {rate / raw:.2f} | {cpu_ms:.2f} | {main} |")
+    print(f"\nNormalising a uint8 batch and casting its masks to int64 on this CPU: "
+          f"{normalize_cost(args.batch_size, args.crop):.2f} ms/sample (training does it on its device).")
 
 
 if __name__ == "__main__":

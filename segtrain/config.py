@@ -4,7 +4,10 @@
 
 Every field is a flag (``--batch-size`` and ``--batch_size`` both work). The
 resolved config is saved as ``RUN_DIR/config.yaml`` and sent to the tracker.
-Defaults are the reference DeepLabV3+ VOC recipe (VainF/DeepLabV3Plus-Pytorch).
+Defaults: DeepLabV3+ on an ImageNet ResNet-50 at output stride 16, crop 513, global
+batch 8, 5000 SGD steps (lr 0.01, momentum 0.9, wd 1e-4, backbone lr x0.1), StepLR
+x0.9 every 1000 steps, cross-entropy. VainF/DeepLabV3Plus-Pytorch's published VOC
+models trained longer (30k steps, batch 16, poly): pass those flags to match them.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ class TrainConfig:
     # data: a manifest (shards/voc-train.json), a shard pattern, or a VOCdevkit root
     data: str = "shards/voc-train.json"
     val_data: Optional[str] = None  # default: `data` (voc-train.json stands for its voc-val.json)
-    train_split: str = "train"
+    train_split: Optional[str] = None  # default: the split of the manifest --data names, else train
     val_split: str = "val"
     workers: int = 4
     # run
@@ -98,9 +101,9 @@ CHOICES = {
     "val_protocol": ("whole", "center-crop", "ms-flip"),
     "tracker": ("wandb", "none"),
 }
-POSITIVE = ("workers", "iterations", "batch_size", "crop_size", "step_size", "grad_accum",
+POSITIVE = ("iterations", "batch_size", "crop_size", "step_size", "grad_accum",
             "checkpoint_every", "keep_checkpoints", "log_every", "num_classes")
-NON_NEGATIVE = ("lr", "weight_decay", "momentum", "warmup_iters", "grad_clip", "val_every",
+NON_NEGATIVE = ("workers", "lr", "weight_decay", "momentum", "warmup_iters", "grad_clip", "val_every",
                 "aux_loss_weight", "num_val_images", "backbone_lr_mult", "focal_gamma")
 
 

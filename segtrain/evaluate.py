@@ -29,6 +29,7 @@ if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
+import os
 import json
 from collections.abc import Callable, Sequence
 from typing import Any, Optional, Union
@@ -90,13 +91,17 @@ def ms_flip_logits(model: nn.Module, images: torch.Tensor, scales: Sequence[floa
     return (prob_sum / passes).log()
 
 
+def check_protocol(protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown evaluation protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
+
+
 def loader_protocol(protocol: str) -> str:
     """The ``val_loader``/``val_transforms`` protocol an evaluation protocol reads its images with.
 
     ms-flip resizes inside ``ms_flip_logits``, so its loader gives whole images.
     """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown evaluation protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
+    check_protocol(protocol)
     return "whole" if protocol == "ms-flip" else protocol
 
 
@@ -108,8 +113,7 @@ def predict_logits(model: nn.Module, images: torch.Tensor, protocol: str = "whol
     """
     if protocol == "ms-flip":
         return ms_flip_logits(model, images)
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown evaluation protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
+    check_protocol(protocol)
     return model(images)["out"]
 
 
@@ -139,8 +143,7 @@ def evaluate(model: nn.Module, loader, device: Union[torch.device, str], num_cla
     iou, class_acc, num_pixels, per_class) plus ``num_images`` and ``confusion_matrix``
     (int64 CPU tensor, rows = ground truth).
     """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown evaluation protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
+    check_protocol(protocol)
     device = torch.device(device)
     confusion = ConfusionMatrix(num_classes, IGNORE_INDEX, device=device)
     num_images = 0
@@ -186,7 +189,7 @@ def evaluate(model: nn.Module, loader, device: Union[torch.device, str], num_cla
 
 # --------------------------------------------------------------------------- CLI
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
     """The message of an error, minus what a DataLoader worker wraps around it."""
     text = str(error).strip()
     if "Original Traceback" in text:  # re-raised from a worker: the real message is the last line
@@ -219,13 +222,33 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+class DisconnectedLaunch(RuntimeError):
+    """Several processes were started but Accelerate did not join them into one group."""
+
+
+def check_launch(accelerator: Accelerator) -> None:
+    """Refuse to run as N unconnected copies of a one-process job.
+
+    ``accelerate launch --multi_gpu`` on a machine without GPUs starts the processes
+    but, unless ACCELERATE_USE_CPU=1 is set, each one runs alone: every copy would
+    train or evaluate on all the data and write the same files.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes != launched:
+        raise DisconnectedLaunch(
+            f"{launched} processes were launched but they are not connected (Accelerate sees "
+            f"{accelerator.num_processes}). On CPU, set ACCELERATE_USE_CPU=1 (./launch.sh train "
+            "--cpu-procs N does); see accelerate_configs/cpu_ddp.yaml")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     accelerator = Accelerator()
     try:
+        check_launch(accelerator)
         result = run(args, accelerator)
-    except (DataError, FileNotFoundError, OtherProcessFailed) as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+    except (DataError, FileNotFoundError, OtherProcessFailed, DisconnectedLaunch) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     if accelerator.is_main_process:
         out = args.out or args.checkpoint.parent / f"eval_{args.split}_{args.protocol}.json"

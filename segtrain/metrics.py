@@ -152,3 +152,9 @@ def format_metrics_table(metrics: dict[str, Any], class_names: Sequence[str]) ->
                        ("mean_class_acc", "mean class acc"), ("fwiou", "fwIoU")):
         lines.append(f"{label:<{width}} {pct(metrics[key])}")
     return "\n".join(lines)
+
+
+def subset_miou(iou: Sequence[Optional[float]], classes: Sequence[int]) -> float:
+    """Mean IoU over ``classes`` only (e.g. the rarest ones), skipping undefined (None/NaN) IoUs."""
+    values = [iou[c] for c in classes if iou[c] is not None and not math.isnan(iou[c])]
+    return sum(values) / len(values) if values else float("nan")

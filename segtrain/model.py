@@ -45,6 +45,10 @@ __all__ = [
 ]
 
 
+class PretrainedWeightsUnavailable(RuntimeError):
+    """ImageNet weights could not be downloaded; the message says how to get around it."""
+
+
 class CheckpointError(DataError):
     """A weights file that cannot be used; the message names the file and what is wrong."""
 
@@ -236,10 +240,11 @@ def create_backbone(name: str, output_stride: int, pretrained: bool) -> nn.Modul
         if not pretrained:
             raise
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise RuntimeError(
+        raise PretrainedWeightsUnavailable(
             f"could not download pretrained weights for backbone {name!r} ({reason}). Fix: pass "
             "--backbone-weights PATH (a local timm/torchvision state dict), or set HF_HUB_OFFLINE=1 "
-            "with the weights already in the Hugging Face cache (HF_HOME), or use --no-pretrained"
+            "with the weights already in the Hugging Face cache (HF_HOME), or train from scratch "
+            "with --pretrained false"
         ) from None
 
 

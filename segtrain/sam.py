@@ -44,15 +44,15 @@ from tqdm import tqdm
 from segtrain.metrics import confusion_matrix, segmentation_metrics, to_jsonable
 from segtrain.model import CheckpointError, load_checkpoint, load_weights, torch_load
 from segtrain.predict import predict_mask, save_image
-from segtrain.shards import image_classes, iter_samples
-from segtrain.visualize import greedy_class_cover, overlay
+from segtrain.shards import iter_samples
+from segtrain.visualize import covering_ids, overlay
 from segtrain.voc import CLASSES, DataError, PathLike, atomic_write_bytes, decode_target
 
 __all__ = [
     "MODEL_TYPES", "CHECKPOINT_HELP", "METHODS", "load_sam", "sam_model_type", "resolve_device",
     "mask_generator", "sam_masks", "draw_sam_masks", "mask_outline", "assign_majority",
     "connected_components", "box_prompts", "refine_with_boxes", "SamMaps", "segment_with_sam",
-    "default_report_ids", "report_columns", "run_sam_comparison", "format_comparison", "main",
+    "report_columns", "run_sam_comparison", "format_comparison", "main",
 ]
 
 # Image-encoder width of each SAM size: it tells a checkpoint's model type before building anything.
@@ -308,11 +308,6 @@ def segment_with_sam(generator: SamAutomaticMaskGenerator, image: np.ndarray,
 
 # --------------------------------------------------------------------------- comparison
 
-def default_report_ids(data: PathLike, split: str, num: int) -> list[str]:
-    """The report's images: ``num`` ids that together show as many classes as possible."""
-    return greedy_class_cover(image_classes(data, split), k=num)
-
-
 def report_columns(sam_checkpoint: PathLike, model_type: str, images: Sequence[np.ndarray],
                    semantic: Optional[PathLike] = None, device: Union[str, torch.device] = "cpu",
                    points_per_side: int = 32, min_box_area: int = MIN_BOX_AREA,
@@ -422,7 +417,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.num < 1 or args.points_per_side < 1:
             raise ValueError("--num and --points-per-side must be at least 1")
         device = resolve_device(args.device)
-        ids = args.ids or default_report_ids(args.data, args.split, args.num)
+        ids = args.ids or covering_ids(str(args.data), args.split, args.num)
         semantic_model = load_checkpoint(args.semantic)[0] if args.semantic else None
         print(f"SAM {args.model_type} from {args.sam_checkpoint} on {device}; images: {', '.join(ids)}")
         sam = load_sam(args.sam_checkpoint, args.model_type, device)

@@ -16,7 +16,9 @@ exactly ``batch_size`` samples, whatever the shard count, and is a pure function
 loader for its epoch and skips the batches it has done. Shards are read as an endless
 stream (each pass a fresh seeded permutation of all shards, dealt round-robin to the
 ``world_size x num_workers`` reader slots), so no rank ever runs dry; unlike
-webdataset's resampling with replacement, each pass reads every shard once.
+webdataset's resampling with replacement, each pass reads every shard once. Each
+reader reads, decodes and batches exactly its share of the epoch (the DataLoader takes
+the readers' batches in turn), so nothing is thrown away when the epoch ends.
 Augmentation draws from a per-sample seed (seed, epoch, rank, reader, position),
 never from the global RNG: reproducible, and the caller's RNG is left alone. Do not
 hand these loaders to ``accelerator.prepare`` (they are already split per rank);
@@ -28,7 +30,11 @@ be partial and a rank may get nothing at all, so run the forward passes on the
 unwrapped model (DDP's forward syncs buffers and would hang) and sum the per-rank
 confusion matrices once, after the loop.
 
-Batches are tuples ``(images float (N, 3, H, W), masks int64 (N, H, W), ids list[str])``.
+Batches are ``(images (N, 3, H, W), masks (N, H, W), ids list[str])``. Training batches
+stay uint8, images and masks alike: a quarter of the bytes to copy between processes
+and to the accelerator; the training loop calls ``transforms.normalize(images)`` and
+``masks.long()`` on the device. Evaluation batches are ready to use: normalised
+float32 images, int64 masks.
 """
 from __future__ import annotations
 
@@ -57,7 +63,8 @@ MANIFEST_FORMAT = "segtrain-shards/1"
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
 
 # Raw (undecoded) samples shuffled inside each reader: ~100 kB each for VOC, so cheap,
-# and large enough to mix the samples of several shards.
+# and large enough to mix the samples of several shards. A batch is drawn from one
+# reader's buffer.
 RAW_SHUFFLE_BUFFER = 256
 
 
@@ -224,12 +231,6 @@ def _stack(samples: list[tuple[torch.Tensor, torch.Tensor, str]]) -> Batch:
     return images, masks, ids
 
 
-def _finish(batch: Batch) -> Batch:
-    """uint8 batch from the workers -> normalised float images and int64 masks."""
-    images, masks, ids = batch
-    return normalize(images), masks.long(), ids
-
-
 def pad_collate(samples: list[tuple[torch.Tensor, torch.Tensor, str]]) -> Batch:
     """Normalise and batch uint8 samples of different sizes.
 
@@ -256,27 +257,36 @@ def _shard_cycle(urls: tuple[str, ...], seed: int, epoch: int) -> Iterator[str]:
 
 
 class _TrainShardStream(IterableDataset):
-    """Endless decoded+augmented samples for one (rank, DataLoader worker) reader slot."""
+    """One rank's training batches; each DataLoader worker is a reader slot that makes
+    batches ``worker, worker + num_workers, ...`` of the epoch's ``steps``."""
 
-    def __init__(self, urls: tuple[str, ...], transform: PairTransform, seed: int, epoch: int,
-                 rank: int, world_size: int):
+    def __init__(self, urls: tuple[str, ...], transform: PairTransform, batch_size: int, steps: int,
+                 seed: int, epoch: int, rank: int, world_size: int):
         super().__init__()
-        self.urls, self.transform = urls, transform
+        self.urls, self.transform, self.batch_size, self.steps = urls, transform, batch_size, steps
         self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, str]]:
+    def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         slot, num_slots = self.rank * num_workers + worker, self.world_size * num_workers
         shard_urls = itertools.islice(_shard_cycle(self.urls, self.seed, self.epoch),
                                       slot, None, num_slots)
         slot_seed = _mix(self.seed, self.epoch, self.rank, worker)
+        # Exactly this worker's share: the DataLoader takes batches from its workers in
+        # turn, so the shares add up to `steps` batches. Reading exactly the raw samples
+        # of the share (the shuffle buffer drains at the end) wastes no read or decode.
+        num_batches = len(range(worker, self.steps, num_workers))
+        raw = itertools.islice(_raw_shard_samples(shard_urls), num_batches * self.batch_size)
         shuffle = wds.shuffle(RAW_SHUFFLE_BUFFER, RAW_SHUFFLE_BUFFER, seed=slot_seed)
-        samples = shuffle(_raw_shard_samples(shard_urls))
-        for n, sample in enumerate(samples):
-            sid, jpeg, png, name = _shard_pair(sample)
-            image, mask = _seeded(self.transform, *decode_sample(jpeg, png, name), _mix(slot_seed, n))
-            yield image, mask, sid
+        samples = (self._augment(sample, _mix(slot_seed, n)) for n, sample in enumerate(shuffle(raw)))
+        for _ in range(num_batches):
+            yield _stack(list(itertools.islice(samples, self.batch_size)))
+
+    def _augment(self, sample: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+        sid, jpeg, png, name = _shard_pair(sample)
+        image, mask = _seeded(self.transform, *decode_sample(jpeg, png, name), seed)
+        return image, mask, sid
 
 
 class _FolderSamples(Dataset):
@@ -319,18 +329,19 @@ def train_loader(data: str | Path, batch_size: int, crop_size: int, *, split: st
                  num_workers: int = 2, seed: int = 0, epoch: int = 0, rank: Optional[int] = None,
                  world_size: Optional[int] = None, color_jitter: bool = False,
                  scale: tuple[float, float] = (0.5, 2.0)) -> tuple[Iterable[Batch], int]:
-    """Augmented training batches for this rank and epoch, and the number of steps.
+    """Augmented uint8 training batches for this rank and epoch, and the number of steps.
 
     ``batch_size`` is per process. Every rank yields exactly ``steps_per_epoch =
     max(1, num_samples // (world_size * batch_size))`` batches of exactly
     ``batch_size`` samples. Iterating the loader again replays the same batches;
-    build a new loader for the next epoch.
+    build a new loader for the next epoch. Normalise the images (``transforms.normalize``)
+    and cast the masks to int64 on the device that uses them.
     """
     rank, world_size = _resolve_rank(rank, world_size)
     source = resolve_data(data, split)
     steps = max(1, _num_samples(source) // (world_size * batch_size))
-    # Workers ship uint8 crops; _finish normalises whole batches in this process.
     transform = train_transforms(crop_size, scale=scale, color_jitter=color_jitter, normalize=False)
+    # DataLoader draws its workers' base seed from the global RNG unless given a generator.
     generator = torch.Generator().manual_seed(_mix(seed, epoch, rank, 1))
 
     if source.kind == "folder":
@@ -345,24 +356,13 @@ def train_loader(data: str | Path, batch_size: int, crop_size: int, *, split: st
         samples = _FolderSamples(dataset, indices, transform, seed=_mix(seed, epoch, rank))
         loader = DataLoader(samples, batch_size=batch_size, shuffle=False, drop_last=True,
                             num_workers=num_workers, collate_fn=_stack, generator=generator)
-        return wds.DataPipeline(loader, wds.map(_finish)), steps
+        return loader, steps
 
     workers = _fit_workers(num_workers, len(source.urls), world_size)
-    stream = wds.DataPipeline(
-        _TrainShardStream(source.urls, transform, seed, epoch, rank, world_size),
-        wds.batched(batch_size, collation_fn=_stack, partial=False),  # fewer, larger IPC messages
-    )
-    # Re-batch in the main process, mixing the workers' samples (a small buffer: the
-    # raw-sample shuffle in each worker does the real mixing, and decoded samples left
-    # in this buffer at the end of the epoch are wasted). The shard stream is endless,
-    # so with_epoch always gets its `steps` full batches on every rank.
-    loader = (wds.WebLoader(stream, batch_size=None, num_workers=workers, generator=generator)
-              .unbatched()
-              .shuffle(2 * batch_size, initial=2 * batch_size, seed=_mix(seed, epoch, rank, 2))
-              .batched(batch_size, collation_fn=_stack, partial=False)
-              .map(_finish)
-              .with_epoch(steps))
-    return loader, steps
+    stream = _TrainShardStream(source.urls, transform, batch_size, steps, seed, epoch, rank, world_size)
+    # batch_size=None: the workers batch (into shared memory) and the DataLoader passes
+    # their batches through.
+    return DataLoader(stream, batch_size=None, num_workers=workers, generator=generator), steps
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -81,6 +81,17 @@ def class_balance(manifest: dict) -> list[dict]:
     ]
 
 
+def rarest_classes(manifest: dict, k: int = 5) -> list[int]:
+    """The ``k`` object classes (background excluded) with the fewest labelled pixels, rarest first.
+
+    The classes on which an imbalance-aware loss should make a difference; classes
+    with no pixels at all are left out (nothing can be learned or measured there).
+    """
+    counts = manifest["class_pixel_counts"]
+    present = [c for c in range(1, len(counts)) if counts[c] > 0]
+    return sorted(present, key=lambda c: (counts[c], c))[:k]
+
+
 def format_table(manifest: dict) -> str:
     """The class-balance table with a totals line, as ``main`` prints it."""
     rows = class_balance(manifest)

@@ -22,12 +22,14 @@ if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
 import os
 import shutil
 import time
+import uuid
 import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -39,11 +41,12 @@ from tqdm import tqdm
 
 from segtrain import shards
 from segtrain.config import ConfigError, TrainConfig, config_to_dict, parse_config, save_config
-from segtrain.evaluate import evaluate, loader_protocol
+from segtrain.evaluate import DisconnectedLaunch, check_launch, evaluate, loader_protocol, one_line
 from segtrain.losses import build_loss
 from segtrain.metrics import to_jsonable
-from segtrain.model import build_model, save_checkpoint
-from segtrain.voc import CLASSES, DataError
+from segtrain.model import PretrainedWeightsUnavailable, build_model, save_checkpoint
+from segtrain.transforms import denormalize, normalize
+from segtrain.voc import CLASSES, NUM_CLASSES, DataError, atomic_write_bytes, read_split
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -91,17 +94,43 @@ def sync_buffers(model: torch.nn.Module, accelerator: Accelerator) -> None:
 # ----------------------------------------------------------------------------- state on disk
 
 class TrainState:
-    """What the loop needs to resume besides model, optimizer and RNGs (saved by Accelerate)."""
+    """What the loop needs to resume besides model, optimizer and RNGs (saved by Accelerate).
 
-    def __init__(self) -> None:
+    ``data_order`` holds every setting the sequence of batches depends on; a resume
+    that changes one of them would continue on different batches, so it is refused.
+    """
+
+    def __init__(self, data_order: dict) -> None:
         self.step = 0
         self.best_miou = -1.0
+        self.data_order = data_order
+        self.saved_data_order: Optional[dict] = None
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "best_miou": self.best_miou}
+        return {"step": self.step, "best_miou": self.best_miou, "data_order": self.data_order}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.best_miou = int(state["step"]), float(state["best_miou"])
+        self.saved_data_order = state.get("data_order")
+
+    def check_resume(self) -> None:
+        changed = {k: (v, self.data_order.get(k)) for k, v in (self.saved_data_order or {}).items()
+                   if self.data_order.get(k) != v}
+        if changed:
+            raise ConfigError("resume: the checkpoint was trained with " + ", ".join(
+                f"{k}={old!r} (now {new!r})" for k, (old, new) in changed.items())
+                + "; resume with the same settings, or the batches would not continue where they stopped")
+
+
+def read_metrics_log(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl; a line cut short by a crash (kill, full disk) is skipped."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 class MetricsLog:
@@ -113,8 +142,8 @@ class MetricsLog:
     def truncate_after(self, step: int) -> None:
         """On resume, drop lines a crashed run wrote after the checkpoint it resumes from."""
         if self.enabled and self.path.exists():
-            keep = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
+            keep = [r for r in read_metrics_log(self.path) if r["step"] <= step]
+            atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())
 
     def write(self, record: dict) -> None:
         if self.enabled:
@@ -133,9 +162,33 @@ def resolve_resume(resume: str, run_dir: Path) -> Path:
             raise ConfigError(f"resume: no checkpoint in {run_dir / 'checkpoints'} to resume from")
         return found[-1]
     path = Path(resume)
-    if not (path / "train_state.json").exists() and not path.is_dir():
+    if not (path / "custom_checkpoint_0.pkl").is_file():  # the TrainState that save_state writes
         raise ConfigError(f"resume: {path} is not a checkpoint folder (expected RUN_DIR/checkpoints/step_*)")
     return path
+
+
+def sample_ids(source: shards.DataSource) -> Optional[set]:
+    """The sample ids a data source holds, when it says (manifests and VOC folders do)."""
+    if source.manifest is not None:
+        return {sid for shard in source.manifest["shards"] for sid in shard.get("ids", ())} or None
+    if source.voc_root is not None:
+        return set(read_split(source.voc_root, source.split))
+    return None
+
+
+def check_disjoint(train_source: shards.DataSource, val_source: shards.DataSource) -> None:
+    """Refuse to validate (and pick best.pt) on images the model trains on."""
+    train_ids, val_ids = sample_ids(train_source), sample_ids(val_source)
+    if train_ids is None or val_ids is None:
+        if train_source.urls and train_source.urls == val_source.urls:
+            raise ConfigError("val_data: shard patterns carry no split, so validation would read the "
+                              "training shards; pass --val-data")
+        return
+    shared = train_ids & val_ids
+    if shared:
+        raise ConfigError(f"val_data: {len(shared)} validation images are also training images "
+                          f"(e.g. {sorted(shared)[0]}; train {train_source.location}, val "
+                          f"{val_source.location}); validate on a disjoint split with --val-data")
 
 
 def save_training_state(accelerator: Accelerator, run_dir: Path, step: int, keep: int) -> None:
@@ -163,13 +216,20 @@ def summary(metrics: dict) -> dict:
 # ----------------------------------------------------------------------------- tracking
 
 def wandb_init_kwargs(cfg: TrainConfig, run_dir: Path) -> dict:
-    """Go offline when no credentials exist, instead of failing after a network timeout."""
-    if "WANDB_MODE" not in os.environ and not os.environ.get("WANDB_API_KEY"):
+    """Go offline when no credentials exist, instead of failing after a network timeout.
+
+    The wandb run id lives in RUN_DIR/wandb_id: a resumed run continues its own wandb
+    run, and a new run never merges into an older one that had the same --name.
+    """
+    if not ({"WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"} & os.environ.keys()):
         netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
         if not (netrc.exists() and "api.wandb.ai" in netrc.read_text()):
             os.environ["WANDB_MODE"] = "offline"
-    run_id = "".join(c if c.isalnum() or c in "-_" else "-" for c in cfg.name)[-64:]
-    return {"wandb": {"dir": str(run_dir), "name": cfg.name, "id": run_id, "resume": "allow"}}
+    id_file = run_dir / "wandb_id"
+    if not id_file.exists():
+        atomic_write_bytes(id_file, uuid.uuid4().hex[:16].encode())
+    return {"wandb": {"dir": str(run_dir), "name": cfg.name, "id": id_file.read_text().strip(),
+                      "resume": "allow"}}
 
 
 def log_val_media(accelerator: Accelerator, step: int, metrics: dict, examples: list[dict]) -> None:
@@ -198,9 +258,14 @@ class TrainResult:
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Train with ``cfg``. Called on every process; each gets the same result."""
+    if cfg.train_split is None:
+        # --data voc-train_aug.json means train_aug: never silently its voc-train.json sibling.
+        named = cfg.data.endswith(".json") and shards.read_manifest(cfg.data)["split"]
+        cfg = dataclasses.replace(cfg, train_split=named or "train")
     run_dir = cfg.resolved_run_dir()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
                               log_with="wandb" if cfg.tracker == "wandb" else None)
+    check_launch(accelerator)
     main = accelerator.is_main_process
     world = accelerator.num_processes
     device = accelerator.device
@@ -211,7 +276,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     per_process_batch = cfg.batch_size // (world * cfg.grad_accum)
     if accelerator.mixed_precision == "fp16" and device.type == "cpu":
         warnings.warn("mixed_precision fp16 does nothing on CPU (Accelerate runs fp32); use bf16")
-    if world > 1 and not cfg.sync_bn and per_process_batch < 8:
+    if per_process_batch < 2 and not (cfg.sync_bn and world > 1):
+        raise ConfigError(f"batch_size: {per_process_batch} image per process and step; the image-pooling "
+                          "BatchNorm of ASPP needs at least 2 (raise --batch-size, lower --grad-accum, "
+                          "or use --sync-bn true on GPUs)")
+    if cfg.sync_bn and world > 1 and device.type == "cpu":
+        raise ConfigError("sync_bn: PyTorch's SyncBatchNorm runs only on GPUs (CUDA, XPU, HPU); "
+                          "drop --sync-bn for CPU processes")
+    if world > 1 and not cfg.sync_bn and per_process_batch < 8 and device.type != "cpu":
         warnings.warn(f"{per_process_batch} images per process and --sync-bn off: BatchNorm statistics "
                       "come from very few images; consider --sync-bn true")
     if not cfg.resume and (run_dir / "metrics.jsonl").exists():
@@ -220,7 +292,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     set_seed(cfg.seed)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        if not cfg.resume:  # a resumed run keeps the config it was started with
+            save_config(cfg, run_dir / "config.yaml")
 
     # Data. The loader is rebuilt per epoch from (seed, epoch, rank), which is what
     # makes resuming exact: the same epoch replays the same batches.
@@ -230,31 +303,46 @@ def train(cfg: TrainConfig) -> TrainResult:
                                    rank=accelerator.process_index, world_size=world,
                                    color_jitter=cfg.color_jitter, scale=(cfg.scale_min, cfg.scale_max))
     _, batches_per_epoch = epoch_loader(0)
-    steps_per_epoch = max(1, batches_per_epoch // cfg.grad_accum)
+    if batches_per_epoch < cfg.grad_accum:
+        raise ConfigError(f"grad_accum: an epoch has only {batches_per_epoch} batches of {per_process_batch} "
+                          f"per process, fewer than grad_accum={cfg.grad_accum}")
+    steps_per_epoch = batches_per_epoch // cfg.grad_accum
     val_data = cfg.val_data or cfg.data  # a train manifest stands for its voc-val.json sibling
-    train_manifest = shards.resolve_data(cfg.data, cfg.train_split).manifest
+    train_source = shards.resolve_data(cfg.data, cfg.train_split)
+    check_disjoint(train_source, shards.resolve_data(val_data, cfg.val_split))
+    train_manifest = train_source.manifest
+    data_classes = len(train_manifest["class_names"]) if train_manifest else NUM_CLASSES
+    if cfg.num_classes < data_classes:
+        raise ConfigError(f"num_classes: {cfg.num_classes}, but the labels of {cfg.data} go up to "
+                          f"{data_classes - 1}")
 
     # Model, loss, optimizer.
-    model = build_model(cfg.arch, cfg.backbone, cfg.num_classes, cfg.output_stride, cfg.pretrained,
-                        cfg.backbone_weights, cfg.separable, aux_head=cfg.aux_loss_weight > 0)
+    try:
+        model = build_model(cfg.arch, cfg.backbone, cfg.num_classes, cfg.output_stride, cfg.pretrained,
+                            cfg.backbone_weights, cfg.separable, aux_head=cfg.aux_loss_weight > 0)
+        criterion = build_loss(cfg.loss, cfg.num_classes,
+                               class_pixel_counts=train_manifest["class_pixel_counts"] if train_manifest else None,
+                               weighting=cfg.class_weighting, focal_gamma=cfg.focal_gamma,
+                               ohem_thresh=cfg.ohem_thresh, ohem_min_kept=cfg.ohem_min_kept)
+    except (ValueError, FileNotFoundError, PretrainedWeightsUnavailable) as e:  # bad backbone/loss/weights
+        raise ConfigError(str(e)) from None
     if cfg.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    criterion = build_loss(cfg.loss, cfg.num_classes,
-                           class_pixel_counts=train_manifest["class_pixel_counts"] if train_manifest else None,
-                           weighting=cfg.class_weighting, focal_gamma=cfg.focal_gamma,
-                           ohem_thresh=cfg.ohem_thresh, ohem_min_kept=cfg.ohem_min_kept)
     optimizer = torch.optim.SGD(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
-    state = TrainState()
+    state = TrainState({"data": cfg.data, "train_split": cfg.train_split, "seed": cfg.seed,
+                        "processes": world, "per_process_batch": per_process_batch,
+                        "grad_accum": cfg.grad_accum, "workers": cfg.workers, "crop_size": cfg.crop_size})
     accelerator.register_for_checkpointing(state)
 
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=main)
     if cfg.resume:
         path = resolve_resume(cfg.resume, run_dir)
         accelerator.load_state(str(path))
+        state.check_resume()
         say(f"resumed from {path} at step {state.step}")
         log.truncate_after(state.step)
     if cfg.tracker == "wandb":
@@ -264,13 +352,16 @@ def train(cfg: TrainConfig) -> TrainResult:
         f"{per_process_batch} images/process x {cfg.grad_accum} accumulation = global batch {cfg.batch_size}, "
         f"{steps_per_epoch} steps/epoch, {cfg.iterations} steps -> {run_dir}")
 
+    # Validation runs under the training precision (fp16 autocast exists only on GPUs).
+    eval_autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16 if device.type == "cuda" else None
+                           }.get(accelerator.mixed_precision)
+
     def validate(step: int) -> dict:
         sync_buffers(model, accelerator)
         examples: list[dict] = []
 
         def keep_examples(images, masks, preds, ids):
             # A few val images of the main process for the dashboard's mask overlays.
-            from segtrain.transforms import denormalize
             for i in range(len(ids)):
                 if len(examples) < cfg.num_val_images:
                     examples.append({"id": ids[i], "image": denormalize(images[i]),
@@ -282,7 +373,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                                    rank=accelerator.process_index, world_size=world)
         metrics = evaluate(accelerator.unwrap_model(model), loader, device, num_classes=cfg.num_classes,
                            protocol=cfg.val_protocol,
-                           autocast_dtype=torch.bfloat16 if accelerator.mixed_precision == "bf16" else None,
+                           autocast_dtype=eval_autocast_dtype,
                            accelerator=accelerator, on_batch=keep_examples if main else None)
         record = {"step": step, "epoch": step / steps_per_epoch, "val/miou": metrics["miou"],
                   "val/pixel_acc": metrics["pixel_acc"], "val/mean_class_acc": metrics["mean_class_acc"],
@@ -306,12 +397,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     metrics: dict[str, Any] = {}
     progress = tqdm(total=cfg.iterations, initial=step, disable=not main, dynamic_ncols=True, desc="train")
     images_per_step = cfg.batch_size
+    # Logged loss and images/s cover the steps since the last log line, validation time excluded.
+    window_start, window_loss, window_steps = time.perf_counter(), torch.zeros((), device=device), 0
     while step < cfg.iterations:
         epoch = step // steps_per_epoch
         loader, _ = epoch_loader(epoch)
         # Resuming mid-epoch: skip the micro-batches the checkpointed run already used.
         batches = itertools.islice(iter(loader), (step - epoch * steps_per_epoch) * cfg.grad_accum, None)
-        window_start, window_loss, window_steps = time.perf_counter(), 0.0, 0
         for _ in range(step - epoch * steps_per_epoch, steps_per_epoch):
             if step >= cfg.iterations:
                 break
@@ -321,7 +413,9 @@ def train(cfg: TrainConfig) -> TrainResult:
 
             for micro in range(cfg.grad_accum):
                 images, masks, _ = next(batches)
-                images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+                # The loader ships uint8 (a quarter of the bytes to copy): normalise on the device.
+                images = normalize(images.to(device, non_blocking=True))
+                masks = masks.to(device, non_blocking=True).long()
                 if cfg.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 # Gradients are all-reduced only on the last micro-batch of a step.
@@ -332,7 +426,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                     if "aux" in out:
                         loss = loss + cfg.aux_loss_weight * criterion(out["aux"], masks)
                     accelerator.backward(loss / cfg.grad_accum)
-                window_loss += loss.item() / cfg.grad_accum
+                window_loss += loss.detach() / cfg.grad_accum  # no .item(): no sync per micro-batch
             if cfg.grad_clip > 0:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
@@ -344,8 +438,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
             if step % cfg.log_every == 0 or step == cfg.iterations:
                 elapsed = time.perf_counter() - window_start
-                mean_loss = accelerator.reduce(torch.tensor(window_loss / window_steps, device=device),
-                                               "mean").item()
+                mean_loss = accelerator.reduce(window_loss / window_steps, "mean").item()
                 record = {"step": step, "epoch": step / steps_per_epoch, "train/loss": mean_loss,
                           "lr/backbone": optimizer.param_groups[0]["lr"], "lr/head": optimizer.param_groups[1]["lr"],
                           "images_per_s": images_per_step * window_steps / elapsed}
@@ -355,12 +448,13 @@ def train(cfg: TrainConfig) -> TrainResult:
                 accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
                 progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr/head']:.2e}",
                                      img_s=f"{record['images_per_s']:.1f}")
-                window_start, window_loss, window_steps = time.perf_counter(), 0.0, 0
+                window_start, window_loss, window_steps = time.perf_counter(), torch.zeros((), device=device), 0
             end_of_epoch = step % steps_per_epoch == 0
             if (end_of_epoch if cfg.val_every == 0 else step % cfg.val_every == 0) or step == cfg.iterations:
                 progress.clear()
+                val_start = time.perf_counter()
                 metrics = validate(step)
-                window_start = time.perf_counter()  # validation time is not training throughput
+                window_start += time.perf_counter() - val_start  # not training throughput
             # After validation, so the checkpoint carries the best mIoU it just measured.
             if step % cfg.checkpoint_every == 0 or step == cfg.iterations:
                 save_training_state(accelerator, run_dir, step, cfg.keep_checkpoints)
@@ -383,8 +477,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         cfg = parse_config(argv)
         train(cfg)
-    except (ConfigError, DataError) as e:
-        print(f"segtrain: error: {e}", file=sys.stderr)
+    except (ConfigError, DataError, DisconnectedLaunch) as e:
+        print(f"segtrain: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
 
 

@@ -6,8 +6,9 @@ NEAREST (a mask never gains a value it did not have; padding adds 255 = ignore).
 
 Work stays in uint8 until the crop is done, and the float conversion + ImageNet
 normalisation run last on the (small) crop: that order is the cheap one. Loaders
-build the transforms with ``normalize=False`` and call ``normalize`` on whole
-batches in the main process, so worker processes ship uint8 (4x less to copy).
+build the transforms with ``normalize=False`` so worker processes ship uint8 (4x less
+to copy) and ``normalize`` runs on whole batches: on the device for training batches,
+in the main process for evaluation batches.
 """
 from __future__ import annotations
 
@@ -30,29 +31,71 @@ MaskInput = Union[np.ndarray, torch.Tensor]
 PairTransform = Callable[[ImageInput, MaskInput], tuple[torch.Tensor, torch.Tensor]]
 
 
-class RandomScale(v2.Transform):
-    """Resize by a factor drawn uniformly from ``scale_range``, relative to the input's own size.
+def _scaled_window(length: int, scaled: int, crop: int, offset: int) -> tuple[int, int, int, int]:
+    """One axis of a scale-then-crop, in source pixels: (start, stop, resized length, pad before).
 
-    (v2.RandomResize and v2.ScaleJitter scale to absolute target sizes; DeepLab's
-    recipe scales each image by 0.5-2.0 of itself.)
+    ``offset`` is RandomCrop's draw along this axis: where the crop starts in the scaled
+    image (or, when the scaled image is shorter than the crop, in the image padded by
+    ``crop - scaled`` on both sides, so it lands ``crop - scaled - offset`` from the start).
+    """
+    if scaled <= crop:  # the whole axis is resized and padded
+        return 0, length, scaled, crop - scaled - offset
+    # Crop [offset, offset + crop) of the scaled axis is source [offset, offset + crop) / factor,
+    # rounded to whole source pixels (a shift of at most half a source pixel).
+    factor = scaled / length
+    start = min(round(offset / factor), length - 1)
+    stop = min(max(round((offset + crop) / factor), start + 1), length)
+    return start, stop, crop, 0
+
+
+class RandomScaleCrop(v2.Transform):
+    """DeepLab's random scale then random crop, with one resize of only the pixels kept.
+
+    The draws are those of resizing by a factor uniform in ``scale_range`` of the input's
+    own size (v2.RandomResize and v2.ScaleJitter scale to absolute sizes) followed by
+    ``v2.RandomCrop(size, pad_if_needed=True)``, made with the same calls to torch's RNG.
+    Instead of resizing the whole image and throwing most of it away, only the source
+    region that lands in the crop is resized (``F.resized_crop``; for a VOC image at
+    scale 2, a third of the pixels). A scaled image smaller than the crop is padded
+    (``F.pad``) with 0 for the image and 255 (ignore) for the mask, at the random offset
+    RandomCrop's ``pad_if_needed`` would give it.
+
+    The image is resized bilinear with antialiasing, the mask with NEAREST (F.resized_crop
+    dispatches on the tv_tensor type). The crop's start and end are rounded to whole
+    source pixels, so outputs match scale-then-crop up to a sub-pixel shift.
     """
 
-    def __init__(self, scale_range: tuple[float, float] = (0.5, 2.0)):
+    def __init__(self, size: int, scale_range: tuple[float, float] = (0.5, 2.0)):
         super().__init__()
-        self.scale_range = scale_range
+        self.size, self.scale_range = size, scale_range
 
     def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
         image = next(x for x in flat_inputs if isinstance(x, tv_tensors.Image))
         height, width = F.get_size(image)
         lo, hi = self.scale_range
         scale = lo + float(torch.rand(())) * (hi - lo)
-        return {"size": [max(1, round(height * scale)), max(1, round(width * scale))]}
+        scaled = [max(1, round(height * scale)), max(1, round(width * scale))]
+        # v2.RandomCrop's draws, in its order: an offset along an axis only where the
+        # (padded) scaled image is longer than the crop.
+        offsets = [int(torch.randint(0, abs(n - self.size) + 1, ())) if n != self.size else 0
+                   for n in scaled]
+        return self.window((height, width), scaled, offsets)
+
+    def window(self, source: tuple[int, int], scaled: list[int], offsets: list[int]) -> dict[str, Any]:
+        """resized_crop + pad arguments for a drawn scaled size and crop offsets (per axis: H, W)."""
+        (top, bottom, out_h, pad_top), (left, right, out_w, pad_left) = (
+            _scaled_window(n, s, self.size, o) for n, s, o in zip(source, scaled, offsets))
+        return {"top": top, "left": left, "height": bottom - top, "width": right - left,
+                "size": [out_h, out_w],
+                "padding": [pad_left, pad_top, self.size - out_w - pad_left, self.size - out_h - pad_top]}
 
     def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        # F.resize dispatches on the tv_tensor type: bilinear+antialias for the
-        # image, NEAREST for the mask (the interpolation argument is ignored there).
-        return F.resize(inpt, size=params["size"], interpolation=v2.InterpolationMode.BILINEAR,
-                        antialias=True)
+        box = {k: params[k] for k in ("top", "left", "height", "width", "size")}
+        inpt = F.resized_crop(inpt, **box, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+        if any(params["padding"]):
+            fill = IGNORE_INDEX if isinstance(inpt, tv_tensors.Mask) else 0
+            inpt = F.pad(inpt, padding=params["padding"], fill=fill)
+        return inpt
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
@@ -96,11 +139,9 @@ def train_transforms(crop_size: int, scale: tuple[float, float] = (0.5, 2.0), hf
                      color_jitter: bool = False, normalize: bool = True) -> PairTransform:
     """DeepLab training augmentation: random scale, random crop (padded), flip, [jitter], normalise."""
     steps: list[v2.Transform] = [
-        RandomScale(scale),
         # Images smaller than the crop are padded: image with 0, mask with 255 so the
         # padding is ignored by the loss.
-        v2.RandomCrop(crop_size, pad_if_needed=True,
-                      fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
+        RandomScaleCrop(crop_size, scale),
         v2.RandomHorizontalFlip(hflip),
     ]
     if color_jitter:

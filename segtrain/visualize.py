@@ -75,6 +75,11 @@ def greedy_class_cover(image_classes: dict[str, list[int]], k: int = 20,
     return chosen
 
 
+
+def covering_ids(data: str, split: str, k: int) -> list[str]:
+    """``k`` ids of ``split`` that together show as many classes as possible (figures, report, SAM)."""
+    return greedy_class_cover(image_classes(data, split), k)
+
 def _legend_handles(classes: Iterable[int]) -> list[Patch]:
     return [Patch(facecolor=COLORMAP[c] / 255, edgecolor="0.5", label=CLASSES[c]) for c in classes] + [
         Patch(facecolor=COLORMAP[IGNORE_INDEX] / 255, edgecolor="0.5", label="ignore (255)")]
@@ -129,7 +134,7 @@ def dataset_figure(data: str, out: os.PathLike | str, split: str = "train", k: i
     20 images -> 4 rows of 5 (image, label) pairs = 10 columns, with a class legend.
     Returns the chosen ids, in figure order (row by row).
     """
-    chosen = greedy_class_cover(image_classes(data, split), k)
+    chosen = covering_ids(data, split, k)
     if not chosen:
         raise DataError(f"{data}: split {split!r} has no images")
     samples = {sid: (np.asarray(image), label) for sid, image, label in iter_samples(data, split, chosen)}

@@ -1,7 +1,13 @@
-"""Shared, session-scoped test data: a small synthetic VOC and its packed shards."""
+"""Shared test data (a small synthetic VOC and its shards) and shared test tools."""
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
 from segtrain.pack import pack_split
 from segtrain.synthetic import generate
@@ -29,3 +35,41 @@ def packed_shards(synthetic_voc, tmp_path_factory) -> dict:
         pack_split(synthetic_voc, split, out, shard_size=SHARD_SIZE, progress=False)
         paths[split] = out / f"voc-{split}.json"
     return paths
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def launch_ddp():
+    """``launch_ddp(script, *args)`` runs ``script`` in 2 real DDP processes on the CPU (gloo).
+
+    The recipe from FIELD_NOTES.md: ``--multi_gpu`` with ACCELERATE_USE_CPU=1 (``--cpu``
+    or MULTI_CPU would start one process). Returns the CompletedProcess.
+    """
+    def run(script, *args, timeout: int = 600, cwd=REPO) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(_free_port()), str(script), *map(str, args)]
+        env = os.environ | {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    return run
+
+
+def randomize_batchnorm(model: nn.Module, seed: int = 0) -> None:
+    """Non-trivial BN statistics and affine terms, so a mis-mapped or mis-loaded BatchNorm
+    changes the outputs (test files import it: ``from conftest import randomize_batchnorm``)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)

@@ -11,18 +11,9 @@ from torch import nn
 
 from segtrain.convert import convert_checkpoint, main
 from segtrain.model import CheckpointError, load_checkpoint
+from conftest import randomize_batchnorm
 
 
-def randomize_batchnorm(model: nn.Module, seed: int = 0) -> None:
-    """Non-trivial BN statistics and affine terms, so a mis-mapped BN changes the outputs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,6 @@
 import json
 import math
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -76,14 +74,8 @@ def test_ms_flip_evaluate_gives_valid_metrics(setup):
     assert all(math.isnan(v) or 0.0 <= v <= 1.0 for v in metrics["iou"] + metrics["class_acc"])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("split", ["val", "train"])
-def test_one_and_two_processes_give_identical_confusion_matrices(setup, split):
+def test_one_and_two_processes_give_identical_confusion_matrices(setup, split, launch_ddp):
     manifest = setup["manifest" if split == "val" else "train_manifest"]
     # val: ranks get shards {0, 2} and {1}, 4 and 3 images; train: rank 1 gets no batch at all.
     assert [s["samples"] for s in manifest["shards"]] == ([3, 3, 1] if split == "val" else [4])
@@ -92,12 +84,8 @@ def test_one_and_two_processes_give_identical_confusion_matrices(setup, split):
     main(args + ["--out", str(setup["tmp"] / f"one_{split}.json")])
     one = json.loads((setup["tmp"] / f"one_{split}.json").read_text())
 
-    accelerate = Path(sys.executable).with_name("accelerate")
-    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           str(REPO / "segtrain" / "evaluate.py"), *args, "--out", str(setup["tmp"] / f"two_{split}.json")]
-    proc = subprocess.run(cmd, env={**os.environ, "ACCELERATE_USE_CPU": "1"}, cwd=setup["tmp"],
-                          capture_output=True, text=True, timeout=300)
+    proc = launch_ddp(REPO / "segtrain" / "evaluate.py", *args, "--out", setup["tmp"] / f"two_{split}.json",
+                      timeout=300, cwd=setup["tmp"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads((setup["tmp"] / f"two_{split}.json").read_text())
 

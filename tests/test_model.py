@@ -11,22 +11,13 @@ from torch import nn
 
 from segtrain.model import (ASPP_RATES, CONFIG_KEYS, CheckpointError, DeepLabHeadV3Plus, build_model,
                             load_checkpoint, save_checkpoint)
+from conftest import randomize_batchnorm
 
 
 def aspp_of(model):
     return model.head.aspp if isinstance(model.head, DeepLabHeadV3Plus) else model.head[0]
 
 
-def randomize_batchnorm(model: nn.Module, seed: int = 0) -> None:
-    """Non-trivial BN statistics and affine terms, so a mis-loaded BN changes the outputs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
 
 
 @pytest.fixture
@@ -165,7 +156,7 @@ def test_backbone_weights_that_do_not_fit_name_the_keys(tmp_path):
 def test_pretrained_without_network_says_how_to_fix_it(offline_hub):
     with pytest.raises(RuntimeError, match="could not download pretrained weights for backbone 'resnet18'") as info:
         build_model("deeplabv3plus", "resnet18", pretrained=True)
-    assert all(fix in str(info.value) for fix in ("--backbone-weights PATH", "HF_HUB_OFFLINE", "--no-pretrained"))
+    assert all(fix in str(info.value) for fix in ("--backbone-weights PATH", "HF_HUB_OFFLINE", "--pretrained false"))
     assert info.value.__cause__ is None and info.value.__suppress_context__
 
 

@@ -16,8 +16,8 @@ from segment_anything.modeling import ImageEncoderViT
 
 from segtrain import sam as sam_module
 from segtrain.model import CheckpointError, build_model, save_checkpoint
-from segtrain.report import choose_ids
-from segtrain.sam import (METHODS, assign_majority, box_prompts, default_report_ids, draw_sam_masks, load_sam,
+from segtrain.visualize import covering_ids
+from segtrain.sam import (METHODS, assign_majority, box_prompts, draw_sam_masks, load_sam,
                           main, mask_outline, refine_with_boxes, report_columns)
 from segtrain.shards import iter_samples
 from segtrain.voc import decode_target
@@ -188,11 +188,6 @@ def test_report_columns_titles_and_maps(tmp_path, monkeypatch):
     assert report_columns("sam.pth", "vit_b", [image], progress=False)["titles"] == ["SAM masks"]
 
 
-def test_default_images_are_the_reports(packed_shards):
-    for num in (1, 5):
-        assert default_report_ids(packed_shards["val"], "val", num) == choose_ids(packed_shards["val"], "val", num)
-
-
 # --------------------------------------------------------------------------- checkpoints and the CLI
 
 def cli(tmp_path, checkpoint, model_type="vit_b", *extra):
@@ -240,7 +235,7 @@ def test_wrong_model_type_names_the_one_that_fits(random_vit_b, tmp_path, capsys
 
 
 def test_cli_end_to_end_one_image(random_vit_b, packed_shards, tmp_path, monkeypatch):
-    [sid] = default_report_ids(packed_shards["val"], "val", 1)  # what --num 1 picks
+    [sid] = covering_ids(str(packed_shards["val"]), "val", 1)  # what --num 1 picks
     [(_, image, label)] = iter_samples(packed_shards["val"], "val", [sid])
     # A semantic model that predicts the image's main object class everywhere: its map is
     # known exactly, and it is one blob, so one box prompt (each costs a mask-decoder pass).

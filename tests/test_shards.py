@@ -1,6 +1,7 @@
 """segtrain.shards: one --data for manifests, shard patterns and VOC folders; exact
 batch counts per rank, deterministic augmentation, exactly-once validation."""
 import json
+import multiprocessing
 import os
 import shutil
 import socket
@@ -13,7 +14,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from segtrain import voc
+from segtrain import shards, voc
 from segtrain.shards import DataError, image_classes, iter_samples, resolve_data, train_loader, val_loader
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,9 +83,9 @@ def test_train_batches_exact_and_deterministic(packed_shards):
     loader, steps = train_loader(packed_shards["train"], epoch=0, **kwargs)
     first = batches_of(loader)
     assert steps == 6 and len(first) == 6
-    for images, masks, ids in first:
-        assert images.shape == (4, 3, 33, 33) and images.dtype == torch.float32
-        assert masks.shape == (4, 33, 33) and masks.dtype == torch.int64 and len(ids) == 4
+    for images, masks, ids in first:  # uint8: the training loop normalises on the device
+        assert images.shape == (4, 3, 33, 33) and images.dtype == torch.uint8
+        assert masks.shape == (4, 33, 33) and masks.dtype == torch.uint8 and len(ids) == 4
         assert set(torch.unique(masks).tolist()) <= set(range(21)) | {255}
     assert same_batches(first, batches_of(loader))  # iterating again replays the epoch
     again, _ = train_loader(packed_shards["train"], epoch=0, **kwargs)
@@ -93,6 +94,33 @@ def test_train_batches_exact_and_deterministic(packed_shards):
     assert not same_batches(first, batches_of(next_epoch))
     other_rank, _ = train_loader(packed_shards["train"], epoch=0, **{**kwargs, "rank": 0})
     assert [b[2] for b in batches_of(other_rank)] != [b[2] for b in first]
+
+
+def test_shard_readers_read_and_decode_exactly_the_epoch(packed_shards, monkeypatch):
+    # Each reader makes exactly its share of the batches (2 + 1 here, with 2 workers), so
+    # no sample is read or decoded only to be thrown away when the epoch ends.
+    read, decoded = multiprocessing.Value("i", 0), multiprocessing.Value("i", 0)  # shared with forked workers
+    raw_samples, decode = shards._raw_shard_samples, shards.decode_sample
+
+    def counting_raw_samples(urls):
+        for sample in raw_samples(urls):
+            with read.get_lock():
+                read.value += 1
+            yield sample
+
+    def counting_decode(*args):
+        with decoded.get_lock():
+            decoded.value += 1
+        return decode(*args)
+
+    monkeypatch.setattr(shards, "_raw_shard_samples", counting_raw_samples)
+    monkeypatch.setattr(shards, "decode_sample", counting_decode)
+    for workers in (0, 2):
+        read.value = decoded.value = 0
+        loader, steps = train_loader(packed_shards["train"], 8, 33, num_workers=workers, rank=0, world_size=2)
+        ids = [sid for _, _, batch_ids in loader for sid in batch_ids]
+        assert steps == 3 and len(ids) == len(set(ids)) == 24
+        assert (read.value, decoded.value) == (24, 24), workers
 
 
 def test_folder_training_is_deterministic_and_independent_of_workers(synthetic_voc):

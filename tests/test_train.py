@@ -2,9 +2,6 @@
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -70,22 +67,48 @@ def test_wandb_offline_run_is_written(single_run):
     run_dir, _ = single_run
     offline = list((run_dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 1
+    run_id = (run_dir / "wandb_id").read_text()
+    assert offline[0].name.endswith(run_id) and len(run_id) == 16
     assert list(offline[0].glob("run-*.wandb"))
     media = list((offline[0] / "files" / "media").rglob("*"))
     assert any(p.suffix == ".png" for p in media), "val mask overlays were not logged"
     assert any("per_class_iou" in p.name for p in media), "per-class IoU table was not logged"
 
 
+def crashed_copy(run_dir, dst, step):
+    """What a run killed after checkpoint ``step`` leaves: that checkpoint, the log lines up
+    to a few steps later, and a line torn in half by the kill."""
+    (dst / "checkpoints").mkdir(parents=True)
+    shutil.copytree(run_dir / "checkpoints" / f"step_{step:07d}", dst / "checkpoints" / f"step_{step:07d}")
+    shutil.copy(run_dir / "config.yaml", dst / "config.yaml")
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    kept = [ln for ln in lines if json.loads(ln)["step"] <= step + 1]
+    (dst / "metrics.jsonl").write_text("\n".join(kept) + "\n" + lines[len(kept)][:25])
+
+
 def test_resume_reproduces_the_uninterrupted_losses(single_run, packed_shards, tmp_path):
     run_dir, _ = single_run
     resumed = tmp_path / "resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(run_dir / "checkpoints" / "step_0000003", resumed / "checkpoints" / "step_0000003")
+    crashed_copy(run_dir, resumed, 3)
     main(base_args(packed_shards["train"], resumed, "--tracker", "none", "--resume", "latest"))
-    want = losses(read_jsonl(run_dir / "metrics.jsonl"))
-    got = losses(read_jsonl(resumed / "metrics.jsonl"))
-    assert sorted(got) == [4, 5, 6]
-    assert [got[s] for s in (4, 5, 6)] == [want[s] for s in (4, 5, 6)]
+    want = read_jsonl(run_dir / "metrics.jsonl")
+    got = read_jsonl(resumed / "metrics.jsonl")  # every line parses: the torn one is gone
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    assert losses(got) == losses(want)  # steps 1-3 kept, 4-6 recomputed from the checkpoint
+    a, _ = load_checkpoint(run_dir / "final.pt")
+    b, _ = load_checkpoint(resumed / "final.pt")
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+def test_resume_with_other_data_order_settings_is_refused(single_run, packed_shards, tmp_path, capsys):
+    run_dir, _ = single_run
+    resumed = tmp_path / "resumed"
+    crashed_copy(run_dir, resumed, 3)
+    with pytest.raises(SystemExit):
+        main(base_args(packed_shards["train"], resumed, "--tracker", "none", "--resume", "latest",
+                       "--seed", "8"))
+    assert "the checkpoint was trained with seed=7 (now 8)" in capsys.readouterr().err
 
 
 def test_lr_schedule_follows_optimizer_steps():
@@ -97,22 +120,12 @@ def test_lr_schedule_follows_optimizer_steps():
     assert lr_factor(50, poly) == pytest.approx(0.5 ** 0.9)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_process_ddp_matches_single_process(single_run, packed_shards, tmp_path):
+def test_two_process_ddp_matches_single_process(single_run, packed_shards, tmp_path, launch_ddp):
     """Real 2-process DDP on CPU (gloo): same weights on both ranks, the same lr schedule as
     one process, and validation metrics equal to a one-process evaluation of the weights."""
     run_dir = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), str(REPO / "tests" / "ddp_train_worker.py"), str(tmp_path),
-           *base_args(packed_shards["train"], run_dir, "--tracker", "none")]
-    env = os.environ | {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    proc = launch_ddp(REPO / "tests" / "ddp_train_worker.py", tmp_path,
+                      *base_args(packed_shards["train"], run_dir, "--tracker", "none"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world"] == ranks[1]["world"] == 2
@@ -140,6 +153,7 @@ def test_two_process_ddp_matches_single_process(single_run, packed_shards, tmp_p
     (["--iterations", "0"], "iterations: must be >= 1"),
     (["--mixed-precision", "fp8"], "mixed_precision: must be one of no, bf16, fp16"),
     (["--pretrained", "maybe"], "pretrained: expected true or false"),
+    (["--workers", "-1"], "workers: must be >= 0"),
 ])
 def test_bad_config_values_are_rejected_clearly(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
@@ -159,9 +173,61 @@ def test_yaml_config_and_unknown_yaml_key(tmp_path):
         parse_config(["--config", str(bad)])
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--loss", "hinge"], "unknown loss 'hinge'"),
+    (["--backbone", "resnet_nope"], "unknown timm backbone 'resnet_nope'"),
+    (["--backbone-weights", "/nonexistent/w.pth"], "/nonexistent/w.pth"),
+    (["--batch-size", "4", "--grad-accum", "4"], "the image-pooling BatchNorm of ASPP needs at least 2"),
+    (["--num-classes", "20"], "num_classes: 20, but the labels"),
+    (["--resume", "/nonexistent/ckpt"], "is not a checkpoint folder"),
+])
+def test_bad_model_or_loss_is_one_clear_error(packed_shards, tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit):
+        main(["--data", str(packed_shards["train"]), "--run-dir", str(tmp_path / "r"), "--tracker", "none",
+              "--backbone", "resnet18", "--pretrained", "false", *argv])
+    err = capsys.readouterr().err
+    assert "segtrain: error:" in err and message in err and "Traceback" not in err
+
+
+def test_existing_run_is_not_overwritten(single_run, packed_shards, capsys):
+    run_dir, _ = single_run
+    with pytest.raises(SystemExit):
+        main(base_args(packed_shards["train"], run_dir, "--tracker", "none"))
+    assert "already holds a run; pass --resume latest" in capsys.readouterr().err
+
+
 def test_missing_data_is_one_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--data", str(tmp_path / "nope.json"), "--run-dir", str(tmp_path / "r"), "--tracker", "none",
               "--backbone", "resnet18", "--pretrained", "false"])
     err = capsys.readouterr().err
     assert "segtrain: error:" in err and "nope.json" in err and "Traceback" not in err
+
+
+def test_train_split_is_the_manifest_named_by_data_and_val_must_be_disjoint(packed_shards, tmp_path, capsys):
+    """--data voc-trainval.json means trainval (not its voc-train.json sibling), and trainval
+    contains val: validating there would score training images, so the run is refused."""
+    from segtrain.pack import pack_split
+
+    voc_root = json.loads(packed_shards["train"].read_text())["source_root"]
+    pack_split(voc_root, "trainval", packed_shards["dir"], shard_size=10, progress=False)
+    with pytest.raises(SystemExit):
+        main(["--data", str(packed_shards["dir"] / "voc-trainval.json"), "--run-dir", str(tmp_path / "r"),
+              "--backbone", "resnet18", "--pretrained", "false", "--tracker", "none"])
+    err = capsys.readouterr().err
+    assert "16 validation images are also training images" in err and "voc-trainval.json" in err
+
+
+def test_unconnected_launch_is_refused(monkeypatch):
+    """`accelerate launch --multi_gpu` without GPUs and without ACCELERATE_USE_CPU=1 starts
+    processes that never join one group: each would train on everything alone."""
+    from types import SimpleNamespace
+
+    from segtrain.evaluate import DisconnectedLaunch, check_launch
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(DisconnectedLaunch, match="ACCELERATE_USE_CPU=1"):
+        check_launch(SimpleNamespace(num_processes=1))
+    check_launch(SimpleNamespace(num_processes=2))
+    monkeypatch.delenv("WORLD_SIZE")
+    check_launch(SimpleNamespace(num_processes=1))

@@ -1,11 +1,16 @@
 """segtrain.transforms: joint geometry, mask values, dtypes, normalisation."""
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
-from segtrain.transforms import (IMAGENET_MEAN, IMAGENET_STD, denormalize, normalize, train_transforms,
-                                 val_transforms)
+from segtrain.transforms import (IMAGENET_MEAN, IMAGENET_STD, RandomScaleCrop, denormalize, normalize,
+                                 train_transforms, val_transforms)
 
 # Grey level per class: the image is painted from the mask, so image and mask can be
 # checked for alignment after any geometric transform.
@@ -99,3 +104,83 @@ def test_val_center_crop_resizes_shorter_side_then_crops():
     assert set(torch.unique(out_mask).tolist()) <= set(np.unique(mask).tolist())
     with pytest.raises(ValueError, match="protocol"):
         val_transforms("sliding")
+
+
+# --------------------------------------------------------------------------- fused scale + crop
+
+class RandomScale(v2.Transform):
+    """The unfused reference: resize the whole input by a factor of its own size."""
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        height, width = F.get_size(flat_inputs[0])
+        scale = 0.5 + float(torch.rand(())) * 1.5
+        return {"size": [max(1, round(height * scale)), max(1, round(width * scale))]}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        return F.resize(inpt, size=params["size"], antialias=True)
+
+
+def scale_then_crop(crop: int) -> v2.Compose:
+    return v2.Compose([RandomScale(), v2.RandomCrop(crop, pad_if_needed=True,
+                                                    fill={tv_tensors.Image: 0, tv_tensors.Mask: 255})])
+
+
+def wrapped(image: np.ndarray, mask: np.ndarray) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
+    return tv_tensors.Image(to_chw(image)), tv_tensors.Mask(torch.from_numpy(mask))
+
+
+def test_fused_scale_crop_pads_like_random_crop_exactly():
+    # Scaled by at most 2, a 20x30 image stays smaller than the crop: the whole image is
+    # resized and lands at RandomCrop's random offset; image padded with 0, mask with 255.
+    image, mask = wrapped(*painted_pair(20, 30))
+    offsets = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        expected = scale_then_crop(65)(image, mask)
+        torch.manual_seed(seed)
+        got = RandomScaleCrop(65)(image, mask)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), seed
+        rows, cols = torch.nonzero(got[1] != 255, as_tuple=True)
+        offsets.add((rows.min().item(), cols.min().item()))
+        assert (got[0][:, got[1] == 255] == 0).all()
+    assert len(offsets) > 6  # placed at random, not always in the corner
+
+
+def test_fused_scale_crop_is_exact_where_the_crop_starts_on_a_source_pixel():
+    # Scale exactly 2, even crop and offsets: the fused crop reads whole source pixels,
+    # so masks match scale-then-crop exactly and images inside a 1 px frame (at the frame,
+    # bilinear interpolation sees the region's edge instead of the pixel beyond it).
+    rng = np.random.default_rng(0)
+    image = tv_tensors.Image(torch.from_numpy(rng.integers(0, 256, (3, 70, 90), dtype=np.uint8)))
+    mask = tv_tensors.Mask(torch.from_numpy(rng.integers(0, 21, (70, 90), dtype=np.uint8)))
+    fused = RandomScaleCrop(64)
+    for top, left in [(0, 0), (10, 40), (76, 116)]:  # (76, 116): the bottom right corner
+        params = fused.window((70, 90), [140, 180], [top, left])
+        assert params["height"] == params["width"] == 32  # a quarter of the resize work
+        expected_mask = F.crop(F.resize(mask, [140, 180]), top, left, 64, 64)
+        expected_image = F.crop(F.resize(image, [140, 180], antialias=True), top, left, 64, 64)
+        assert torch.equal(fused.transform(mask, params), expected_mask)
+        assert torch.equal(fused.transform(image, params)[:, 1:-1, 1:-1], expected_image[:, 1:-1, 1:-1])
+
+
+def test_fused_scale_crop_matches_scale_then_crop_up_to_a_subpixel_shift():
+    # Same seed, same draws: the same crop of the same scaled image, except that the
+    # fused crop starts and ends on whole source pixels (a shift of at most half a source
+    # pixel, i.e. 1 output pixel at scale 2).
+    image, mask = wrapped(*painted_pair(90, 120))
+    compared = 0
+    for seed in range(30):
+        torch.manual_seed(seed)
+        expected_image, expected_mask = scale_then_crop(65)(image, mask)
+        torch.manual_seed(seed)
+        got_image, got_mask = RandomScaleCrop(65)(image, mask)
+        assert torch.equal(got_mask == 255, expected_mask == 255), seed  # same padding, same place
+        for cls in torch.unique(got_mask).tolist():
+            # Every fused label is found in the reference within 2 px (only edges move)...
+            near = torch.nn.functional.max_pool2d((expected_mask == cls)[None].float(), 5, 1, 2)[0] > 0
+            assert near[got_mask == cls].all(), (seed, cls)
+            # ... and away from edges the image is the same.
+            inside = interior(expected_mask == cls)
+            assert (got_image[:, inside].int() - expected_image[:, inside].int()).abs().le(1).all(), (seed, cls)
+            compared += int(inside.sum())
+    assert compared > 30 * 65 * 65 // 2  # most of every crop was compared

@@ -1,0 +1,96 @@
+"""segtrain.report on two short runs: curves, table, class balance, the 5-row grid, SAM columns."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segtrain import report, sam, shards, visualize
+from segtrain.config import parse_config
+from segtrain.train import train
+from segtrain.voc import decode_target
+
+
+@pytest.fixture(scope="module")
+def two_runs(packed_shards, tmp_path_factory):
+    root = tmp_path_factory.mktemp("report_runs")
+    runs = []
+    for loss in ("ce", "weighted_ce"):
+        run_dir = root / loss
+        train(parse_config(["--data", str(packed_shards["train"]), "--run-dir", str(run_dir),
+                            "--backbone", "resnet18", "--pretrained", "false", "--crop-size", "65",
+                            "--batch-size", "4", "--iterations", "4", "--val-every", "2", "--workers", "1",
+                            "--checkpoint-every", "4", "--tracker", "none", "--loss", loss]))
+        runs.append(run_dir)
+    return runs
+
+
+@pytest.fixture
+def grid_spy(monkeypatch):
+    calls = []
+    original = visualize.image_grid
+
+    def spy(rows, col_titles=None, row_titles=None, **kwargs):
+        calls.append({"rows": rows, "col_titles": col_titles, "row_titles": row_titles})
+        return original(rows, col_titles=col_titles, row_titles=row_titles, **kwargs)
+
+    monkeypatch.setattr(visualize, "image_grid", spy)
+    return calls
+
+
+def test_report_on_two_runs(two_runs, packed_shards, tmp_path, grid_spy):
+    out = tmp_path / "report"
+    report.main([str(p) for p in two_runs] + ["--out", str(out)])
+    for name in ("curves.png", "class_balance.png", "predictions.png"):
+        with Image.open(out / name) as img:
+            assert img.size[0] > 300 and img.size[1] > 200
+    text = (out / "report.md").read_text()
+    assert "![curves](curves.png)" in text and "![predictions](predictions.png)" in text
+    assert "| ce | ce |" in text and "| weighted_ce | weighted_ce |" in text
+    assert "| RGB | Ground truth | ce | weighted_ce |" in text
+    summary = json.loads((out / "summary.json").read_text())
+    for row, run_dir in zip(summary["runs"], two_runs):
+        vals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                if "val/miou" in line]
+        assert row["miou"] == max(v["val/miou"] for v in vals)
+
+    (grid,) = grid_spy
+    assert grid["col_titles"] == ["RGB", "Ground truth", "ce", "weighted_ce"]
+    assert len(grid["rows"]) == 5 and all(len(r) == 4 for r in grid["rows"])
+    ids = grid["row_titles"]
+    assert ids == summary["ids"] and len(set(ids)) == 5
+    # The default images cover at least as many classes as the first five of the split.
+    classes = shards.image_classes(packed_shards["val"], "val")
+    first_five = list(classes)[:5]
+    assert len(set().union(*(classes[i] for i in ids))) >= len(set().union(*(classes[i] for i in first_five)))
+    # Ground-truth column really is the colourised label of that id.
+    (sid, _, label), = shards.iter_samples(packed_shards["val"], "val", ids=[ids[0]])
+    np.testing.assert_array_equal(grid["rows"][0][1], decode_target(label))
+
+
+def test_report_ids_and_sam_columns(two_runs, tmp_path, grid_spy, monkeypatch):
+    seen = {}
+
+    def fake_columns(checkpoint, model_type, images, semantic=None, device="cpu", points_per_side=32, **kw):
+        seen.update(checkpoint=checkpoint, model_type=model_type, n=len(images), semantic=semantic,
+                    points=points_per_side)
+        return {"titles": ["SAM", "SAM-refined"],
+                "images": [[np.zeros_like(img), np.ones_like(img)] for img in images]}
+
+    monkeypatch.setattr(sam, "report_columns", fake_columns)
+    out = tmp_path / "r"
+    chosen = ["synth_000049", "synth_000050"]  # val ids of the conftest data
+    report.main([str(two_runs[0]), "--out", str(out), "--ids", *chosen,
+                 "--sam-checkpoint", "sam.pth", "--sam-points-per-side", "8"])
+    (grid,) = grid_spy
+    assert grid["row_titles"] == chosen
+    assert grid["col_titles"] == ["RGB", "Ground truth", "ce", "SAM", "SAM-refined"]
+    assert seen == {"checkpoint": "sam.pth", "model_type": "vit_b", "n": 2,
+                    "semantic": two_runs[0] / "best.pt", "points": 8}
+    assert "| RGB | Ground truth | ce | SAM | SAM-refined |" in (out / "report.md").read_text()
+
+
+def test_report_rejects_a_folder_that_is_not_a_run(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        report.main([str(tmp_path), "--out", str(tmp_path / "o")])
+    assert "not a segtrain run directory" in capsys.readouterr().err
