@@ -80,7 +80,9 @@ prepare_synthetic() {
 # CE and an imbalance-aware loss, otherwise identical, then the comparison report.
 #   ./launch.sh compare-losses [--proposed LOSS_SPEC] [train flags, e.g. --data shards/voc-train.json]
 compare_losses() {
-  local proposed=weighted_ce out="$ROOT/runs/compare-losses"
+  # focal: the only loss that raised both mIoU and rare-class IoU over CE in
+  # bench/imbalance_bench.py (docs/BENCHMARKS.md#losses-on-imbalanced-data).
+  local proposed=focal out="$ROOT/runs/compare-losses"
   if [ "${1:-}" = --proposed ]; then proposed=$2; shift 2; fi
   prepare_synthetic
   local runs=()

@@ -18,7 +18,7 @@ from pathlib import Path
 from segtrain import stats
 from segtrain.config import parse_config
 from segtrain.metrics import subset_miou
-from segtrain.pack import pack_split
+from segtrain.pack import pack_split, read_manifest
 from segtrain.report import build_report
 from segtrain.synthetic import generate
 from segtrain.train import train
@@ -42,7 +42,7 @@ def main() -> None:
         for split in ("train", "val"):
             pack_split(root, split, data / "shards", shard_size=64, workers=2, progress=False)
     manifest_path = data / "shards" / "voc-train.json"
-    rare = stats.rarest_classes(stats.load_manifest(manifest_path), args.rare)
+    rare = stats.rarest_classes(read_manifest(manifest_path), args.rare)
 
     results = {}
     for loss in args.losses:

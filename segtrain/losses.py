@@ -27,7 +27,7 @@ from segtrain.voc import IGNORE_INDEX, NUM_CLASSES
 WEIGHTINGS = ("inverse", "median_frequency", "enet")
 
 
-def class_weights(pixel_counts: Sequence[int], method: str = "median_frequency") -> Tensor:
+def class_weights(pixel_counts: Sequence[int], method: str = "enet") -> Tensor:
     """Per-class CE weights (float32, shape (C,)) from training-set pixel counts per class.
 
     With freq_c = pixels of c / labelled pixels (ignore excluded):
@@ -288,7 +288,7 @@ _TERM = re.compile(r"^(?:(?P<coef>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*\*\s*)?
 
 
 def build_loss(spec: str, num_classes: int = NUM_CLASSES, ignore_index: int = IGNORE_INDEX,
-               class_pixel_counts: Optional[Sequence[int]] = None, weighting: str = "median_frequency",
+               class_pixel_counts: Optional[Sequence[int]] = None, weighting: str = "enet",
                focal_gamma: float = 2.0, focal_alpha: Optional[float | Sequence[float]] = None,
                ohem_thresh: float = 0.7, ohem_min_kept: int = 100_000) -> nn.Module:
     """The loss named by ``spec``: one of LOSS_NAMES, or ``[coef*]name`` terms joined by '+'.

@@ -13,12 +13,16 @@
 Training (``train_loader``) gives every rank exactly ``steps_per_epoch`` batches of
 exactly ``batch_size`` samples, whatever the shard count, and is a pure function of
 ``(data, seed, epoch, rank, world_size, num_workers)``: a resumed run rebuilds the
-loader for its epoch and skips the batches it has done. Shards are read as an endless
-stream (each pass a fresh seeded permutation of all shards, dealt round-robin to the
-``world_size x num_workers`` reader slots), so no rank ever runs dry; unlike
-webdataset's resampling with replacement, each pass reads every shard once. Each
-reader reads, decodes and batches exactly its share of the epoch (the DataLoader takes
-the readers' batches in turn), so nothing is thrown away when the epoch ends.
+loader for its epoch and skips the batches it has done. An epoch is one sample stream:
+the shards in a seeded permutation, concatenated (pass after pass of fresh
+permutations if the data holds fewer samples than the epoch needs). The epoch takes the
+stream's first ``steps x batch_size x world_size`` samples, cut into contiguous ranges,
+one per ``(rank, worker)`` reader slot, so every sample is drawn at most once per epoch
+and only the remainder (``num_samples mod`` the global batch) is left out, a different
+one each epoch. A reader opens only the shards its range overlaps and skips the samples
+before its range undecoded; it decodes and batches exactly its share of the epoch (the
+DataLoader takes the readers' batches in turn), so nothing is thrown away when the
+epoch ends. A rank's samples do not depend on its number of workers, only their order.
 Augmentation draws from a per-sample seed (seed, epoch, rank, reader, position),
 never from the global RNG: reproducible, and the caller's RNG is left alone. Do not
 hand these loaders to ``accelerator.prepare`` (they are already split per rank);
@@ -40,9 +44,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import re
-import warnings
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,10 +58,10 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, default_colla
 from torchvision.transforms.v2 import functional as F
 
 from . import voc
+from .pack import read_manifest
 from .transforms import PairTransform, normalize, train_transforms, val_transforms
 from .voc import IGNORE_INDEX, DataError
 
-MANIFEST_FORMAT = "segtrain-shards/1"
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
 
 # Raw (undecoded) samples shuffled inside each reader: ~100 kB each for VOC, so cheap,
@@ -81,27 +83,7 @@ class DataSource:
     voc_root: Optional[Path] = None  # the VOC2012 folder (kind == "folder")
     manifest: Optional[dict] = None
     num_samples: Optional[int] = None  # None: a bare shard pattern, counted on demand
-
-
-def read_manifest(path: str | Path) -> dict:
-    """Load and check a shard manifest written by ``tools/pack.py``."""
-    path = Path(path)
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{path}: missing shard manifest") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not a JSON shard manifest ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise DataError(f"{path}: not a segtrain shard manifest (format {found!r}, "
-                        f"expected {MANIFEST_FORMAT!r})")
-    missing = [k for k in ("split", "num_samples", "shards") if k not in manifest]
-    if missing:
-        raise DataError(f"{path}: shard manifest lacks {', '.join(missing)}")
-    if not manifest["shards"]:
-        raise DataError(f"{path}: shard manifest lists no shards")
-    return manifest
+    shard_sizes: Optional[tuple[int, ...]] = None  # samples per shard, from the manifest
 
 
 def _looks_like_shards(data: str) -> bool:
@@ -130,7 +112,8 @@ def _manifest_source(path: Path, split: str) -> DataSource:
     urls = tuple(str(path.parent / shard["file"]) for shard in manifest["shards"])
     _check_local_shards(urls, str(path))
     return DataSource("shards", split, str(path), urls=urls, manifest=manifest,
-                      num_samples=int(manifest["num_samples"]))
+                      num_samples=int(manifest["num_samples"]),
+                      shard_sizes=tuple(shard["samples"] for shard in manifest["shards"]))
 
 
 def _check_local_shards(urls: Iterable[str], where: str) -> None:
@@ -164,13 +147,13 @@ def resolve_data(data: str | Path, split: str) -> DataSource:
 
 
 @functools.lru_cache(maxsize=None)
-def _count_shard_samples(urls: tuple[str, ...]) -> int:
-    """Samples in shards that come without a manifest (read once per process)."""
-    return sum(1 for _ in _raw_shard_samples(urls))
+def _count_shard_samples(urls: tuple[str, ...]) -> tuple[int, ...]:
+    """Samples per shard for shards that come without a manifest (read once per process)."""
+    return tuple(sum(1 for _ in _raw_shard_samples([url])) for url in urls)
 
 
-def _num_samples(source: DataSource) -> int:
-    return source.num_samples if source.num_samples is not None else _count_shard_samples(source.urls)
+def _shard_sizes(source: DataSource) -> tuple[int, ...]:
+    return source.shard_sizes if source.shard_sizes is not None else _count_shard_samples(source.urls)
 
 
 def _resolve_rank(rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
@@ -201,9 +184,17 @@ def decode_sample(jpeg: bytes, png: bytes, name: str) -> tuple[torch.Tensor, np.
     return F.pil_to_tensor(image), label
 
 
+# Sample keys come from tar member names and become output file names (predictions,
+# SAM masks): only plain ids, never a path.
+_PLAIN_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+
+
 def _shard_pair(sample: dict) -> tuple[str, bytes, bytes, str]:
     """(id, jpeg, png, name for messages) from a webdataset sample dict."""
     sid, url = sample["__key__"], sample.get("__url__", "?")
+    if not _PLAIN_ID.fullmatch(sid):
+        raise DataError(f"shard {url}: sample key {sid!r} is not a plain id "
+                        "(letters, digits, '_', '-', '.', not starting with '.')")
     name = f"sample {sid} in shard {url}"
     if "jpg" not in sample or "png" not in sample:
         have = sorted(k for k in sample if not k.startswith("__"))
@@ -249,38 +240,61 @@ def pad_collate(samples: list[tuple[torch.Tensor, torch.Tensor, str]]) -> Batch:
 
 # --------------------------------------------------------------------------- training
 
-def _shard_cycle(urls: tuple[str, ...], seed: int, epoch: int) -> Iterator[str]:
-    """Endless shard order: pass after pass, each a seeded permutation of all shards."""
+def _shard_cycle(num_shards: int, seed: int, epoch: int) -> Iterator[int]:
+    """The epoch's endless shard order: pass after pass, each a seeded permutation of all shards."""
     for rnd in itertools.count():
-        for index in np.random.default_rng([seed, epoch, rnd]).permutation(len(urls)):
-            yield urls[index]
+        yield from np.random.default_rng([seed, epoch, rnd]).permutation(num_shards).tolist()
+
+
+def _stream_range(urls: tuple[str, ...], sizes: tuple[int, ...], order: Iterable[int],
+                  start: int, end: int) -> Iterator[dict]:
+    """Raw samples ``[start, end)`` of the stream that concatenates the shards in ``order``.
+
+    Opens only the shards that overlap the range; the samples before ``start`` in the
+    first one are read (a tar stream cannot seek) but never decoded.
+    """
+    offset = 0
+    for index in order:
+        if offset >= end:
+            return
+        size = sizes[index]
+        if offset + size > start:
+            skip, stop = max(start - offset, 0), min(end - offset, size)
+            count = 0
+            for count, sample in enumerate(itertools.islice(_raw_shard_samples([urls[index]]), stop), 1):
+                if count > skip:
+                    yield sample
+            if count < stop:  # a short shard would leave this rank with fewer batches: DDP hangs
+                raise DataError(f"shard {urls[index]}: ends after {count} samples, expected {size}")
+        offset += size
 
 
 class _TrainShardStream(IterableDataset):
     """One rank's training batches; each DataLoader worker is a reader slot that makes
     batches ``worker, worker + num_workers, ...`` of the epoch's ``steps``."""
 
-    def __init__(self, urls: tuple[str, ...], transform: PairTransform, batch_size: int, steps: int,
-                 seed: int, epoch: int, rank: int, world_size: int):
+    def __init__(self, urls: tuple[str, ...], sizes: tuple[int, ...], transform: PairTransform,
+                 batch_size: int, steps: int, seed: int, epoch: int, rank: int):
         super().__init__()
-        self.urls, self.transform, self.batch_size, self.steps = urls, transform, batch_size, steps
-        self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
+        self.urls, self.sizes, self.transform = urls, sizes, transform
+        self.batch_size, self.steps, self.seed, self.epoch, self.rank = batch_size, steps, seed, epoch, rank
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        slot, num_slots = self.rank * num_workers + worker, self.world_size * num_workers
-        shard_urls = itertools.islice(_shard_cycle(self.urls, self.seed, self.epoch),
-                                      slot, None, num_slots)
+        # Exactly this worker's share of batches: the DataLoader takes batches from its
+        # workers in turn, so the shares add up to `steps`. The shares are contiguous
+        # ranges of the epoch's stream, rank-major, so together the ranks read its first
+        # `steps x batch_size x world_size` samples, each once. Reading exactly the share
+        # (the shuffle buffer drains at the end) decodes nothing that goes unused.
+        shares = [len(range(w, self.steps, num_workers)) * self.batch_size for w in range(num_workers)]
+        start = self.rank * self.steps * self.batch_size + sum(shares[:worker])
+        raw = _stream_range(self.urls, self.sizes, _shard_cycle(len(self.urls), self.seed, self.epoch),
+                            start, start + shares[worker])
         slot_seed = _mix(self.seed, self.epoch, self.rank, worker)
-        # Exactly this worker's share: the DataLoader takes batches from its workers in
-        # turn, so the shares add up to `steps` batches. Reading exactly the raw samples
-        # of the share (the shuffle buffer drains at the end) wastes no read or decode.
-        num_batches = len(range(worker, self.steps, num_workers))
-        raw = itertools.islice(_raw_shard_samples(shard_urls), num_batches * self.batch_size)
         shuffle = wds.shuffle(RAW_SHUFFLE_BUFFER, RAW_SHUFFLE_BUFFER, seed=slot_seed)
         samples = (self._augment(sample, _mix(slot_seed, n)) for n, sample in enumerate(shuffle(raw)))
-        for _ in range(num_batches):
+        for _ in range(shares[worker] // self.batch_size):
             yield _stack(list(itertools.islice(samples, self.batch_size)))
 
     def _augment(self, sample: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -314,17 +328,6 @@ class _FolderSamples(Dataset):
         return image, mask, sid
 
 
-def _fit_workers(num_workers: int, num_shards: int, world_size: int) -> int:
-    """Readers per rank such that every (rank, worker) slot owns at least one shard."""
-    fitted = min(num_workers, max(1, num_shards // world_size))
-    if fitted < num_workers:
-        warnings.warn(f"{num_shards} shard(s) for {world_size} rank(s) x {num_workers} workers: "
-                      f"using {fitted} worker(s) per rank"
-                      + ("; ranks will read the same shards" if num_shards < world_size else ""),
-                      stacklevel=3)
-    return fitted
-
-
 def train_loader(data: str | Path, batch_size: int, crop_size: int, *, split: str = "train",
                  num_workers: int = 2, seed: int = 0, epoch: int = 0, rank: Optional[int] = None,
                  world_size: Optional[int] = None, color_jitter: bool = False,
@@ -339,7 +342,11 @@ def train_loader(data: str | Path, batch_size: int, crop_size: int, *, split: st
     """
     rank, world_size = _resolve_rank(rank, world_size)
     source = resolve_data(data, split)
-    steps = max(1, _num_samples(source) // (world_size * batch_size))
+    sizes = _shard_sizes(source) if source.kind == "shards" else None
+    num_samples = sum(sizes) if sizes is not None else source.num_samples
+    if num_samples == 0:
+        raise DataError(f"{source.location}: no {split} samples to train on")
+    steps = max(1, num_samples // (world_size * batch_size))
     transform = train_transforms(crop_size, scale=scale, color_jitter=color_jitter, normalize=False)
     # DataLoader draws its workers' base seed from the global RNG unless given a generator.
     generator = torch.Generator().manual_seed(_mix(seed, epoch, rank, 1))
@@ -358,11 +365,11 @@ def train_loader(data: str | Path, batch_size: int, crop_size: int, *, split: st
                             num_workers=num_workers, collate_fn=_stack, generator=generator)
         return loader, steps
 
-    workers = _fit_workers(num_workers, len(source.urls), world_size)
-    stream = _TrainShardStream(source.urls, transform, batch_size, steps, seed, epoch, rank, world_size)
+    stream = _TrainShardStream(source.urls, sizes, transform, batch_size, steps, seed, epoch, rank)
     # batch_size=None: the workers batch (into shared memory) and the DataLoader passes
-    # their batches through.
-    return DataLoader(stream, batch_size=None, num_workers=workers, generator=generator), steps
+    # their batches through. A worker beyond `steps` would have no batch to make.
+    loader = DataLoader(stream, batch_size=None, num_workers=min(num_workers, steps), generator=generator)
+    return loader, steps
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -17,50 +17,8 @@ from typing import Optional, Sequence, Union
 
 from matplotlib.figure import Figure
 
+from segtrain.pack import check_manifest, read_manifest
 from segtrain.voc import COLORMAP, DataError, PathLike
-
-# Same value as segtrain.pack.MANIFEST_FORMAT (a test keeps them equal); not imported
-# from there because segtrain.pack pulls in webdataset and torch (~1.3 s) for one string.
-MANIFEST_FORMAT = "segtrain-shards/1"
-REQUIRED_KEYS = ("format", "num_samples", "class_names", "class_pixel_counts", "class_image_counts",
-                 "ignore_pixel_count", "labelled_pixel_count")
-
-
-def load_manifest(path: PathLike) -> dict:
-    """Read a shard manifest and check the fields the statistics need."""
-    path = Path(path)
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{path}: manifest not found (tools/pack.py writes shards/voc-SPLIT.json)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not a JSON manifest ({e})") from None
-    check_manifest(manifest, str(path))
-    return manifest
-
-
-def check_manifest(manifest: dict, where: str = "manifest") -> None:
-    """Raise DataError, naming ``where``, unless the class counts are complete and consistent."""
-    if not isinstance(manifest, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(manifest).__name__}")
-    missing = [key for key in REQUIRED_KEYS if key not in manifest]
-    if missing:
-        raise DataError(f"{where}: manifest lacks {', '.join(missing)}")
-    if manifest["format"] != MANIFEST_FORMAT:
-        raise DataError(f"{where}: format {manifest['format']!r}, expected {MANIFEST_FORMAT!r}")
-    num_classes = len(manifest["class_names"])
-    for key in ("class_pixel_counts", "class_image_counts"):
-        counts = manifest[key]
-        if not isinstance(counts, list) or len(counts) != num_classes:
-            raise DataError(f"{where}: {key} must list {num_classes} counts, one per class name")
-        if not all(isinstance(c, int) and c >= 0 for c in counts):
-            raise DataError(f"{where}: {key} must hold non-negative integers")
-    if sum(manifest["class_pixel_counts"]) != manifest["labelled_pixel_count"]:
-        raise DataError(f"{where}: class_pixel_counts sum to {sum(manifest['class_pixel_counts'])}, "
-                        f"but labelled_pixel_count is {manifest['labelled_pixel_count']}")
-    if max(manifest["class_image_counts"], default=0) > manifest["num_samples"]:
-        raise DataError(f"{where}: a class_image_counts entry exceeds num_samples ({manifest['num_samples']})")
-
 
 def class_balance(manifest: dict) -> list[dict]:
     """One row per class, in class-index order.
@@ -161,7 +119,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--title", help="chart title (default: names the manifest)")
     args = parser.parse_args(argv)
     try:
-        manifest = load_manifest(args.manifest)
+        manifest = read_manifest(args.manifest)
         print(f"{args.manifest} (split {manifest.get('split', '?')!r})")
         print(format_table(manifest))
         if args.plot:

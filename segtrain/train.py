@@ -45,6 +45,7 @@ from segtrain.evaluate import DisconnectedLaunch, check_launch, evaluate, loader
 from segtrain.losses import build_loss
 from segtrain.metrics import to_jsonable
 from segtrain.model import PretrainedWeightsUnavailable, build_model, save_checkpoint
+from segtrain.pack import read_manifest
 from segtrain.transforms import denormalize, normalize
 from segtrain.voc import CLASSES, NUM_CLASSES, DataError, atomic_write_bytes, read_split
 
@@ -260,7 +261,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Train with ``cfg``. Called on every process; each gets the same result."""
     if cfg.train_split is None:
         # --data voc-train_aug.json means train_aug: never silently its voc-train.json sibling.
-        named = cfg.data.endswith(".json") and shards.read_manifest(cfg.data)["split"]
+        named = cfg.data.endswith(".json") and read_manifest(cfg.data)["split"]
         cfg = dataclasses.replace(cfg, train_split=named or "train")
     run_dir = cfg.resolved_run_dir()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
@@ -274,6 +275,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise ConfigError(f"batch_size: the global batch {cfg.batch_size} must be divisible by "
                           f"processes x grad_accum = {world} x {cfg.grad_accum}")
     per_process_batch = cfg.batch_size // (world * cfg.grad_accum)
+    # More loader workers than CPUs per process only adds contention.
+    workers = min(cfg.workers, max(1, (os.cpu_count() or 1) // world)) if cfg.workers else 0
     if accelerator.mixed_precision == "fp16" and device.type == "cpu":
         warnings.warn("mixed_precision fp16 does nothing on CPU (Accelerate runs fp32); use bf16")
     if per_process_batch < 2 and not (cfg.sync_bn and world > 1):
@@ -299,7 +302,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     # makes resuming exact: the same epoch replays the same batches.
     def epoch_loader(epoch: int):
         return shards.train_loader(cfg.data, per_process_batch, cfg.crop_size, split=cfg.train_split,
-                                   num_workers=cfg.workers, seed=cfg.seed, epoch=epoch,
+                                   num_workers=workers, seed=cfg.seed, epoch=epoch,
                                    rank=accelerator.process_index, world_size=world,
                                    color_jitter=cfg.color_jitter, scale=(cfg.scale_min, cfg.scale_max))
     _, batches_per_epoch = epoch_loader(0)
@@ -335,7 +338,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     model, optimizer = accelerator.prepare(model, optimizer)
     state = TrainState({"data": cfg.data, "train_split": cfg.train_split, "seed": cfg.seed,
                         "processes": world, "per_process_batch": per_process_batch,
-                        "grad_accum": cfg.grad_accum, "workers": cfg.workers, "crop_size": cfg.crop_size})
+                        "grad_accum": cfg.grad_accum, "workers": workers, "crop_size": cfg.crop_size})
     accelerator.register_for_checkpointing(state)
 
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=main)
@@ -368,7 +371,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                                      "mask": masks[i].cpu().numpy().astype("uint8"),
                                      "pred": preds[i].cpu().numpy().astype("uint8")})
 
-        loader = shards.val_loader(val_data, split=cfg.val_split, num_workers=min(cfg.workers, 2),
+        loader = shards.val_loader(val_data, split=cfg.val_split, num_workers=min(workers, 2),
                                    protocol=loader_protocol(cfg.val_protocol), crop_size=cfg.crop_size,
                                    rank=accelerator.process_index, world_size=world)
         metrics = evaluate(accelerator.unwrap_model(model), loader, device, num_classes=cfg.num_classes,

@@ -58,7 +58,7 @@ def test_weighted_ce_with_unit_weights_is_ce_and_matches_torch_weighting():
     logits, target = make_batch(1)
     ones = build_loss("weighted_ce", C, class_pixel_counts=[10] * C, weighting="inverse")  # all weights 1
     torch.testing.assert_close(ones(logits, target), F.cross_entropy(logits, target, ignore_index=255))
-    w = class_weights(COUNTS, "median_frequency")
+    w = class_weights(COUNTS, "enet")  # the default weighting
     weighted = build_loss("weighted_ce", C, class_pixel_counts=COUNTS)
     torch.testing.assert_close(weighted(logits, target), F.cross_entropy(logits, target, weight=w, ignore_index=255))
 

@@ -2,11 +2,9 @@
 batch counts per rank, deterministic augmentation, exactly-once validation."""
 import json
 import multiprocessing
-import os
+import re
 import shutil
-import socket
-import subprocess
-import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -52,11 +50,11 @@ def test_resolve_errors_name_the_problem(tmp_path, packed_shards):
     cases = {
         str(tmp_path / "nothing"): "no such file",
         str(tmp_path): "neither VOCdevkit",
-        str(tmp_path / "missing.json"): "missing shard manifest",
+        str(tmp_path / "missing.json"): "manifest not found",
         pattern(packed_shards, "train", 0, 7): "voc-train-000005.tar does not exist",
     }
     (tmp_path / "bad.json").write_text("{not json")
-    cases[str(tmp_path / "bad.json")] = "not a JSON shard manifest"
+    cases[str(tmp_path / "bad.json")] = "not a JSON manifest"
     (tmp_path / "other.json").write_text(json.dumps({"format": "something/2"}))
     cases[str(tmp_path / "other.json")] = "not a segtrain shard manifest"
     for data, message in cases.items():
@@ -98,7 +96,8 @@ def test_train_batches_exact_and_deterministic(packed_shards):
 
 def test_shard_readers_read_and_decode_exactly_the_epoch(packed_shards, monkeypatch):
     # Each reader makes exactly its share of the batches (2 + 1 here, with 2 workers), so
-    # no sample is read or decoded only to be thrown away when the epoch ends.
+    # no sample is decoded only to be thrown away when the epoch ends; a reader whose range
+    # starts inside a shard reads (never decodes) less than that one shard to get there.
     read, decoded = multiprocessing.Value("i", 0), multiprocessing.Value("i", 0)  # shared with forked workers
     raw_samples, decode = shards._raw_shard_samples, shards.decode_sample
 
@@ -120,7 +119,9 @@ def test_shard_readers_read_and_decode_exactly_the_epoch(packed_shards, monkeypa
         loader, steps = train_loader(packed_shards["train"], 8, 33, num_workers=workers, rank=0, world_size=2)
         ids = [sid for _, _, batch_ids in loader for sid in batch_ids]
         assert steps == 3 and len(ids) == len(set(ids)) == 24
-        assert (read.value, decoded.value) == (24, 24), workers
+        assert decoded.value == 24 and 24 <= read.value < 24 + 10, (workers, read.value)
+        if workers == 0:
+            assert read.value == 24  # rank 0's one reader starts at the stream's start
 
 
 def test_folder_training_is_deterministic_and_independent_of_workers(synthetic_voc):
@@ -143,17 +144,84 @@ def test_training_leaves_the_callers_rng_alone(synthetic_voc):
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_fewer_shards_than_readers_warns_and_still_fills_every_batch(packed_shards):
+def epoch_ids(data, batch_size: int, world_size: int, epoch: int = 0, workers: int = 2,
+              seed: int = 5) -> list[str]:
+    """Every id that all ranks of one epoch draw (each rank built in this process)."""
+    ids = []
+    for rank in range(world_size):
+        loader, steps = train_loader(data, batch_size, 17, num_workers=workers, seed=seed, epoch=epoch,
+                                     rank=rank, world_size=world_size)
+        batches = batches_of(loader)
+        assert len(batches) == steps and all(len(b[2]) == batch_size for b in batches)
+        ids += [sid for _, _, batch_ids in batches for sid in batch_ids]
+    return ids
+
+
+def test_an_epoch_draws_every_sample_once_when_the_global_batch_divides_it(synthetic_voc, packed_shards):
+    split = sorted(voc.read_split(synthetic_voc, "train"))  # 48 ids in shards of 10, 10, 10, 10, 8
+    epochs = [epoch_ids(packed_shards["train"], 4, world_size=1, epoch=e) for e in (0, 1)]
+    assert sorted(epochs[0]) == sorted(epochs[1]) == split  # 12 batches of 4 from 2 readers
+    assert set(Counter(epochs[0] + epochs[1]).values()) == {2}
+    # Two ranks share the epoch's stream; a rank's samples do not depend on its workers.
+    two_ranks = epoch_ids(packed_shards["train"], 4, world_size=2)
+    assert sorted(two_ranks) == split
+    rank0 = [sid for _, _, ids in train_loader(packed_shards["train"], 4, 17, num_workers=0, seed=5,
+                                               rank=0, world_size=2)[0] for sid in ids]
+    assert sorted(rank0) == sorted(two_ranks[:24])
+
+
+def test_an_epoch_leaves_out_only_the_remainder_and_not_always_the_same(synthetic_voc, packed_shards):
+    split = set(voc.read_split(synthetic_voc, "train"))
+    missing = []
+    for epoch in range(3):  # 2 ranks x batch 5: 4 steps of 10 per epoch, 48 mod 10 = 8 left out
+        ids = epoch_ids(packed_shards["train"], 5, world_size=2, epoch=epoch)
+        assert len(ids) == len(set(ids)) == 40 and set(ids) <= split
+        missing.append(split - set(ids))
+    assert len({frozenset(m) for m in missing}) > 1, missing
+
+
+def test_fewer_shards_than_readers_still_fills_every_batch_with_distinct_samples(packed_shards):
     data = pattern(packed_shards, "train", 0, 0)  # one shard of 10 for 2 ranks x 2 workers
-    with pytest.warns(UserWarning, match="1 shard.* 2 rank.*using 1 worker.*same shards"):
-        loader, steps = train_loader(data, 4, 33, num_workers=2, rank=1, world_size=2)
-    assert steps == 1  # 10 // 8
-    assert [len(ids) for _, _, ids in loader] == [4]
+    ids = epoch_ids(data, 4, world_size=2)  # 10 // 8 = 1 step per rank
+    assert len(ids) == len(set(ids)) == 8
+    # Fewer samples than one global batch: the stream takes a second pass over the shard.
+    assert sorted(Counter(epoch_ids(data, 3, world_size=4)).values()) == [1] * 8 + [2] * 2
 
 
 def test_rank_arguments_are_checked(packed_shards):
     with pytest.raises(ValueError, match="rank"):
         train_loader(packed_shards["train"], 4, 33, rank=2, world_size=2)
+
+
+def test_manifest_shard_counts_must_add_up_and_match_the_shards(tmp_path, packed_shards):
+    m = json.loads(packed_shards["train"].read_text())
+    for shard in m["shards"]:
+        shutil.copy(packed_shards["dir"] / shard["file"], tmp_path)
+    m["shards"][0]["samples"] += 1
+    (tmp_path / "voc-train.json").write_text(json.dumps(m))
+    with pytest.raises(DataError, match="shard sample counts add up to 49, but num_samples is 48"):
+        resolve_data(tmp_path / "voc-train.json", "train")
+    m["num_samples"] += 1  # consistent, but shard 0 holds 10, not 11: the reader notices
+    (tmp_path / "voc-train.json").write_text(json.dumps(m))
+    with pytest.raises(DataError, match="voc-train-000000.tar: ends after 10 samples, expected 11"):
+        epoch_ids(tmp_path / "voc-train.json", 7, world_size=1, workers=0)
+
+
+@pytest.mark.parametrize("key", ["../evil", "a b"])
+def test_sample_keys_that_are_not_plain_ids_are_refused(tmp_path, synthetic_voc, key):
+    sid = voc.read_split(synthetic_voc, "val")[0]
+    jpeg, png = voc.VOCSegmentation(synthetic_voc, "val").load_raw(0)
+    bad_shard = tmp_path / "bad-000000.tar"
+    with wds.TarWriter(str(bad_shard)) as sink:
+        sink.write({"__key__": sid, "jpg": jpeg, "png": png})
+        sink.write({"__key__": key, "jpg": jpeg, "png": png})
+    message = f"shard .*bad-000000.tar: sample key '{re.escape(key)}' is not a plain id"
+    with pytest.raises(DataError, match=message):
+        list(iter_samples(str(bad_shard), "val"))
+    with pytest.raises(DataError, match=message):
+        batches_of(val_loader(str(bad_shard), num_workers=0))
+    with pytest.raises(DataError, match=message):
+        batches_of(train_loader(str(bad_shard), 2, 17, num_workers=0)[0])
 
 
 def test_corrupt_jpeg_names_sample_and_shard(tmp_path, synthetic_voc):
@@ -224,27 +292,18 @@ def test_iter_samples_and_image_classes_agree_across_sources(synthetic_voc, pack
 
 # --------------------------------------------------------------------------- real 2-process DDP
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_process_ddp_batches_equal_and_validation_exactly_once(synthetic_voc, packed_shards, tmp_path):
+def test_two_process_ddp_batches_equal_and_cover_the_epoch_and_validation_exactly_once(
+        synthetic_voc, packed_shards, tmp_path, launch_ddp):
     train = {"uneven": packed_shards["train"],                     # 5 shards (10,10,10,10,8)
              "few": pattern(packed_shards, "train", 0, 2),          # 3 shards < 2 ranks x 2 workers
              "folder": synthetic_voc}
     val = {"val": packed_shards["val"],                             # 2 shards (10, 6)
            "one": pattern(packed_shards, "val", 0, 0),              # rank 1 gets no shard
            "folder": synthetic_voc}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), str(REPO / "tests" / "ddp_loader_worker.py"),
-           "--out", str(tmp_path), "--batch-size", "2", "--crop", "33", "--workers", "2"]
-    cmd += [arg for name, data in train.items() for arg in ("--train", f"{name}={data}")]
-    cmd += [arg for name, data in val.items() for arg in ("--val", f"{name}={data}")]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1"}
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    args = ["--out", tmp_path, "--batch-size", "2", "--crop", "33", "--workers", "2"]
+    args += [arg for name, data in train.items() for arg in ("--train", f"{name}={data}")]
+    args += [arg for name, data in val.items() for arg in ("--val", f"{name}={data}")]
+    proc = launch_ddp(REPO / "tests" / "ddp_loader_worker.py", *args, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["world_size"] == 2
@@ -256,9 +315,12 @@ def test_two_process_ddp_batches_equal_and_validation_exactly_once(synthetic_voc
         assert [len(run["batches"]) for run in runs] == [steps, steps], name
         for run in runs:
             assert all(b["images"] == [2, 3, 33, 33] and b["masks"] == [2, 33, 33] for b in run["batches"])
-        assert runs[0]["batches"][0]["ids"] != runs[1]["batches"][0]["ids"]  # ranks read different data
-    assert all("using 1 worker" in " ".join(r["train"]["few"]["warnings"]) for r in ranks)
-    assert not any(r["train"]["uneven"]["warnings"] for r in ranks)
+        # The ranks' epoch: no sample twice, only the remainder (30 mod 4 = 2 for "few") left out.
+        drawn = [sid for run in runs for b in run["batches"] for sid in b["ids"]]
+        split = {sid for sid, _, _ in iter_samples(train[name], "train")}
+        assert len(drawn) == len(set(drawn)) == steps * 4 and set(drawn) <= split, name
+        assert len(split) - len(drawn) == len(split) % 4, name
+        assert not any(run["warnings"] for run in runs), name
 
     for name, data in val.items():
         seen = ranks[0]["val"][name] + ranks[1]["val"][name]

@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from segtrain import stats
+from segtrain.pack import read_manifest
 from segtrain.voc import CLASSES, COLORMAP, DataError
 
 AEROPLANE, PERSON = CLASSES.index("aeroplane"), CLASSES.index("person")
@@ -34,7 +35,7 @@ def manifest_path(tmp_path):
 
 
 def test_class_balance_rows_by_hand(manifest_path):
-    rows = stats.class_balance(stats.load_manifest(manifest_path))
+    rows = stats.class_balance(read_manifest(manifest_path))
     assert [r["name"] for r in rows] == list(CLASSES)
     assert rows[0] == {"name": "background", "pixels": 600, "pixel_share": 0.6, "images": 4, "image_share": 1.0}
     assert rows[AEROPLANE]["pixel_share"] == pytest.approx(0.25)
@@ -81,19 +82,20 @@ def test_plot_from_rows_single_panel_replaces_atomically(tmp_path):
 
 def test_missing_manifest(tmp_path):
     with pytest.raises(DataError, match=r"nope\.json: manifest not found"):
-        stats.load_manifest(tmp_path / "nope.json")
+        read_manifest(tmp_path / "nope.json")
 
 
 def test_not_json(tmp_path):
     path = tmp_path / "broken.json"
     path.write_text('{"format": "segtrain-shards/1", ')
     with pytest.raises(DataError, match=r"broken\.json: not a JSON manifest"):
-        stats.load_manifest(path)
+        read_manifest(path)
 
 
 @pytest.mark.parametrize("mutate, message", [
     (lambda m: m.pop("class_pixel_counts"), "lacks class_pixel_counts"),
     (lambda m: m.update(format="other/2"), "format 'other/2'"),
+    (lambda m: m.update(shards=[]), "manifest lists no shards"),
     (lambda m: m["class_image_counts"].pop(), "class_image_counts must list 21 counts"),
     (lambda m: m["class_pixel_counts"].__setitem__(3, 7), "sum to 1007, but labelled_pixel_count is 1000"),
     (lambda m: m["class_image_counts"].__setitem__(3, 9), "exceeds num_samples"),
@@ -104,7 +106,7 @@ def test_bad_manifest_names_file_and_problem(tmp_path, mutate, message):
     path = tmp_path / "voc-train.json"
     path.write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="voc-train.json") as err:
-        stats.load_manifest(path)
+        read_manifest(path)
     assert message in str(err.value)
 
 
@@ -117,16 +119,15 @@ def test_cli_error_is_one_line(tmp_path, capsys):
 
 
 def test_manifest_from_the_real_packer(tmp_path, capsys):
-    from segtrain.pack import MANIFEST_FORMAT, pack_split
+    from segtrain.pack import pack_split
     from segtrain.synthetic import generate
     from segtrain.voc import VOCSegmentation
 
-    assert stats.MANIFEST_FORMAT == MANIFEST_FORMAT
     voc_root = generate(tmp_path / "syn", num_train=6, num_val=1, seed=3, min_size=40, max_size=64)
     pack_split(voc_root, "train", tmp_path / "shards", progress=False)
     manifest_path = tmp_path / "shards" / "voc-train.json"
 
-    rows = stats.class_balance(stats.load_manifest(manifest_path))
+    rows = stats.class_balance(read_manifest(manifest_path))
     # Shares worked out from the label PNGs themselves.
     labels = [label for _, label in VOCSegmentation(voc_root, "train")]
     counts = np.bincount(np.concatenate([lbl.ravel() for lbl in labels]), minlength=256)
