@@ -231,3 +231,22 @@ def test_unconnected_launch_is_refused(monkeypatch):
     check_launch(SimpleNamespace(num_processes=2))
     monkeypatch.delenv("WORLD_SIZE")
     check_launch(SimpleNamespace(num_processes=1))
+
+
+def test_accumulation_aux_head_clipping_bf16_and_checkpoint_pruning(packed_shards, tmp_path):
+    run_dir = tmp_path / "options"
+    main(base_args(packed_shards["train"], run_dir, "--tracker", "none", "--grad-accum", "2",
+                   "--aux-loss-weight", "0.4", "--grad-clip", "1.0", "--mixed-precision", "bf16",
+                   "--iterations", "4", "--checkpoint-every", "1", "--keep-checkpoints", "2",
+                   "--val-every", "4", "--log-every", "1"))
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    assert sorted(losses(records)) == [1, 2, 3, 4]
+    assert all(0 < loss < 100 for loss in losses(records).values())
+    # 48 images / (1 process x 2 per micro-batch x 2 micro-batches) = 12 optimizer steps per epoch.
+    assert [r["epoch"] for r in records if "train/loss" in r] == pytest.approx([1 / 12, 2 / 12, 3 / 12, 4 / 12])
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_0000003", "step_0000004"]
+    model, ckpt = load_checkpoint(run_dir / "best.pt")
+    assert model.model_config["aux_head"] and ckpt["config"]["mixed_precision"] == "bf16"
+    with torch.no_grad():
+        out = model.eval()(torch.zeros(1, 3, 65, 65))
+    assert set(out) == {"out", "aux"}
