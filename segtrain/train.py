@@ -36,6 +36,7 @@ from typing import Any, Optional
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
@@ -264,6 +265,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         named = cfg.data.endswith(".json") and read_manifest(cfg.data)["split"]
         cfg = dataclasses.replace(cfg, train_split=named or "train")
     run_dir = cfg.resolved_run_dir()
+    # Accelerate keeps one AcceleratorState per process and refuses a second precision;
+    # clear it (not the distributed PartialState) so that every train() call in one
+    # process (notebooks, bench scripts, tests) configures its own run.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
                               log_with="wandb" if cfg.tracker == "wandb" else None)
     check_launch(accelerator)

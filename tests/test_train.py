@@ -250,3 +250,12 @@ def test_accumulation_aux_head_clipping_bf16_and_checkpoint_pruning(packed_shard
     with torch.no_grad():
         out = model.eval()(torch.zeros(1, 3, 65, 65))
     assert set(out) == {"out", "aux"}
+
+
+def test_resume_is_exact_with_two_loader_workers(packed_shards, tmp_path):
+    """Each worker reads its own range of the epoch's stream: resuming must replay them alike."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    main(base_args(packed_shards["train"], full, "--tracker", "none", "--workers", "2"))
+    crashed_copy(full, resumed, 3)
+    main(base_args(packed_shards["train"], resumed, "--tracker", "none", "--workers", "2", "--resume", "latest"))
+    assert losses(read_jsonl(resumed / "metrics.jsonl")) == losses(read_jsonl(full / "metrics.jsonl"))
