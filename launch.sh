@@ -25,8 +25,11 @@ setup() {
     python3 -m venv "$VENV"
     "$PY" -m pip install -q --upgrade pip
   fi
-  # Users who bring their own torch keep it: only install the pair when the import fails.
-  if ! "$PY" -c "import torch, torchvision" >/dev/null 2>&1; then
+  # Users who bring their own torch keep it: only install the pair when the import fails
+  # or the versions are older than segtrain needs (torch 2.6 / torchvision 0.21).
+  if ! "$PY" -c "import sys, torch, torchvision
+v = lambda m: tuple(int(x) for x in m.__version__.split('+')[0].split('.')[:2])
+sys.exit(v(torch) < (2, 6) or v(torchvision) < (0, 21))" >/dev/null 2>&1; then
     log "installing $TORCH_PAIR (one time, a few GB with the CUDA wheels)"
     "$PY" -m pip install -q $TORCH_PAIR
   fi
