@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from matplotlib.figure import Figure
 
 from segtrain.pack import check_manifest, read_manifest
+from segtrain.visualize import save_figure
 from segtrain.voc import COLORMAP, DataError, PathLike
 
 def class_balance(manifest: dict) -> list[dict]:
@@ -101,14 +101,7 @@ def plot_class_balance(manifest_or_rows: Union[dict, Sequence[dict]], out_path: 
         ax.grid(axis="y", alpha=0.3)
     axes[-1].set_xticks(list(positions), names, rotation=60, ha="right", rotation_mode="anchor")
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.stem}.tmp-{os.getpid()}{out_path.suffix}")
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out_path
+    return save_figure(fig, out_path, dpi=120)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
