@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .voc import (CLASSES, IGNORE_INDEX, NUM_CLASSES, DataError, VOCSegmentation,
-                          atomic_write_bytes, default_label_dir, load_pair)
+                          atomic_write_bytes, default_label_dir, load_pair, read_bytes)
 
 MANIFEST_FORMAT = "segtrain-shards/1"
 
@@ -89,14 +89,7 @@ def check_sample(args: tuple[str, Path, Path]) -> dict:
     """Read and validate one pair. Returns the raw bytes and label statistics, or the error."""
     sid, img_path, lbl_path = args
     try:
-        try:
-            jpg = img_path.read_bytes()
-        except FileNotFoundError:
-            raise DataError(f"{sid}: missing image {img_path}") from None
-        try:
-            png = lbl_path.read_bytes()
-        except FileNotFoundError:
-            raise DataError(f"{sid}: missing label {lbl_path}") from None
+        jpg, png = read_bytes(img_path, "image"), read_bytes(lbl_path, "label")
         image, label = load_pair(jpg, png, sid)
     except DataError as e:
         return {"id": sid, "error": str(e)}
