@@ -11,7 +11,6 @@ from the manifest) and their per-class IoU. Writes the comparison report
 (segtrain.report) under --out. Takes ~2.5 min per loss on 2 CPU cores.
 """
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from segtrain.metrics import subset_miou
 from segtrain.pack import pack_split, read_manifest
 from segtrain.report import build_report
 from segtrain.synthetic import generate
-from segtrain.train import train
+from segtrain.train import read_metrics_log, train
 from segtrain.voc import CLASSES
 
 
@@ -58,7 +57,7 @@ def main() -> None:
                 "--val-every", str(args.iterations), "--checkpoint-every", str(args.iterations),
                 "--tracker", "none"]))
             print(f"{loss}: trained in {time.perf_counter() - start:.0f} s")
-        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        records = read_metrics_log(run_dir / "metrics.jsonl")
         results[loss] = [r for r in records if "val/miou" in r][-1]  # the final weights: equal budget
 
     print(f"\nDeepLabV3+ {args.backbone}, random init, {args.iterations} steps, batch 8, crop 129, bf16, "

@@ -15,7 +15,6 @@ steps only). On CUDA it also prints peak GPU memory (the reference recipe report
 """
 import argparse
 import itertools
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from segtrain.losses import build_loss
 from segtrain.model import build_model
 from segtrain.pack import pack_split
 from segtrain.synthetic import generate
-from segtrain.train import train
+from segtrain.train import read_metrics_log, train
 from segtrain.transforms import train_transforms
 from segtrain.voc import VOCSegmentation
 
@@ -69,7 +68,7 @@ def segtrain_loop(manifest: Path, run_dir: Path, args, device: torch.device) -> 
              "--checkpoint-every", "100000", "--workers", str(args.workers), "--tracker", "none",
              "--mixed-precision", args.precision]
     train(parse_config(flags))
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics_log(run_dir / "metrics.jsonl")
     timed = [r for r in records if "images_per_s" in r and r["step"] > args.warmup]
     images_per_s = len(timed) / sum(1 / r["images_per_s"] for r in timed)  # harmonic mean = total rate
     peak = max((r.get("max_memory_mb", float("nan")) for r in timed), default=float("nan"))
