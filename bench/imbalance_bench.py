@@ -20,7 +20,8 @@ from segtrain.metrics import subset_miou
 from segtrain.pack import pack_split, read_manifest
 from segtrain.report import build_report
 from segtrain.synthetic import generate
-from segtrain.train import read_metrics_log, train
+from segtrain.io import read_metrics_log
+from segtrain.train import train
 from segtrain.voc import CLASSES
 
 

@@ -26,7 +26,8 @@ from segtrain.losses import build_loss
 from segtrain.model import build_model
 from segtrain.pack import pack_split
 from segtrain.synthetic import generate
-from segtrain.train import read_metrics_log, train
+from segtrain.io import read_metrics_log
+from segtrain.train import train
 from segtrain.transforms import train_transforms
 from segtrain.voc import VOCSegmentation
 

@@ -22,11 +22,7 @@ from typing import Any, Optional
 
 import yaml
 
-from .voc import atomic_write_bytes
-
-
-class ConfigError(ValueError):
-    """A bad config key or value; the message says which and what is allowed."""
+from .io import ConfigError, atomic_write_bytes
 
 
 @dataclass

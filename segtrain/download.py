@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 
 from tqdm import tqdm
 
-from segtrain.voc import DataError, PathLike, atomic_write_bytes
+from segtrain.io import DataError, PathLike, atomic_write_bytes
 
 USER_AGENT = "segtrain-download/1 (+urllib)"
 

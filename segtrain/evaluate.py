@@ -43,15 +43,13 @@ from tqdm import tqdm
 from segtrain.metrics import ConfusionMatrix, format_metrics_table, to_jsonable
 from segtrain.model import load_checkpoint
 from segtrain.shards import resolve_data, val_loader
-from segtrain.voc import CLASSES, IGNORE_INDEX, DataError, atomic_write_bytes
+from segtrain.cli import OtherProcessFailed, check_launch, user_errors
+from segtrain.io import atomic_write_bytes
+from segtrain.voc import CLASSES, IGNORE_INDEX
 
 PROTOCOLS = ("whole", "center-crop", "ms-flip")
 MS_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # mmsegmentation's ratios for VOC / ADE20K
 CROP_SIZE = 513
-
-
-class OtherProcessFailed(RuntimeError):
-    """Raised on the healthy processes of a distributed evaluation when another one failed."""
 
 
 OnBatch = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, list], None]
@@ -189,16 +187,6 @@ def evaluate(model: nn.Module, loader, device: Union[torch.device, str], num_cla
 
 # --------------------------------------------------------------------------- CLI
 
-def one_line(error: BaseException) -> str:
-    """The message of an error, minus what a DataLoader worker wraps around it."""
-    text = str(error).strip()
-    if "Original Traceback" in text:  # re-raised from a worker: the real message is the last line
-        last = text.splitlines()[-1]
-        kind, sep, message = last.partition(": ")
-        text = message if sep and kind.endswith(("Error", "Exception")) else last
-    return text.splitlines()[0] if text else type(error).__name__
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m segtrain.evaluate",
@@ -222,34 +210,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-class DisconnectedLaunch(RuntimeError):
-    """Several processes were started but Accelerate did not join them into one group."""
-
-
-def check_launch(accelerator: Accelerator) -> None:
-    """Refuse to run as N unconnected copies of a one-process job.
-
-    ``accelerate launch --multi_gpu`` on a machine without GPUs starts the processes
-    but, unless ACCELERATE_USE_CPU=1 is set, each one runs alone: every copy would
-    train or evaluate on all the data and write the same files.
-    """
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and accelerator.num_processes != launched:
-        raise DisconnectedLaunch(
-            f"{launched} processes were launched but they are not connected (Accelerate sees "
-            f"{accelerator.num_processes}). On CPU, set ACCELERATE_USE_CPU=1 (./launch.sh train "
-            "--cpu-procs N does); see accelerate_configs/cpu_ddp.yaml")
-
-
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     accelerator = Accelerator()
-    try:
-        check_launch(accelerator)
+    with user_errors():
+        check_launch(accelerator.num_processes)
         result = run(args, accelerator)
-    except (DataError, FileNotFoundError, OtherProcessFailed, DisconnectedLaunch) as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        sys.exit(2)
     if accelerator.is_main_process:
         out = args.out or args.checkpoint.parent / f"eval_{args.split}_{args.protocol}.json"
         atomic_write_bytes(out, (json.dumps(to_jsonable(result), indent=2) + "\n").encode())

@@ -26,7 +26,7 @@ from timm.layers import SeparableConv2d
 from torch import nn
 from torchvision.models.segmentation.fcn import FCNHead
 
-from segtrain.voc import DataError, atomic_write_bytes
+from segtrain.io import DataError, atomic_write_bytes
 
 PathLike = Union[str, os.PathLike]
 

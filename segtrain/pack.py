@@ -18,7 +18,6 @@ finished, and a rerun produces byte-identical shards (fixed tar metadata).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -29,61 +28,9 @@ from typing import Optional
 import numpy as np
 from tqdm import tqdm
 
-from .voc import (CLASSES, IGNORE_INDEX, NUM_CLASSES, DataError, VOCSegmentation,
-                          atomic_write_bytes, default_label_dir, load_pair, read_bytes)
-
-MANIFEST_FORMAT = "segtrain-shards/1"
-
-
-REQUIRED_KEYS = ("format", "split", "num_samples", "shards", "class_names", "class_pixel_counts",
-                 "class_image_counts", "ignore_pixel_count", "labelled_pixel_count")
-
-
-def read_manifest(path: os.PathLike | str) -> dict:
-    """Read and check a manifest written by ``pack_split``; errors name the file and the problem."""
-    path = Path(path)
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{path}: manifest not found (tools/pack.py writes shards/voc-SPLIT.json)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not a JSON manifest ({e})") from None
-    check_manifest(manifest, str(path))
-    return manifest
-
-
-def check_manifest(manifest: dict, where: str = "manifest") -> None:
-    """Raise DataError, naming ``where``, unless the manifest is complete and consistent."""
-    if not isinstance(manifest, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(manifest).__name__}")
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise DataError(f"{where}: not a segtrain shard manifest (format {manifest.get('format')!r}, "
-                        f"expected {MANIFEST_FORMAT!r})")
-    missing = [key for key in REQUIRED_KEYS if key not in manifest]
-    if missing:
-        raise DataError(f"{where}: manifest lacks {', '.join(missing)}")
-    if not manifest["shards"]:
-        raise DataError(f"{where}: manifest lists no shards")
-    # The loaders cut each epoch out of the shards by these counts: they must be right.
-    sizes = [shard.get("samples") if isinstance(shard, dict) else None for shard in manifest["shards"]]
-    if not all(isinstance(size, int) and size >= 0 for size in sizes):
-        raise DataError(f"{where}: every shard in the manifest needs a sample count (\"samples\")")
-    if sum(sizes) != manifest["num_samples"]:
-        raise DataError(f"{where}: shard sample counts add up to {sum(sizes)}, "
-                        f"but num_samples is {manifest['num_samples']}")
-    num_classes = len(manifest["class_names"])
-    for key in ("class_pixel_counts", "class_image_counts"):
-        counts = manifest[key]
-        if not isinstance(counts, list) or len(counts) != num_classes:
-            raise DataError(f"{where}: {key} must list {num_classes} counts, one per class name")
-        if not all(isinstance(c, int) and c >= 0 for c in counts):
-            raise DataError(f"{where}: {key} must hold non-negative integers")
-    if sum(manifest["class_pixel_counts"]) != manifest["labelled_pixel_count"]:
-        raise DataError(f"{where}: class_pixel_counts sum to {sum(manifest['class_pixel_counts'])}, "
-                        f"but labelled_pixel_count is {manifest['labelled_pixel_count']}")
-    if max(manifest["class_image_counts"], default=0) > manifest["num_samples"]:
-        raise DataError(f"{where}: a class_image_counts entry exceeds num_samples ({manifest['num_samples']})")
-
+from .io import (MANIFEST_FORMAT, DataError, atomic_write_bytes, check_manifest, read_bytes, read_manifest,
+                 sha256_file)
+from .voc import CLASSES, IGNORE_INDEX, NUM_CLASSES, VOCSegmentation, default_label_dir, load_pair
 
 def check_sample(args: tuple[str, Path, Path]) -> dict:
     """Read and validate one pair. Returns the raw bytes and label statistics, or the error."""
@@ -96,14 +43,6 @@ def check_sample(args: tuple[str, Path, Path]) -> dict:
     counts = np.bincount(label.ravel(), minlength=256)
     return {"id": sid, "jpg": jpg, "png": png, "width": image.size[0], "height": image.size[1],
             "class_pixels": counts[:NUM_CLASSES].tolist(), "ignore_pixels": int(counts[IGNORE_INDEX])}
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class ShardWriter:

@@ -12,7 +12,6 @@ and skipped. The exit status is nonzero only when nothing could be written.
 from __future__ import annotations
 
 import argparse
-import io
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +28,8 @@ from segtrain.evaluate import predict_logits
 from segtrain.model import load_checkpoint
 from segtrain.transforms import normalize
 from segtrain.visualize import overlay
-from segtrain.voc import DataError, atomic_write_bytes, decode_image, save_label_png
+from segtrain.io import DataError, save_image
+from segtrain.voc import decode_image, save_label_png
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 PROTOCOLS = ("whole", "ms-flip")
@@ -53,12 +53,6 @@ def predict_mask(model: nn.Module, image: PIL.Image.Image, device: torch.device,
     batch = normalize(TF.pil_to_tensor(image.convert("RGB"))).unsqueeze(0).to(device)
     with torch.inference_mode():
         return predict_logits(model, batch, protocol)[0].argmax(dim=0).to(torch.uint8).cpu().numpy()
-
-
-def save_image(image: PIL.Image.Image, path: Path) -> None:
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG", quality=92)
-    atomic_write_bytes(path, buffer.getvalue())
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

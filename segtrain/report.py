@@ -30,9 +30,9 @@ import yaml
 from segtrain import shards, stats, visualize
 from segtrain.metrics import subset_miou
 from segtrain.model import load_checkpoint
-from segtrain.train import read_metrics_log
+from segtrain.io import DataError, atomic_write_bytes, read_metrics_log
 from segtrain.predict import predict_mask
-from segtrain.voc import CLASSES, DataError, atomic_write_bytes, decode_target
+from segtrain.voc import CLASSES, decode_target
 
 
 @dataclass

@@ -43,10 +43,11 @@ from tqdm import tqdm
 
 from segtrain.metrics import confusion_matrix, segmentation_metrics, to_jsonable
 from segtrain.model import CheckpointError, load_checkpoint, load_weights, torch_load
-from segtrain.predict import predict_mask, save_image
+from segtrain.predict import predict_mask
 from segtrain.shards import iter_samples
 from segtrain.visualize import covering_ids, overlay
-from segtrain.voc import CLASSES, DataError, PathLike, atomic_write_bytes, decode_target
+from segtrain.io import DataError, PathLike, atomic_write_bytes, save_image
+from segtrain.voc import CLASSES, decode_target
 
 __all__ = [
     "MODEL_TYPES", "CHECKPOINT_HELP", "METHODS", "load_sam", "sam_model_type", "resolve_device",

@@ -58,9 +58,9 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, default_colla
 from torchvision.transforms.v2 import functional as F
 
 from . import voc
-from .pack import read_manifest
+from .io import DataError, read_manifest
 from .transforms import PairTransform, normalize, train_transforms, val_transforms
-from .voc import IGNORE_INDEX, DataError
+from .voc import IGNORE_INDEX
 
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
 

@@ -16,9 +16,9 @@ from typing import Optional, Sequence, Union
 
 from matplotlib.figure import Figure
 
-from segtrain.pack import check_manifest, read_manifest
+from segtrain.io import DataError, PathLike, check_manifest, read_manifest
 from segtrain.visualize import save_figure
-from segtrain.voc import COLORMAP, DataError, PathLike
+from segtrain.voc import COLORMAP
 
 def class_balance(manifest: dict) -> list[dict]:
     """One row per class, in class-index order.

@@ -28,7 +28,8 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .voc import IGNORE_INDEX, NUM_CLASSES, atomic_write_bytes, label_to_png_bytes
+from .io import atomic_write_bytes
+from .voc import IGNORE_INDEX, NUM_CLASSES, label_to_png_bytes
 
 
 @dataclass(frozen=True)

@@ -41,14 +41,15 @@ from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from segtrain import shards
-from segtrain.config import ConfigError, TrainConfig, config_to_dict, parse_config, save_config
-from segtrain.evaluate import DisconnectedLaunch, check_launch, evaluate, loader_protocol, one_line
+from segtrain.cli import check_launch, user_errors
+from segtrain.config import TrainConfig, config_to_dict, parse_config, save_config
+from segtrain.evaluate import evaluate, loader_protocol
+from segtrain.io import ConfigError, atomic_write_bytes, checkpoint_dirs, read_manifest, read_metrics_log
 from segtrain.losses import build_loss
 from segtrain.metrics import to_jsonable
 from segtrain.model import PretrainedWeightsUnavailable, build_model, save_checkpoint
-from segtrain.pack import read_manifest
 from segtrain.transforms import denormalize, normalize
-from segtrain.voc import CLASSES, NUM_CLASSES, DataError, atomic_write_bytes, read_split
+from segtrain.voc import CLASSES, NUM_CLASSES, read_split
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -124,17 +125,6 @@ class TrainState:
                 + "; resume with the same settings, or the batches would not continue where they stopped")
 
 
-def read_metrics_log(path: Path) -> list[dict]:
-    """The records of a metrics.jsonl; a line cut short by a crash (kill, full disk) is skipped."""
-    records = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
 class MetricsLog:
     """RUN_DIR/metrics.jsonl: one JSON object per line, the plain-text record reports read."""
 
@@ -151,10 +141,6 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(to_jsonable(record), allow_nan=False) + "\n")
-
-
-def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    return sorted((run_dir / "checkpoints").glob("step_*"))
 
 
 def resolve_resume(resume: str, run_dir: Path) -> Path:
@@ -271,7 +257,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
                               log_with="wandb" if cfg.tracker == "wandb" else None)
-    check_launch(accelerator)
+    check_launch(accelerator.num_processes)
     main = accelerator.is_main_process
     world = accelerator.num_processes
     device = accelerator.device
@@ -482,12 +468,8 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    try:
-        cfg = parse_config(argv)
-        train(cfg)
-    except (ConfigError, DataError, DisconnectedLaunch) as e:
-        print(f"segtrain: error: {one_line(e)}", file=sys.stderr)
-        sys.exit(2)
+    with user_errors():
+        train(parse_config(argv))
 
 
 if __name__ == "__main__":

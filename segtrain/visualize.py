@@ -19,7 +19,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
 from .shards import image_classes, iter_samples
-from .voc import CLASSES, COLORMAP, IGNORE_INDEX, DataError, decode_target
+from .io import DataError
+from .voc import CLASSES, COLORMAP, IGNORE_INDEX, decode_target
 
 OBJECT_CLASSES = range(1, len(CLASSES))  # 1..20: everything but background
 

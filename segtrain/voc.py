@@ -7,12 +7,13 @@ and never converted to RGB: a colour conversion would destroy the indices.
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from .io import DataError, PathLike, atomic_write_bytes, read_bytes
 
 CLASSES: tuple[str, ...] = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car",
@@ -22,13 +23,6 @@ CLASSES: tuple[str, ...] = (
 NUM_CLASSES = len(CLASSES)  # 21
 IGNORE_INDEX = 255
 VALID_LABEL_VALUES = frozenset(range(NUM_CLASSES)) | {IGNORE_INDEX}
-
-PathLike = Union[str, os.PathLike]
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file (or sample id) and the problem."""
-
 
 def voc_colormap(n: int = 256) -> np.ndarray:
     """The standard VOC palette: bits of the class index interleaved into R, G, B.
@@ -92,18 +86,6 @@ def save_label_png(label: np.ndarray, path: PathLike) -> None:
     atomic_write_bytes(path, label_to_png_bytes(label))
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write via a temporary file in the same folder, then rename: never a half file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def decode_image(data: bytes, name: str) -> Image.Image:
     """JPEG (or any PIL image) bytes -> RGB PIL image; a clear DataError when corrupt."""
     try:
@@ -139,13 +121,6 @@ def check_label_values(label: np.ndarray, name: str) -> None:
     bad = [int(v) for v in present if int(v) not in VALID_LABEL_VALUES]
     if bad:
         raise DataError(f"{name}: label values {bad[:10]} outside 0..{NUM_CLASSES - 1} and {IGNORE_INDEX}")
-
-
-def read_bytes(path: PathLike, what: str) -> bytes:
-    try:
-        return Path(path).read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: missing {what}") from None
 
 
 def load_pair(image_bytes: bytes, label_bytes: bytes, name: str) -> tuple[Image.Image, np.ndarray]:

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from segtrain.evaluate import OtherProcessFailed, evaluate, main, ms_flip_logits
+from segtrain.cli import OtherProcessFailed
+from segtrain.evaluate import evaluate, main, ms_flip_logits
 from segtrain.model import build_model, save_checkpoint
 from segtrain.pack import pack_split
 from segtrain.shards import val_loader
@@ -103,13 +104,13 @@ def test_missing_checkpoint_and_bad_data_are_one_line_errors(setup, capsys):
         main(["--checkpoint", str(setup["tmp"] / "nope.pt"), "--data", str(setup["data"])])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "nope.pt" in err and "\n" not in err
+    assert err.startswith("segtrain: error: ") and "nope.pt" in err and "\n" not in err
 
     with pytest.raises(SystemExit) as exit_info:
         main(["--checkpoint", str(setup["ckpt"]), "--data", str(setup["tmp"] / "missing.json")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "missing.json" in err and "\n" not in err
+    assert err.startswith("segtrain: error: ") and "missing.json" in err and "\n" not in err
 
 
 class TwoRankStub:

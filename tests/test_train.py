@@ -223,14 +223,14 @@ def test_unconnected_launch_is_refused(monkeypatch):
     processes that never join one group: each would train on everything alone."""
     from types import SimpleNamespace
 
-    from segtrain.evaluate import DisconnectedLaunch, check_launch
+    from segtrain.cli import DisconnectedLaunch, check_launch
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(DisconnectedLaunch, match="ACCELERATE_USE_CPU=1"):
-        check_launch(SimpleNamespace(num_processes=1))
-    check_launch(SimpleNamespace(num_processes=2))
+        check_launch(1)
+    check_launch(2)
     monkeypatch.delenv("WORLD_SIZE")
-    check_launch(SimpleNamespace(num_processes=1))
+    check_launch(1)
 
 
 def test_accumulation_aux_head_clipping_bf16_and_checkpoint_pruning(packed_shards, tmp_path):

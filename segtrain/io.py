@@ -1,0 +1,142 @@
+"""Files segtrain reads and writes, and the errors that name them.
+
+One owner for: the user-facing error types, atomic writes (a crash or a full disk
+never leaves a half file, nor the temp file that would have become it), the shard
+manifest schema, and the plain-text files of a run directory (metrics.jsonl,
+checkpoints/step_*). Nothing here knows what a dataset is.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Union
+
+PathLike = Union[str, os.PathLike]
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file (or sample id) and the problem."""
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message says which and what is allowed."""
+
+
+# ----------------------------------------------------------------------------- writing
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write via a temporary file in the same folder, then rename: never a half file.
+
+    If the write fails (full disk, kill signal turned into an exception), the temp
+    file is removed, so a failure never keeps the disk full.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_image(image, path: PathLike, quality: int = 92) -> None:
+    """Write a PIL image atomically, JPEG or PNG by the file's suffix."""
+    path = Path(path)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG", quality=quality)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def read_bytes(path: PathLike, what: str) -> bytes:
+    """A file's bytes; a missing file is a DataError naming it and what it should have been."""
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing {what}") from None
+
+
+def sha256_file(path: PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- shard manifests
+
+MANIFEST_FORMAT = "segtrain-shards/1"
+REQUIRED_KEYS = ("format", "split", "num_samples", "shards", "class_names", "class_pixel_counts",
+                 "class_image_counts", "ignore_pixel_count", "labelled_pixel_count")
+
+
+def read_manifest(path: PathLike) -> dict:
+    """Read and check a manifest written by the packer; errors name the file and the problem."""
+    path = Path(path)
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: manifest not found (tools/pack.py writes shards/voc-SPLIT.json)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not a JSON manifest ({e})") from None
+    check_manifest(manifest, str(path))
+    return manifest
+
+
+def check_manifest(manifest: dict, where: str = "manifest") -> None:
+    """Raise DataError, naming ``where``, unless the manifest is complete and consistent."""
+    if not isinstance(manifest, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(manifest).__name__}")
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise DataError(f"{where}: not a segtrain shard manifest (format {manifest.get('format')!r}, "
+                        f"expected {MANIFEST_FORMAT!r})")
+    missing = [key for key in REQUIRED_KEYS if key not in manifest]
+    if missing:
+        raise DataError(f"{where}: manifest lacks {', '.join(missing)}")
+    if not manifest["shards"]:
+        raise DataError(f"{where}: manifest lists no shards")
+    # The loaders cut each epoch out of the shards by these counts: they must be right.
+    sizes = [shard.get("samples") if isinstance(shard, dict) else None for shard in manifest["shards"]]
+    if not all(isinstance(size, int) and size >= 0 for size in sizes):
+        raise DataError(f"{where}: every shard in the manifest needs a sample count (\"samples\")")
+    if sum(sizes) != manifest["num_samples"]:
+        raise DataError(f"{where}: shard sample counts add up to {sum(sizes)}, "
+                        f"but num_samples is {manifest['num_samples']}")
+    num_classes = len(manifest["class_names"])
+    for key in ("class_pixel_counts", "class_image_counts"):
+        counts = manifest[key]
+        if not isinstance(counts, list) or len(counts) != num_classes:
+            raise DataError(f"{where}: {key} must list {num_classes} counts, one per class name")
+        if not all(isinstance(c, int) and c >= 0 for c in counts):
+            raise DataError(f"{where}: {key} must hold non-negative integers")
+    if sum(manifest["class_pixel_counts"]) != manifest["labelled_pixel_count"]:
+        raise DataError(f"{where}: class_pixel_counts sum to {sum(manifest['class_pixel_counts'])}, "
+                        f"but labelled_pixel_count is {manifest['labelled_pixel_count']}")
+    if max(manifest["class_image_counts"], default=0) > manifest["num_samples"]:
+        raise DataError(f"{where}: a class_image_counts entry exceeds num_samples ({manifest['num_samples']})")
+
+
+# ----------------------------------------------------------------------------- run directories
+
+def read_metrics_log(path: PathLike) -> list[dict]:
+    """The records of a metrics.jsonl; a line cut short by a crash (kill, full disk) is skipped."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def checkpoint_dirs(run_dir: PathLike) -> list[Path]:
+    """The complete training-state checkpoints of a run, oldest first (temp folders excluded)."""
+    return sorted((Path(run_dir) / "checkpoints").glob("step_*"))
