@@ -27,7 +27,7 @@ from typing import Any, Optional
 
 import torch
 
-from segtrain.model import (OUTPUT_STRIDES, CheckpointError, DeepLab, PathLike, model_from_state_dict,
+from segtrain.model import (HEADS, OUTPUT_STRIDES, CheckpointError, DeepLab, PathLike, model_from_state_dict,
                             save_checkpoint, torch_load)
 from segtrain.io import DataError
 
@@ -59,8 +59,7 @@ def convert_state_dict(source: str, state: Mapping[str, Any], output_stride: Opt
         config, renamed = _from_torchvision(state, name)
         config["output_stride"] = 8
     config["backbone"] = _resnet_name(renamed, name)
-    final = "head.classifier.3.weight" if config["arch"] == "deeplabv3plus" else "head.4.weight"
-    config["num_classes"] = int(renamed[final].shape[0])
+    config["num_classes"] = int(renamed[f"head.{HEADS[config['arch']].classifier_path}.weight"].shape[0])
     return config, renamed
 
 

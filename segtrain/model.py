@@ -16,13 +16,14 @@ import os
 import pickle
 import warnings
 from collections.abc import Collection, Mapping
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Optional, Union
 
 import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import SeparableConv2d
+from timm.models import FeatureInfo
 from torch import nn
 from torchvision.models.segmentation.fcn import FCNHead
 
@@ -30,16 +31,15 @@ from segtrain.io import DataError, atomic_write_bytes
 
 PathLike = Union[str, os.PathLike]
 
-ARCHS = ("deeplabv3", "deeplabv3plus")
-OUTPUT_STRIDES = (8, 16)
 # Atrous rates double when the output stride halves, so the branches see the same image area.
 ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
+OUTPUT_STRIDES = tuple(sorted(ASPP_RATES))  # --output-stride
 ASPP_CHANNELS = 256
 LOW_LEVEL_CHANNELS = 48  # V3+ squeezes stride-4 features to 48 ch so they don't swamp the 256 ASPP ch
 CONFIG_KEYS = ("arch", "backbone", "num_classes", "output_stride", "separable", "aux_head")
 
 __all__ = [
-    "ASPPConv", "ASPPPooling", "ASPP", "DeepLabHead", "DeepLabHeadV3Plus", "FCNHead", "DeepLab",
+    "ASPPConv", "ASPPPooling", "ASPP", "Head", "HEADS", "DeepLabHead", "DeepLabHeadV3Plus", "FCNHead", "DeepLab",
     "CheckpointError", "build_model", "load_weights", "model_from_state_dict", "torch_load",
     "save_checkpoint", "load_checkpoint",
 ]
@@ -115,33 +115,62 @@ class ASPP(nn.Module):
         return self.project(torch.cat([conv(x) for conv in self.convs], dim=1))
 
 
-class DeepLabHead(nn.Sequential):
-    """DeepLabV3: ASPP, 3x3 conv, BN, ReLU, 1x1 classifier (logits at the backbone's stride)."""
+class Head:
+    """What DeepLab asks of a head (DeepLabHead, DeepLabHeadV3Plus, or a new one added to HEADS).
 
-    def __init__(self, in_channels: int, num_classes: int, atrous_rates: tuple[int, int, int],
-                 separable: bool = False):
+    Built as ``Head(feature_info, num_classes, separable)`` from the backbone's timm
+    ``feature_info`` (channels and stride of each feature level), called on the
+    backbone's list of feature maps, it returns class logits at some stride (DeepLab
+    upsamples them). ``classifier_path`` names its final 1x1 conv, the only layer whose
+    shape depends on the class count: checkpoint conversion and fine-tuning on another
+    label set find it there, without an instance (``HEADS[arch].classifier_path``).
+    """
+
+    classifier_path: ClassVar[str]
+
+    @property
+    def classifier_conv(self) -> nn.Conv2d:
+        return self.get_submodule(self.classifier_path)
+
+
+class DeepLabHead(Head, nn.Sequential):
+    """DeepLabV3: ASPP on the deepest features, 3x3 conv, BN, ReLU, 1x1 classifier (logits at the backbone's stride)."""
+
+    classifier_path = "4"
+
+    def __init__(self, feature_info: FeatureInfo, num_classes: int, separable: bool = False):
         super().__init__(
-            ASPP(in_channels, atrous_rates, separable=separable),
+            ASPP(feature_info.channels()[-1], ASPP_RATES[feature_info.reduction()[-1]], separable=separable),
             conv3x3(ASPP_CHANNELS, ASPP_CHANNELS, separable=separable),
             nn.BatchNorm2d(ASPP_CHANNELS),
             nn.ReLU(inplace=True),
             nn.Conv2d(ASPP_CHANNELS, num_classes, 1),
         )
 
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return super().forward(features[-1])
 
-class DeepLabHeadV3Plus(nn.Module):
-    """DeepLabV3+: ASPP on the deep features, upsampled to stride 4 and fused with projected
+
+class DeepLabHeadV3Plus(Head, nn.Module):
+    """DeepLabV3+: ASPP on the deepest features, upsampled to stride 4 and fused with projected
     stride-4 features, then 3x3 conv, BN, ReLU, 1x1 classifier (logits at stride 4)."""
 
-    def __init__(self, in_channels: int, low_level_channels: int, num_classes: int,
-                 atrous_rates: tuple[int, int, int], separable: bool = False):
+    classifier_path = "classifier.3"
+
+    def __init__(self, feature_info: FeatureInfo, num_classes: int, separable: bool = False):
         super().__init__()
+        channels, reductions = feature_info.channels(), feature_info.reduction()
+        if 4 not in reductions:
+            raise ValueError(f"the backbone has no stride-4 features (strides {reductions}), "
+                             "which DeepLabV3+ needs; use arch='deeplabv3'")
+        # The last stride-4 level: its index varies by family (1 for ResNets, 0 for ConvNeXt).
+        self.low_level_index = max(i for i, r in enumerate(reductions) if r == 4)
         self.project = nn.Sequential(
-            nn.Conv2d(low_level_channels, LOW_LEVEL_CHANNELS, 1, bias=False),
+            nn.Conv2d(channels[self.low_level_index], LOW_LEVEL_CHANNELS, 1, bias=False),
             nn.BatchNorm2d(LOW_LEVEL_CHANNELS),
             nn.ReLU(inplace=True),
         )
-        self.aspp = ASPP(in_channels, atrous_rates, separable=separable)
+        self.aspp = ASPP(channels[-1], ASPP_RATES[reductions[-1]], separable=separable)
         self.classifier = nn.Sequential(
             conv3x3(LOW_LEVEL_CHANNELS + ASPP_CHANNELS, ASPP_CHANNELS, separable=separable),
             nn.BatchNorm2d(ASPP_CHANNELS),
@@ -149,10 +178,15 @@ class DeepLabHeadV3Plus(nn.Module):
             nn.Conv2d(ASPP_CHANNELS, num_classes, 1),
         )
 
-    def forward(self, x: torch.Tensor, low_level: torch.Tensor) -> torch.Tensor:
-        low_level = self.project(low_level)
-        x = F.interpolate(self.aspp(x), size=low_level.shape[-2:], mode="bilinear", align_corners=False)
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        low_level = self.project(features[self.low_level_index])
+        x = F.interpolate(self.aspp(features[-1]), size=low_level.shape[-2:], mode="bilinear", align_corners=False)
         return self.classifier(torch.cat([low_level, x], dim=1))
+
+
+# --arch: one entry per head. A new head (an FPN, say) is one Head class and one entry here.
+HEADS: dict[str, type[Head]] = {"deeplabv3": DeepLabHead, "deeplabv3plus": DeepLabHeadV3Plus}
+ARCHS = tuple(HEADS)
 
 
 def init_head(module: nn.Module) -> None:
@@ -183,40 +217,28 @@ class DeepLab(nn.Module):
         self.model_config: dict[str, Any] = dict(
             arch=arch, backbone=backbone, num_classes=num_classes, output_stride=output_stride,
             separable=separable, aux_head=aux_head)
-        # Every feature level is returned because the stride-4 level's index varies by family
-        # (1 for ResNets, 0 for ConvNeXt); returning the extra maps costs no compute.
+        # Every feature level is returned (the head picks the ones it reads); the extra maps cost no compute.
         self.backbone = create_backbone(backbone, output_stride, pretrained)
-        channels = self.backbone.feature_info.channels()
-        reductions = self.backbone.feature_info.reduction()
-        if reductions[-1] != output_stride:
-            raise ValueError(f"backbone {backbone!r} ends at stride {reductions[-1]}, not the requested "
+        info = self.backbone.feature_info
+        if info.reduction()[-1] != output_stride:
+            raise ValueError(f"backbone {backbone!r} ends at stride {info.reduction()[-1]}, not the requested "
                              f"output_stride {output_stride}; it does not support dilation")
-        rates = ASPP_RATES[output_stride]
-        if arch == "deeplabv3plus":
-            if 4 not in reductions:
-                raise ValueError(f"backbone {backbone!r} has no stride-4 features (strides {reductions}), "
-                                 "which DeepLabV3+ needs; use arch='deeplabv3'")
-            self.low_level_index = max(i for i, r in enumerate(reductions) if r == 4)
-            self.head: nn.Module = DeepLabHeadV3Plus(
-                channels[-1], channels[self.low_level_index], num_classes, rates, separable)
-        else:
-            self.head = DeepLabHead(channels[-1], num_classes, rates, separable)
+        try:
+            self.head = HEADS[arch](info, num_classes, separable)
+        except ValueError as e:  # the backbone lacks a level this head needs
+            raise ValueError(f"backbone {backbone!r}: {e}") from None
         init_head(self.head)
         # torchvision's auxiliary classifier reads the stage before the last (ResNet layer3).
-        self.aux_index = len(channels) - 2
+        self.aux_index = len(info) - 2
         self.aux_head: Optional[nn.Module] = None
         if aux_head:
-            self.aux_head = FCNHead(channels[self.aux_index], num_classes)
+            self.aux_head = FCNHead(info.channels()[self.aux_index], num_classes)
             init_head(self.aux_head)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         size = x.shape[-2:]
         features = self.backbone(x)
-        if isinstance(self.head, DeepLabHeadV3Plus):
-            logits = self.head(features[-1], features[self.low_level_index])
-        else:
-            logits = self.head(features[-1])
-        out = {"out": F.interpolate(logits, size=size, mode="bilinear", align_corners=False)}
+        out = {"out": F.interpolate(self.head(features), size=size, mode="bilinear", align_corners=False)}
         if self.aux_head is not None:
             aux = self.aux_head(features[self.aux_index])
             out["aux"] = F.interpolate(aux, size=size, mode="bilinear", align_corners=False)
@@ -224,7 +246,7 @@ class DeepLab(nn.Module):
 
     def classifier_keys(self) -> set[str]:
         """State-dict keys of the final 1x1 convs: the only tensors whose shape depends on num_classes."""
-        finals = [self.head.classifier[-1] if isinstance(self.head, DeepLabHeadV3Plus) else self.head[-1]]
+        finals = [self.head.classifier_conv]
         if self.aux_head is not None:
             finals.append(self.aux_head[-1])
         return {f"{name}.{param}" for name, module in self.named_modules()
@@ -258,10 +280,10 @@ def build_model(arch: str = "deeplabv3plus", backbone: str = "resnet50", num_cla
     local timm or torchvision state dict into the backbone and wins over
     ``pretrained``, so nothing is downloaded.
     """
-    if arch not in ARCHS:
-        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    if arch not in HEADS:
+        raise ValueError(f"arch must be one of {tuple(HEADS)}, got {arch!r}")
     if output_stride not in OUTPUT_STRIDES:
-        raise ValueError(f"output_stride must be 8 or 16, got {output_stride!r}")
+        raise ValueError(f"output_stride must be {' or '.join(map(str, OUTPUT_STRIDES))}, got {output_stride!r}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     if not timm.is_model(backbone):
