@@ -17,90 +17,113 @@ import re
 import time
 import typing
 from dataclasses import dataclass
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
-from .io import ConfigError, atomic_write_bytes
+from segtrain import evaluate, losses, model, schedule
+from segtrain.io import ConfigError, atomic_write_bytes
+
+MIXED_PRECISIONS = (None, "no", "bf16", "fp16")  # Accelerate's (fp16 on CPU runs fp32)
+TRACKERS = ("wandb", "none")  # the train loop's
+
+
+def describe(choices: Collection) -> str:
+    """``a (what a is) | b (...)`` from an owner's collection of choices."""
+    def what(value: Any) -> str:
+        text = value if isinstance(value, str) else (getattr(value, "__doc__", None) or "")
+        return text.strip().splitlines()[0].rstrip(".") if text.strip() else ""
+    items = choices.items() if isinstance(choices, Mapping) else ((c, "") for c in choices if c is not None)
+    return " | ".join(f"{name} ({what(value)})" if what(value) else str(name) for name, value in items)
+
+
+def setting(default: Any, help: str, choices: Optional[Collection] = None,
+            minimum: Optional[float] = None) -> Any:
+    """A config field: its default, its ``--help`` text and the checks ``validate`` derives.
+
+    ``choices`` is the owner's own collection (``model.HEADS``, ``evaluate.PROTOCOLS``, ...),
+    kept by reference: what the owner accepts is what the config accepts, and a mapping's
+    values (descriptions, or classes/functions whose docstring's first line describes
+    them) become the help text.
+    """
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "minimum": minimum})
+
+
+def loss_option(name: str) -> Any:
+    """A field for a loss parameter: default, help and checks come from the loss that declares it."""
+    option = losses.LOSS_OPTIONS[name]
+    return setting(option.default, option.help, option.choices, option.minimum)
 
 
 @dataclass
 class TrainConfig:
-    # data: a manifest (shards/voc-train.json), a shard pattern, or a VOCdevkit root
-    data: str = "shards/voc-train.json"
-    val_data: Optional[str] = None  # default: `data` (voc-train.json stands for its voc-val.json)
-    train_split: Optional[str] = None  # default: the split of the manifest --data names, else train
-    val_split: str = "val"
-    workers: int = 4
+    # data
+    data: str = setting("shards/voc-train.json", "a manifest (shards/voc-train.json), a shard pattern, "
+                        "or a VOCdevkit root")
+    val_data: Optional[str] = setting(None, "validation data; default: `data` (voc-train.json stands for "
+                                      "its voc-val.json)")
+    train_split: Optional[str] = setting(None, "default: the split of the manifest --data names, else train")
+    val_split: str = setting("val", "split to validate on")
+    workers: int = setting(4, "data loading workers per process (capped at the CPUs per process)", minimum=0)
     # run
-    run_dir: Optional[str] = None  # default: runs/<name>
-    name: Optional[str] = None     # default: <arch>-<backbone>-<loss>-<time>
-    seed: int = 0
+    run_dir: Optional[str] = setting(None, "where the run writes everything; default: runs/<name>")
+    name: Optional[str] = setting(None, "run name; default: <arch>-<backbone>-<loss>-<time>")
+    seed: int = setting(0, "seed of weights init, data order and augmentation")
     # model
-    arch: str = "deeplabv3plus"
-    backbone: str = "resnet50.tv_in1k"  # timm name; the tag picks ImageNet weights
-    pretrained: bool = True
-    backbone_weights: Optional[str] = None  # local timm/torchvision state dict; no download
-    output_stride: int = 16
-    separable: bool = False
-    aux_loss_weight: float = 0.0  # > 0 adds torchvision's auxiliary FCN head
-    num_classes: int = 21
-    channels_last: bool = True  # faster convolutions on GPUs (tensor cores) and on CPUs with bf16
+    arch: str = setting("deeplabv3plus", "segmentation head", choices=model.HEADS)
+    backbone: str = setting("resnet50.tv_in1k", "timm model name; the tag picks ImageNet weights")
+    pretrained: bool = setting(True, "start the backbone from ImageNet weights (downloaded by timm)")
+    backbone_weights: Optional[str] = setting(None, "local timm/torchvision state dict for the backbone; "
+                                              "no download")
+    output_stride: int = setting(16, "stride of the deepest features (atrous convolutions beyond it)",
+                                 choices=model.OUTPUT_STRIDES)
+    separable: bool = setting(False, "depthwise-separable 3x3 convs in the head (VainF's option)")
+    aux_loss_weight: float = setting(0.0, "> 0 adds torchvision's auxiliary FCN head with this loss weight",
+                                     minimum=0)
+    num_classes: int = setting(21, "classes the model predicts", minimum=1)
+    channels_last: bool = setting(True, "faster convolutions on GPUs (tensor cores) and on CPUs with bf16")
     # optimisation (iterations count optimizer steps, whatever the number of processes)
-    iterations: int = 5000
-    batch_size: int = 8  # global: processes x per-process batch x grad_accum
-    crop_size: int = 513
-    scale_min: float = 0.5
-    scale_max: float = 2.0
-    color_jitter: bool = False
-    lr: float = 0.01
-    backbone_lr_mult: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    lr_schedule: str = "step"  # step | poly | constant
-    step_size: int = 1000
-    step_gamma: float = 0.9
-    poly_power: float = 0.9
-    warmup_iters: int = 0
-    grad_accum: int = 1
-    grad_clip: float = 0.0  # max global grad norm; 0 = off
-    mixed_precision: Optional[str] = None  # no | bf16 | fp16; None = accelerate's config
-    sync_bn: bool = False
+    iterations: int = setting(5000, "optimizer steps", minimum=1)
+    batch_size: int = setting(8, "global batch: processes x per-process batch x grad_accum", minimum=1)
+    crop_size: int = setting(513, "training crop (pixels, square)", minimum=1)
+    scale_min: float = setting(0.5, "smallest random rescale factor")
+    scale_max: float = setting(2.0, "largest random rescale factor")
+    color_jitter: bool = setting(False, "add colour jitter to the augmentation")
+    lr: float = setting(0.01, "base learning rate (the head's)", minimum=0)
+    backbone_lr_mult: float = setting(0.1, "backbone lr = lr x this", minimum=0)
+    momentum: float = setting(0.9, "SGD momentum", minimum=0)
+    weight_decay: float = setting(1e-4, "SGD weight decay", minimum=0)
+    lr_schedule: str = setting("step", "learning-rate schedule", choices=schedule.SCHEDULES)
+    step_size: int = setting(1000, "step schedule: steps between decays", minimum=1)
+    step_gamma: float = setting(0.9, "step schedule: decay factor")
+    poly_power: float = setting(0.9, "poly schedule: exponent")
+    warmup_iters: int = setting(0, "linear warmup steps", minimum=0)
+    grad_accum: int = setting(1, "micro-batches per optimizer step", minimum=1)
+    grad_clip: float = setting(0.0, "max global grad norm; 0 = off", minimum=0)
+    mixed_precision: Optional[str] = setting(None, "None = accelerate's config", choices=MIXED_PRECISIONS)
+    sync_bn: bool = setting(False, "SyncBatchNorm across processes (GPUs only)")
     # loss (see segtrain/losses.py)
-    loss: str = "ce"
-    class_weighting: str = "enet"  # for weighted_ce: enet (bounded) | median_frequency | inverse
-    focal_gamma: float = 2.0
-    ohem_thresh: float = 0.7
-    ohem_min_kept: int = 100000
+    loss: str = setting("ce", "loss names joined by '+', each with an optional coefficient (e.g. "
+                        f"ce+0.5*dice); names: {describe(losses.LOSSES)}")
+    class_weighting: str = loss_option("class_weighting")
+    focal_gamma: float = loss_option("focal_gamma")
+    ohem_thresh: float = loss_option("ohem_thresh")
+    ohem_min_kept: int = loss_option("ohem_min_kept")
     # validation, checkpoints, logging
-    val_protocol: str = "whole"  # whole | center-crop | ms-flip (see segtrain/evaluate.py)
-    val_every: int = 0  # optimizer steps between validations; 0 = every epoch
-    checkpoint_every: int = 1000
-    keep_checkpoints: int = 3
-    resume: Optional[str] = None  # latest | PATH to a checkpoints/step_* folder
-    tracker: str = "wandb"  # wandb | none
-    wandb_project: str = "segtrain"
-    log_every: int = 10
-    num_val_images: int = 4  # val images with mask overlays sent to the tracker
+    val_protocol: str = setting("whole", "validation protocol", choices=evaluate.PROTOCOLS)
+    val_every: int = setting(0, "optimizer steps between validations; 0 = every epoch", minimum=0)
+    checkpoint_every: int = setting(1000, "optimizer steps between resumable checkpoints", minimum=1)
+    keep_checkpoints: int = setting(3, "resumable checkpoints kept (the newest)", minimum=1)
+    resume: Optional[str] = setting(None, "latest | PATH to a checkpoints/step_* folder")
+    tracker: str = setting("wandb", "experiment tracker", choices=TRACKERS)
+    wandb_project: str = setting("segtrain", "wandb project")
+    log_every: int = setting(10, "optimizer steps between log lines", minimum=1)
+    num_val_images: int = setting(4, "val images with mask overlays sent to the tracker", minimum=0)
 
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
-
-
-CHOICES = {
-    "arch": ("deeplabv3", "deeplabv3plus"),
-    "output_stride": (8, 16),
-    "lr_schedule": ("step", "poly", "constant"),
-    "mixed_precision": (None, "no", "bf16", "fp16"),
-    "class_weighting": ("inverse", "median_frequency", "enet"),
-    "val_protocol": ("whole", "center-crop", "ms-flip"),
-    "tracker": ("wandb", "none"),
-}
-POSITIVE = ("iterations", "batch_size", "crop_size", "step_size", "grad_accum",
-            "checkpoint_every", "keep_checkpoints", "log_every", "num_classes")
-NON_NEGATIVE = ("workers", "lr", "weight_decay", "momentum", "warmup_iters", "grad_clip", "val_every",
-                "aux_loss_weight", "num_val_images", "backbone_lr_mult", "focal_gamma")
 
 
 def _field_type(f: dataclasses.Field) -> type:
@@ -137,21 +160,30 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
-    for name, allowed in CHOICES.items():
-        if getattr(cfg, name) not in allowed:
-            shown = ", ".join(str(a) for a in allowed if a is not None)
-            raise ConfigError(f"{name}: must be one of {shown}, got {getattr(cfg, name)!r}")
-    for name in POSITIVE:
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"{name}: must be >= 1, got {getattr(cfg, name)}")
-    for name in NON_NEGATIVE:
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"{name}: must be >= 0, got {getattr(cfg, name)}")
+    """Check every field against what its owner allows (``setting``'s choices and minimum)."""
+    for f in dataclasses.fields(TrainConfig):
+        value, choices, minimum = getattr(cfg, f.name), f.metadata["choices"], f.metadata["minimum"]
+        if choices is not None and value not in choices:
+            shown = ", ".join(str(c) for c in choices if c is not None)
+            raise ConfigError(f"{f.name}: must be one of {shown}, got {value!r}")
+        if minimum is not None and value < minimum:
+            raise ConfigError(f"{f.name}: must be >= {minimum}, got {value}")
+    try:
+        losses.parse_loss_spec(cfg.loss)
+    except ValueError as e:
+        raise ConfigError(f"loss: {e}") from None
     if not 0 < cfg.scale_min <= cfg.scale_max:
         raise ConfigError(f"scale_min/scale_max: need 0 < scale_min <= scale_max, got {cfg.scale_min}, {cfg.scale_max}")
     if cfg.crop_size < 33:
         raise ConfigError(f"crop_size: must be >= 33 (the model downsamples 16x), got {cfg.crop_size}")
     return cfg
+
+
+def field_help(f: dataclasses.Field) -> str:
+    """The ``--help`` line of a field: its help, its choices as their owner describes them, its default."""
+    choices = f.metadata["choices"]
+    text = f.metadata["help"] + (f"; one of: {describe(choices)}" if choices is not None else "")
+    return f"{text} (default: {f.default})".replace("%", "%%")
 
 
 def load_yaml(path: str) -> dict:
@@ -186,8 +218,7 @@ def parse_config(argv: Optional[list[str]] = None) -> TrainConfig:
     ap.add_argument("--config", action="append", default=[], help="YAML file of config keys (repeatable)")
     for f in dataclasses.fields(TrainConfig):
         flags = sorted({f"--{f.name}", f"--{f.name.replace('_', '-')}"})
-        ap.add_argument(*flags, dest=f.name, metavar=_field_type(f).__name__.upper(),
-                        help=f"default: {f.default}")
+        ap.add_argument(*flags, dest=f.name, metavar=_field_type(f).__name__.upper(), help=field_help(f))
     args = vars(ap.parse_args(argv))
     cfg = TrainConfig()
     for path in args.pop("config"):

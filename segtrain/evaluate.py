@@ -47,7 +47,11 @@ from segtrain.cli import OtherProcessFailed, check_launch, user_errors
 from segtrain.io import atomic_write_bytes
 from segtrain.voc import CLASSES, IGNORE_INDEX
 
-PROTOCOLS = ("whole", "center-crop", "ms-flip")
+PROTOCOLS = {  # --protocol here, --val-protocol in training (see the module docstring)
+    "whole": "each image at its own size (standard VOC)",
+    "center-crop": "shorter side to 513, centre crop 513 (VainF's)",
+    "ms-flip": "softmax averaged over 6 scales and flips (mmsegmentation's)",
+}
 MS_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # mmsegmentation's ratios for VOC / ADE20K
 CROP_SIZE = 513
 
@@ -195,7 +199,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--data", required=True,
                         help="shard manifest (shards/voc-val.json), shard pattern or VOCdevkit folder")
     parser.add_argument("--split", default="val")
-    parser.add_argument("--protocol", choices=PROTOCOLS, default="whole")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="whole",
+                        help="; ".join(f"{name}: {what}" for name, what in PROTOCOLS.items()))
     parser.add_argument("--crop-size", type=int, default=CROP_SIZE, help="for --protocol center-crop")
     parser.add_argument("--out", type=Path,
                         help="metrics JSON (default: eval_{split}_{protocol}.json next to the checkpoint)")

@@ -14,9 +14,13 @@ a scalar, and shares three guarantees (see ``SegmentationLoss``):
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 import re
-from typing import Optional, Sequence
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +28,26 @@ from torch import Tensor, nn
 
 from segtrain.voc import IGNORE_INDEX, NUM_CLASSES
 
-WEIGHTINGS = ("inverse", "median_frequency", "enet")
+WEIGHTINGS = {  # --class-weighting (see class_weights)
+    "inverse": "1/freq, scaled to mean 1",
+    "median_frequency": "median(freq)/freq (Eigen & Fergus)",
+    "enet": "1/ln(1.02 + freq) (ENet; bounded by ~50)",
+}
+
+
+@dataclass(frozen=True)
+class LossOption:
+    """A loss parameter that the config exposes as a field (``focal_gamma`` -> ``--focal-gamma``).
+
+    ``arg`` is the constructor argument it sets; its default is that argument's default
+    (filled in by ``LOSS_OPTIONS``), so the value has one owner: the loss's signature.
+    """
+
+    arg: str
+    help: str
+    choices: Optional[Mapping[str, str]] = None
+    minimum: Optional[float] = None
+    default: Any = None
 
 
 def class_weights(pixel_counts: Sequence[int], method: str = "enet") -> Tensor:
@@ -77,7 +100,23 @@ def _valid_pixels(logits: Tensor, target: Tensor, ignore_index: int) -> tuple[Te
 
 
 class SegmentationLoss(nn.Module):
-    """Base class: checks shapes, turns autocast off, casts logits to float32, then ``compute``."""
+    """Base class: checks shapes, turns autocast off, casts logits to float32, then ``compute``.
+
+    A subclass declares the parameters the config may set in ``options`` (config field ->
+    ``LossOption``); ``from_options`` builds it from those values.
+    """
+
+    options: ClassVar[dict[str, LossOption]] = {}
+
+    @classmethod
+    def option_kwargs(cls, options: Mapping[str, Any]) -> dict[str, Any]:
+        """The constructor arguments that ``options`` (config field -> value) sets for this loss."""
+        return {o.arg: options[name] for name, o in cls.options.items() if name in options}
+
+    @classmethod
+    def from_options(cls, num_classes: int, ignore_index: int, options: Mapping[str, Any],
+                     class_pixel_counts: Optional[Sequence[int]] = None) -> SegmentationLoss:
+        return cls(num_classes, ignore_index, **cls.option_kwargs(options))
 
     def __init__(self, num_classes: int = NUM_CLASSES, ignore_index: int = IGNORE_INDEX) -> None:
         super().__init__()
@@ -125,6 +164,26 @@ class CrossEntropyLoss(SegmentationLoss):
         return _safe_div(total, den.to(total.dtype))
 
 
+class WeightedCrossEntropyLoss(CrossEntropyLoss):
+    """Cross-entropy with per-class weights from the training set's pixel counts (the train manifest's)."""
+
+    options = {"class_weighting": LossOption("weighting", "how weighted_ce turns class pixel counts into weights",
+                                             choices=WEIGHTINGS)}
+
+    def __init__(self, num_classes: int = NUM_CLASSES, ignore_index: int = IGNORE_INDEX,
+                 class_pixel_counts: Optional[Sequence[int]] = None, weighting: str = "enet") -> None:
+        if class_pixel_counts is None:
+            raise ValueError("weighted_ce needs class pixel counts (the train manifest's class_pixel_counts)")
+        if len(class_pixel_counts) != num_classes:
+            raise ValueError(f"weighted_ce: {len(class_pixel_counts)} class pixel counts for {num_classes} classes")
+        super().__init__(num_classes, ignore_index, weight=class_weights(class_pixel_counts, weighting))
+
+    @classmethod
+    def from_options(cls, num_classes: int, ignore_index: int, options: Mapping[str, Any],
+                     class_pixel_counts: Optional[Sequence[int]] = None) -> SegmentationLoss:
+        return cls(num_classes, ignore_index, class_pixel_counts, **cls.option_kwargs(options))
+
+
 class FocalLoss(SegmentationLoss):
     """Softmax focal loss (Lin et al. 2017): mean over labelled pixels of alpha_y (1 - p_y)^gamma CE.
 
@@ -136,6 +195,8 @@ class FocalLoss(SegmentationLoss):
     i.e. plain CE, but averages over all pixels including ignored ones; here
     the mean is over labelled pixels only, like ``nn.CrossEntropyLoss``.
     """
+
+    options = {"focal_gamma": LossOption("gamma", "focal loss exponent; 0 = cross-entropy", minimum=0)}
 
     def __init__(self, num_classes: int = NUM_CLASSES, ignore_index: int = IGNORE_INDEX,
                  gamma: float = 2.0, alpha: Optional[float | Sequence[float]] = None) -> None:
@@ -245,6 +306,10 @@ class OhemCrossEntropyLoss(SegmentationLoss):
     ties at the cut are kept too). Ignore pixels are never kept.
     """
 
+    options = {"ohem_thresh": LossOption("thresh", "ohem: pixels whose true-class probability is below this are hard"),
+               "ohem_min_kept": LossOption("min_kept", "ohem: keep at least this many hardest pixels per batch",
+                                           minimum=0)}
+
     def __init__(self, num_classes: int = NUM_CLASSES, ignore_index: int = IGNORE_INDEX,
                  thresh: float = 0.7, min_kept: int = 100_000) -> None:
         super().__init__(num_classes, ignore_index)
@@ -283,50 +348,62 @@ class CombinedLoss(nn.Module):
         return "+".join(f"{coef:g}*{name}" for coef, name in zip(self.coefs, self.names))
 
 
-LOSS_NAMES = ("ce", "weighted_ce", "focal", "dice", "lovasz", "ohem")
+# --loss: one entry per loss. A loss with a parameter declares it in its ``options``
+# (and the config gets one field for it: see LOSS_OPTIONS).
+LOSSES: dict[str, type[SegmentationLoss]] = {
+    "ce": CrossEntropyLoss, "weighted_ce": WeightedCrossEntropyLoss, "focal": FocalLoss,
+    "dice": DiceLoss, "lovasz": LovaszSoftmaxLoss, "ohem": OhemCrossEntropyLoss,
+}
+LOSS_NAMES = tuple(LOSSES)
+
+
+def _declared_options() -> dict[str, LossOption]:
+    options = {}
+    for cls in LOSSES.values():
+        for name, option in cls.options.items():
+            default = inspect.signature(cls).parameters[option.arg].default
+            options[name] = dataclasses.replace(option, default=default)
+    return options
+
+
+LOSS_OPTIONS: dict[str, LossOption] = _declared_options()  # config field -> option, default included
 _TERM = re.compile(r"^(?:(?P<coef>[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*\*\s*)?(?P<name>[a-z_]+)$")
 
 
-def build_loss(spec: str, num_classes: int = NUM_CLASSES, ignore_index: int = IGNORE_INDEX,
-               class_pixel_counts: Optional[Sequence[int]] = None, weighting: str = "enet",
-               focal_gamma: float = 2.0, focal_alpha: Optional[float | Sequence[float]] = None,
-               ohem_thresh: float = 0.7, ohem_min_kept: int = 100_000) -> nn.Module:
-    """The loss named by ``spec``: one of LOSS_NAMES, or ``[coef*]name`` terms joined by '+'.
-
-    Examples: ``"ce"``, ``"focal"``, ``"ce+dice"``, ``"weighted_ce+lovasz"``,
-    ``"ce+0.5*dice"``. ``weighted_ce`` takes ``class_weights(class_pixel_counts,
-    weighting)``, the counts coming from the train manifest.
-    """
-    def single(name: str) -> nn.Module:
-        if name == "ce":
-            return CrossEntropyLoss(num_classes, ignore_index)
-        if name == "weighted_ce":
-            if class_pixel_counts is None:
-                raise ValueError("weighted_ce needs class pixel counts (the train manifest's class_pixel_counts)")
-            if len(class_pixel_counts) != num_classes:
-                raise ValueError(f"weighted_ce: {len(class_pixel_counts)} class pixel counts for {num_classes} classes")
-            return CrossEntropyLoss(num_classes, ignore_index, weight=class_weights(class_pixel_counts, weighting))
-        if name == "focal":
-            return FocalLoss(num_classes, ignore_index, gamma=focal_gamma, alpha=focal_alpha)
-        if name == "dice":
-            return DiceLoss(num_classes, ignore_index)
-        if name == "lovasz":
-            return LovaszSoftmaxLoss(num_classes, ignore_index)
-        if name == "ohem":
-            return OhemCrossEntropyLoss(num_classes, ignore_index, thresh=ohem_thresh, min_kept=ohem_min_kept)
-        raise ValueError(f"unknown loss {name!r} in {spec!r}; valid names: {', '.join(LOSS_NAMES)}, "
-                         f"combined as e.g. 'ce+0.5*dice'")
-
+def parse_loss_spec(spec: str) -> list[tuple[float, str]]:
+    """``"ce+0.5*dice"`` -> ``[(1.0, "ce"), (0.5, "dice")]``; ValueError naming what is wrong."""
     terms = []
     for term in spec.replace(" ", "").split("+"):
         match = _TERM.match(term)
         if match is None:
             raise ValueError(f"bad loss term {term!r} in {spec!r}; expected 'name' or 'coef*name' joined by '+', "
                              f"names: {', '.join(LOSS_NAMES)}")
+        if match["name"] not in LOSSES:
+            raise ValueError(f"unknown loss {match['name']!r} in {spec!r}; valid names: {', '.join(LOSS_NAMES)}, "
+                             f"combined as e.g. 'ce+0.5*dice'")
         coef = float(match["coef"]) if match["coef"] else 1.0
         if not (math.isfinite(coef) and coef > 0):
             raise ValueError(f"loss coefficient must be positive, got {match['coef']} in {spec!r}")
-        terms.append((coef, match["name"], single(match["name"])))
+        terms.append((coef, match["name"]))
+    return terms
+
+
+def build_loss(spec: str, num_classes: int = NUM_CLASSES, ignore_index: int = IGNORE_INDEX,
+               class_pixel_counts: Optional[Sequence[int]] = None,
+               options: Optional[Mapping[str, Any]] = None) -> nn.Module:
+    """The loss named by ``spec``: one of LOSS_NAMES, or ``[coef*]name`` terms joined by '+'.
+
+    Examples: ``"ce"``, ``"focal"``, ``"ce+dice"``, ``"weighted_ce+lovasz"``,
+    ``"ce+0.5*dice"``. ``options`` sets the losses' declared options by name
+    (``{"focal_gamma": 1.0}``, see LOSS_OPTIONS); the others keep their defaults.
+    ``weighted_ce`` weighs classes by ``class_pixel_counts`` (from the train manifest).
+    """
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(LOSS_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown loss option(s) {', '.join(unknown)}; known: {', '.join(LOSS_OPTIONS)}")
+    terms = [(coef, name, LOSSES[name].from_options(num_classes, ignore_index, options, class_pixel_counts))
+             for coef, name in parse_loss_spec(spec)]
     if len(terms) == 1 and terms[0][0] == 1.0:
         return terms[0][2]
     return CombinedLoss(terms)

@@ -45,32 +45,15 @@ from segtrain.cli import check_launch, user_errors
 from segtrain.config import TrainConfig, config_to_dict, parse_config, save_config
 from segtrain.evaluate import evaluate, loader_protocol
 from segtrain.io import ConfigError, atomic_write_bytes, checkpoint_dirs, read_manifest, read_metrics_log
-from segtrain.losses import build_loss
+from segtrain.losses import LOSS_OPTIONS, build_loss
 from segtrain.metrics import to_jsonable
 from segtrain.model import PretrainedWeightsUnavailable, build_model, save_checkpoint
+from segtrain.schedule import lr_factor
 from segtrain.transforms import denormalize, normalize
 from segtrain.voc import CLASSES, NUM_CLASSES, read_split
 
 
 # ----------------------------------------------------------------------------- schedule
-
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of the base lr at optimizer step ``step`` (0-based).
-
-    A function of the optimizer step alone, set by the loop itself, so the
-    schedule is identical on 1 or N processes (a scheduler passed through
-    ``accelerator.prepare`` would step once per process).
-    """
-    if cfg.lr_schedule == "step":
-        factor = cfg.step_gamma ** (step // cfg.step_size)
-    elif cfg.lr_schedule == "poly":
-        factor = (1 - min(step, cfg.iterations) / cfg.iterations) ** cfg.poly_power
-    else:
-        factor = 1.0
-    if step < cfg.warmup_iters:
-        factor *= (step + 1) / cfg.warmup_iters
-    return factor
-
 
 def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
     """Backbone at lr x backbone_lr_mult (0.1 in the reference recipe), head(s) at lr."""
@@ -316,8 +299,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                             cfg.backbone_weights, cfg.separable, aux_head=cfg.aux_loss_weight > 0)
         criterion = build_loss(cfg.loss, cfg.num_classes,
                                class_pixel_counts=train_manifest["class_pixel_counts"] if train_manifest else None,
-                               weighting=cfg.class_weighting, focal_gamma=cfg.focal_gamma,
-                               ohem_thresh=cfg.ohem_thresh, ohem_min_kept=cfg.ohem_min_kept)
+                               options={name: getattr(cfg, name) for name in LOSS_OPTIONS})
     except (ValueError, FileNotFoundError, PretrainedWeightsUnavailable) as e:  # bad backbone/loss/weights
         raise ConfigError(str(e)) from None
     if cfg.sync_bn and world > 1:

@@ -23,8 +23,9 @@ def make_batch(seed=0, n=2, h=6, w=7, ignore_frac=0.25):
 
 def loss_for(spec):
     # min_kept small so OHEM actually drops pixels on these tiny batches; alpha per class to exercise it.
-    return build_loss(spec, num_classes=C, class_pixel_counts=COUNTS, focal_alpha=[0.5, 1.0, 1.5, 2.0],
-                      ohem_min_kept=5)
+    if spec == "focal":
+        return FocalLoss(C, alpha=[0.5, 1.0, 1.5, 2.0])
+    return build_loss(spec, num_classes=C, class_pixel_counts=COUNTS, options={"ohem_min_kept": 5})
 
 
 def value_and_grad(loss_fn, logits, target):
@@ -56,7 +57,7 @@ def test_focal_by_hand():
 
 def test_weighted_ce_with_unit_weights_is_ce_and_matches_torch_weighting():
     logits, target = make_batch(1)
-    ones = build_loss("weighted_ce", C, class_pixel_counts=[10] * C, weighting="inverse")  # all weights 1
+    ones = build_loss("weighted_ce", C, class_pixel_counts=[10] * C, options={"class_weighting": "inverse"})  # all weights 1
     torch.testing.assert_close(ones(logits, target), F.cross_entropy(logits, target, ignore_index=255))
     w = class_weights(COUNTS, "enet")  # the default weighting
     weighted = build_loss("weighted_ce", C, class_pixel_counts=COUNTS)
@@ -94,6 +95,8 @@ def test_class_weights_and_build_loss_errors():
         build_loss("ce+", C)
     with pytest.raises(ValueError, match="positive"):
         build_loss("0*ce", C)
+    with pytest.raises(ValueError, match="unknown loss option.*focal_gama"):
+        build_loss("focal", C, options={"focal_gama": 1.0})
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
         build_loss("ce", C)(torch.zeros(1, C, 8, 8), torch.zeros(1, 4, 4, dtype=torch.long))
 
@@ -145,8 +148,8 @@ def test_combined_spec_equals_weighted_sum():
     assert isinstance(combined, CombinedLoss) and combined.coefs == [1.0, 0.5]
     expected = build_loss("ce", C)(logits, target) + 0.5 * build_loss("dice", C)(logits, target)
     torch.testing.assert_close(combined(logits, target), expected)
-    combined = build_loss(" weighted_ce + 2e-1 * lovasz ", C, class_pixel_counts=COUNTS, weighting="enet")
-    expected = (build_loss("weighted_ce", C, class_pixel_counts=COUNTS, weighting="enet")(logits, target)
+    combined = build_loss(" weighted_ce + 2e-1 * lovasz ", C, class_pixel_counts=COUNTS, options={"class_weighting": "enet"})
+    expected = (build_loss("weighted_ce", C, class_pixel_counts=COUNTS, options={"class_weighting": "enet"})(logits, target)
                 + 0.2 * build_loss("lovasz", C)(logits, target))
     torch.testing.assert_close(combined(logits, target), expected)
 
@@ -239,3 +242,14 @@ def test_ohem_keeps_only_hard_pixels_by_hand():
 
     grad = value_and_grad(OhemCrossEntropyLoss(2, thresh=0.7, min_kept=0), logits, target)[1]
     assert (grad[..., [0, 3, 4]] == 0).all() and (grad[..., [1, 2]] != 0).all()
+
+
+def test_options_reach_the_loss_that_declares_them_and_default_to_its_signature():
+    from segtrain.losses import LOSS_OPTIONS, LOSSES
+    built = build_loss("focal+ohem", C, options={"focal_gamma": 0.5, "ohem_thresh": 0.3, "ohem_min_kept": 7})
+    focal, ohem = built.losses
+    assert (focal.gamma, ohem.thresh, ohem.min_kept) == (0.5, 0.3, 7)
+    assert build_loss("focal", C).gamma == LOSS_OPTIONS["focal_gamma"].default == 2.0
+    assert LOSS_OPTIONS["ohem_min_kept"].default == OhemCrossEntropyLoss(C).min_kept
+    owners = {name: cls for cls in LOSSES.values() for name in cls.options}
+    assert set(owners) == set(LOSS_OPTIONS) == {"class_weighting", "focal_gamma", "ohem_thresh", "ohem_min_kept"}
