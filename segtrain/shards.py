@@ -156,6 +156,14 @@ def _shard_sizes(source: DataSource) -> tuple[int, ...]:
     return source.shard_sizes if source.shard_sizes is not None else _count_shard_samples(source.urls)
 
 
+def batches_per_epoch(source: DataSource, batch_size: int, world_size: int) -> int:
+    """Batches of ``batch_size`` that ``train_loader`` gives each of ``world_size`` ranks per epoch."""
+    num_samples = sum(_shard_sizes(source)) if source.kind == "shards" else source.num_samples
+    if num_samples == 0:
+        raise DataError(f"{source.location}: no {source.split} samples to train on")
+    return max(1, num_samples // (world_size * batch_size))
+
+
 def _resolve_rank(rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
     if rank is None and world_size is None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -342,11 +350,7 @@ def train_loader(data: str | Path, batch_size: int, crop_size: int, *, split: st
     """
     rank, world_size = _resolve_rank(rank, world_size)
     source = resolve_data(data, split)
-    sizes = _shard_sizes(source) if source.kind == "shards" else None
-    num_samples = sum(sizes) if sizes is not None else source.num_samples
-    if num_samples == 0:
-        raise DataError(f"{source.location}: no {split} samples to train on")
-    steps = max(1, num_samples // (world_size * batch_size))
+    steps = batches_per_epoch(source, batch_size, world_size)
     transform = train_transforms(crop_size, scale=scale, color_jitter=color_jitter, normalize=False)
     # DataLoader draws its workers' base seed from the global RNG unless given a generator.
     generator = torch.Generator().manual_seed(_mix(seed, epoch, rank, 1))
@@ -365,7 +369,7 @@ def train_loader(data: str | Path, batch_size: int, crop_size: int, *, split: st
                             num_workers=num_workers, collate_fn=_stack, generator=generator)
         return loader, steps
 
-    stream = _TrainShardStream(source.urls, sizes, transform, batch_size, steps, seed, epoch, rank)
+    stream = _TrainShardStream(source.urls, _shard_sizes(source), transform, batch_size, steps, seed, epoch, rank)
     # batch_size=None: the workers batch (into shared memory) and the DataLoader passes
     # their batches through. A worker beyond `steps` would have no batch to make.
     loader = DataLoader(stream, batch_size=None, num_workers=min(num_workers, steps), generator=generator)

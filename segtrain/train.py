@@ -22,7 +22,6 @@ if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import contextlib
-import dataclasses
 import itertools
 import json
 import math
@@ -43,14 +42,15 @@ from tqdm import tqdm
 from segtrain import shards
 from segtrain.cli import check_launch, user_errors
 from segtrain.config import TrainConfig, config_to_dict, parse_config, save_config
-from segtrain.evaluate import evaluate, loader_protocol
-from segtrain.io import ConfigError, atomic_write_bytes, checkpoint_dirs, read_manifest, read_metrics_log
-from segtrain.losses import LOSS_OPTIONS, build_loss
+from segtrain.evaluate import evaluate
+from segtrain.io import ConfigError, atomic_write_bytes, checkpoint_dirs, read_metrics_log
+from segtrain.losses import build_loss
 from segtrain.metrics import to_jsonable
 from segtrain.model import PretrainedWeightsUnavailable, build_model, save_checkpoint
+from segtrain.plan import plan_run
 from segtrain.schedule import lr_factor
 from segtrain.transforms import denormalize, normalize
-from segtrain.voc import CLASSES, NUM_CLASSES, read_split
+from segtrain.voc import CLASSES
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -126,42 +126,6 @@ class MetricsLog:
                 f.write(json.dumps(to_jsonable(record), allow_nan=False) + "\n")
 
 
-def resolve_resume(resume: str, run_dir: Path) -> Path:
-    if resume == "latest":
-        found = checkpoint_dirs(run_dir)
-        if not found:
-            raise ConfigError(f"resume: no checkpoint in {run_dir / 'checkpoints'} to resume from")
-        return found[-1]
-    path = Path(resume)
-    if not (path / "custom_checkpoint_0.pkl").is_file():  # the TrainState that save_state writes
-        raise ConfigError(f"resume: {path} is not a checkpoint folder (expected RUN_DIR/checkpoints/step_*)")
-    return path
-
-
-def sample_ids(source: shards.DataSource) -> Optional[set]:
-    """The sample ids a data source holds, when it says (manifests and VOC folders do)."""
-    if source.manifest is not None:
-        return {sid for shard in source.manifest["shards"] for sid in shard.get("ids", ())} or None
-    if source.voc_root is not None:
-        return set(read_split(source.voc_root, source.split))
-    return None
-
-
-def check_disjoint(train_source: shards.DataSource, val_source: shards.DataSource) -> None:
-    """Refuse to validate (and pick best.pt) on images the model trains on."""
-    train_ids, val_ids = sample_ids(train_source), sample_ids(val_source)
-    if train_ids is None or val_ids is None:
-        if train_source.urls and train_source.urls == val_source.urls:
-            raise ConfigError("val_data: shard patterns carry no split, so validation would read the "
-                              "training shards; pass --val-data")
-        return
-    shared = train_ids & val_ids
-    if shared:
-        raise ConfigError(f"val_data: {len(shared)} validation images are also training images "
-                          f"(e.g. {sorted(shared)[0]}; train {train_source.location}, val "
-                          f"{val_source.location}); validate on a disjoint split with --val-data")
-
-
 def save_training_state(accelerator: Accelerator, run_dir: Path, step: int, keep: int) -> None:
     """``save_state`` into a temp folder, then rename: a crash never leaves a half checkpoint
     that ``--resume latest`` would pick. Assumes RUN_DIR is on a filesystem all nodes share."""
@@ -229,11 +193,6 @@ class TrainResult:
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Train with ``cfg``. Called on every process; each gets the same result."""
-    if cfg.train_split is None:
-        # --data voc-train_aug.json means train_aug: never silently its voc-train.json sibling.
-        named = cfg.data.endswith(".json") and read_manifest(cfg.data)["split"]
-        cfg = dataclasses.replace(cfg, train_split=named or "train")
-    run_dir = cfg.resolved_run_dir()
     # Accelerate keeps one AcceleratorState per process and refuses a second precision;
     # clear it (not the distributed PartialState) so that every train() call in one
     # process (notebooks, bench scripts, tests) configures its own run.
@@ -241,65 +200,30 @@ def train(cfg: TrainConfig) -> TrainResult:
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
                               log_with="wandb" if cfg.tracker == "wandb" else None)
     check_launch(accelerator.num_processes)
+    plan = plan_run(cfg, accelerator.num_processes, accelerator.device.type, accelerator.mixed_precision)
+    cfg, run_dir = plan.cfg, plan.run_dir
+    for note in plan.notes:
+        warnings.warn(note)
     main = accelerator.is_main_process
     world = accelerator.num_processes
     device = accelerator.device
     say = accelerator.print
-    if cfg.batch_size % (world * cfg.grad_accum):
-        raise ConfigError(f"batch_size: the global batch {cfg.batch_size} must be divisible by "
-                          f"processes x grad_accum = {world} x {cfg.grad_accum}")
-    per_process_batch = cfg.batch_size // (world * cfg.grad_accum)
-    # More loader workers than CPUs per process only adds contention.
-    workers = min(cfg.workers, max(1, (os.cpu_count() or 1) // world)) if cfg.workers else 0
-    if accelerator.mixed_precision == "fp16" and device.type == "cpu":
-        warnings.warn("mixed_precision fp16 does nothing on CPU (Accelerate runs fp32); use bf16")
-    if per_process_batch < 2 and not (cfg.sync_bn and world > 1):
-        raise ConfigError(f"batch_size: {per_process_batch} image per process and step; the image-pooling "
-                          "BatchNorm of ASPP needs at least 2 (raise --batch-size, lower --grad-accum, "
-                          "or use --sync-bn true on GPUs)")
-    if cfg.sync_bn and world > 1 and device.type == "cpu":
-        raise ConfigError("sync_bn: PyTorch's SyncBatchNorm runs only on GPUs (CUDA, XPU, HPU); "
-                          "drop --sync-bn for CPU processes")
-    if world > 1 and not cfg.sync_bn and per_process_batch < 8 and device.type != "cpu":
-        warnings.warn(f"{per_process_batch} images per process and --sync-bn off: BatchNorm statistics "
-                      "come from very few images; consider --sync-bn true")
-    if not cfg.resume and (run_dir / "metrics.jsonl").exists():
-        raise ConfigError(f"run_dir: {run_dir} already holds a run; pass --resume latest to continue it, "
-                          "or choose another --run-dir")
+    per_process_batch, steps_per_epoch = plan.per_process_batch, plan.steps_per_epoch
     set_seed(cfg.seed)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not cfg.resume:  # a resumed run keeps the config it was started with
             save_config(cfg, run_dir / "config.yaml")
 
-    # Data. The loader is rebuilt per epoch from (seed, epoch, rank), which is what
-    # makes resuming exact: the same epoch replays the same batches.
     def epoch_loader(epoch: int):
-        return shards.train_loader(cfg.data, per_process_batch, cfg.crop_size, split=cfg.train_split,
-                                   num_workers=workers, seed=cfg.seed, epoch=epoch,
-                                   rank=accelerator.process_index, world_size=world,
-                                   color_jitter=cfg.color_jitter, scale=(cfg.scale_min, cfg.scale_max))
-    _, batches_per_epoch = epoch_loader(0)
-    if batches_per_epoch < cfg.grad_accum:
-        raise ConfigError(f"grad_accum: an epoch has only {batches_per_epoch} batches of {per_process_batch} "
-                          f"per process, fewer than grad_accum={cfg.grad_accum}")
-    steps_per_epoch = batches_per_epoch // cfg.grad_accum
-    val_data = cfg.val_data or cfg.data  # a train manifest stands for its voc-val.json sibling
-    train_source = shards.resolve_data(cfg.data, cfg.train_split)
-    check_disjoint(train_source, shards.resolve_data(val_data, cfg.val_split))
-    train_manifest = train_source.manifest
-    data_classes = len(train_manifest["class_names"]) if train_manifest else NUM_CLASSES
-    if cfg.num_classes < data_classes:
-        raise ConfigError(f"num_classes: {cfg.num_classes}, but the labels of {cfg.data} go up to "
-                          f"{data_classes - 1}")
+        return shards.train_loader(**plan.train_loader, epoch=epoch, rank=accelerator.process_index)
 
     # Model, loss, optimizer.
     try:
         model = build_model(cfg.arch, cfg.backbone, cfg.num_classes, cfg.output_stride, cfg.pretrained,
                             cfg.backbone_weights, cfg.separable, aux_head=cfg.aux_loss_weight > 0)
-        criterion = build_loss(cfg.loss, cfg.num_classes,
-                               class_pixel_counts=train_manifest["class_pixel_counts"] if train_manifest else None,
-                               options={name: getattr(cfg, name) for name in LOSS_OPTIONS})
+        criterion = build_loss(cfg.loss, cfg.num_classes, class_pixel_counts=plan.class_pixel_counts,
+                               options=plan.loss_options)
     except (ValueError, FileNotFoundError, PretrainedWeightsUnavailable) as e:  # bad backbone/loss/weights
         raise ConfigError(str(e)) from None
     if cfg.sync_bn and world > 1:
@@ -309,17 +233,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     optimizer = torch.optim.SGD(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
-    state = TrainState({"data": cfg.data, "train_split": cfg.train_split, "seed": cfg.seed,
-                        "processes": world, "per_process_batch": per_process_batch,
-                        "grad_accum": cfg.grad_accum, "workers": workers, "crop_size": cfg.crop_size})
+    state = TrainState(plan.data_order)
     accelerator.register_for_checkpointing(state)
 
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=main)
     if cfg.resume:
-        path = resolve_resume(cfg.resume, run_dir)
-        accelerator.load_state(str(path))
+        accelerator.load_state(str(plan.resume_from))
         state.check_resume()
-        say(f"resumed from {path} at step {state.step}")
+        say(f"resumed from {plan.resume_from} at step {state.step}")
         log.truncate_after(state.step)
     if cfg.tracker == "wandb":
         accelerator.init_trackers(cfg.wandb_project, config=config_to_dict(cfg),
@@ -328,9 +249,6 @@ def train(cfg: TrainConfig) -> TrainResult:
         f"{per_process_batch} images/process x {cfg.grad_accum} accumulation = global batch {cfg.batch_size}, "
         f"{steps_per_epoch} steps/epoch, {cfg.iterations} steps -> {run_dir}")
 
-    # Validation runs under the training precision (fp16 autocast exists only on GPUs).
-    eval_autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16 if device.type == "cuda" else None
-                           }.get(accelerator.mixed_precision)
 
     def validate(step: int) -> dict:
         sync_buffers(model, accelerator)
@@ -344,12 +262,10 @@ def train(cfg: TrainConfig) -> TrainResult:
                                      "mask": masks[i].cpu().numpy().astype("uint8"),
                                      "pred": preds[i].cpu().numpy().astype("uint8")})
 
-        loader = shards.val_loader(val_data, split=cfg.val_split, num_workers=min(workers, 2),
-                                   protocol=loader_protocol(cfg.val_protocol), crop_size=cfg.crop_size,
-                                   rank=accelerator.process_index, world_size=world)
+        loader = shards.val_loader(**plan.val_loader, rank=accelerator.process_index)
         metrics = evaluate(accelerator.unwrap_model(model), loader, device, num_classes=cfg.num_classes,
                            protocol=cfg.val_protocol,
-                           autocast_dtype=eval_autocast_dtype,
+                           autocast_dtype=plan.eval_autocast_dtype,
                            accelerator=accelerator, on_batch=keep_examples if main else None)
         record = {"step": step, "epoch": step / steps_per_epoch, "val/miou": metrics["miou"],
                   "val/pixel_acc": metrics["pixel_acc"], "val/mean_class_acc": metrics["mean_class_acc"],

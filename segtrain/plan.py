@@ -1,0 +1,175 @@
+"""The run plan: everything a training run derives from its config, and every up-front check.
+
+    plan = plan_run(cfg, world_size=accelerator.num_processes, device_type=accelerator.device.type,
+                    mixed_precision=accelerator.mixed_precision)
+
+``plan_run`` is a function of its arguments and of the files they name (manifests, the
+run directory): it starts no process, builds no model and opens no loader, so tests
+check its arithmetic and its errors directly. A bad config fails here, with one
+ConfigError/DataError, before anything is written. New checks of a run belong here.
+
+The loader arguments are kept as the very keyword arguments ``train()`` passes to
+``shards.train_loader`` / ``shards.val_loader``; the record a resume compares
+(``RunPlan.data_order``) is built from them, so it cannot drift from what the loader gets.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from segtrain import shards
+from segtrain.config import TrainConfig
+from segtrain.evaluate import loader_protocol
+from segtrain.io import ConfigError, checkpoint_dirs, read_manifest
+from segtrain.losses import LOSS_OPTIONS
+from segtrain.voc import NUM_CLASSES, read_split
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What ``train()`` needs besides the config (``cfg``, with ``train_split`` resolved)."""
+
+    cfg: TrainConfig
+    run_dir: Path
+    resume_from: Optional[Path]       # the checkpoint folder --resume names, checked to exist
+    world_size: int                   # processes
+    per_process_batch: int            # images per process per micro-batch
+    steps_per_epoch: int              # optimizer steps
+    train_loader: dict[str, Any]      # shards.train_loader's keyword arguments, but epoch and rank
+    val_loader: dict[str, Any]        # shards.val_loader's keyword arguments, but rank
+    loss_options: dict[str, Any]      # build_loss(options=...): the config's value of every loss option
+    class_pixel_counts: Optional[list[int]]  # for weighted_ce, from the train manifest
+    eval_autocast_dtype: Optional[torch.dtype]  # validation runs under the training precision
+    notes: tuple[str, ...] = ()       # warnings for the user (the run can go on)
+
+    @property
+    def data_order(self) -> dict[str, Any]:
+        """Every setting the sequence of batches depends on: a resume must match them all."""
+        return dict(self.train_loader, grad_accum=self.cfg.grad_accum)
+
+    @property
+    def workers(self) -> int:
+        return self.train_loader["num_workers"]
+
+    def logs_at(self, step: int) -> bool:
+        return step % self.cfg.log_every == 0 or step == self.cfg.iterations
+
+    def validates_at(self, step: int) -> bool:
+        every = self.cfg.val_every or self.steps_per_epoch
+        return step % every == 0 or step == self.cfg.iterations
+
+    def checkpoints_at(self, step: int) -> bool:
+        return step % self.cfg.checkpoint_every == 0 or step == self.cfg.iterations
+
+
+def plan_run(cfg: TrainConfig, world_size: int = 1, device_type: str = "cpu",
+             mixed_precision: str = "no") -> RunPlan:
+    """Derive the run's plan from ``cfg`` for ``world_size`` processes on ``device_type``
+    devices (``accelerator.device.type``) under ``mixed_precision`` (Accelerate's resolved value)."""
+    if cfg.train_split is None:
+        # --data voc-train_aug.json means train_aug: never silently its voc-train.json sibling.
+        named = cfg.data.endswith(".json") and read_manifest(cfg.data)["split"]
+        cfg = dataclasses.replace(cfg, train_split=named or "train")
+    per_process_batch, notes = check_batch(cfg, world_size, device_type)
+    if mixed_precision == "fp16" and device_type == "cpu":
+        notes += ("mixed_precision fp16 does nothing on CPU (Accelerate runs fp32); use bf16",)
+    run_dir = cfg.resolved_run_dir()
+    resume_from = resolve_resume(cfg.resume, run_dir) if cfg.resume else None
+    if resume_from is None and (run_dir / "metrics.jsonl").exists():
+        raise ConfigError(f"run_dir: {run_dir} already holds a run; pass --resume latest to continue it, "
+                          "or choose another --run-dir")
+
+    # More loader workers than CPUs per process only adds contention.
+    workers = min(cfg.workers, max(1, (os.cpu_count() or 1) // world_size)) if cfg.workers else 0
+    train_loader = dict(data=cfg.data, batch_size=per_process_batch, crop_size=cfg.crop_size,
+                        split=cfg.train_split, num_workers=workers, seed=cfg.seed, world_size=world_size,
+                        color_jitter=cfg.color_jitter, scale=(cfg.scale_min, cfg.scale_max))
+    val_data = cfg.val_data or cfg.data  # a train manifest stands for its voc-val.json sibling
+    val_loader = dict(data=val_data, split=cfg.val_split, num_workers=min(workers, 2),
+                      protocol=loader_protocol(cfg.val_protocol), crop_size=cfg.crop_size, world_size=world_size)
+
+    train_source = shards.resolve_data(cfg.data, cfg.train_split)
+    check_disjoint(train_source, shards.resolve_data(val_data, cfg.val_split))
+    batches = shards.batches_per_epoch(train_source, per_process_batch, world_size)
+    if batches < cfg.grad_accum:
+        raise ConfigError(f"grad_accum: an epoch has only {batches} batches of {per_process_batch} "
+                          f"per process, fewer than grad_accum={cfg.grad_accum}")
+    manifest = train_source.manifest
+    check_classes(cfg, len(manifest["class_names"]) if manifest else NUM_CLASSES)
+
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16 if device_type == "cuda" else None}
+    return RunPlan(cfg=cfg, run_dir=run_dir, resume_from=resume_from, world_size=world_size,
+                   per_process_batch=per_process_batch, steps_per_epoch=batches // cfg.grad_accum,
+                   train_loader=train_loader, val_loader=val_loader,
+                   loss_options={name: getattr(cfg, name) for name in LOSS_OPTIONS},
+                   class_pixel_counts=manifest["class_pixel_counts"] if manifest else None,
+                   eval_autocast_dtype=autocast.get(mixed_precision), notes=notes)
+
+
+def check_batch(cfg: TrainConfig, world_size: int, device_type: str) -> tuple[int, tuple[str, ...]]:
+    """The per-process batch, and notes on BatchNorm statistics; errors for batches that cannot work."""
+    if cfg.batch_size % (world_size * cfg.grad_accum):
+        raise ConfigError(f"batch_size: the global batch {cfg.batch_size} must be divisible by "
+                          f"processes x grad_accum = {world_size} x {cfg.grad_accum}")
+    per_process_batch = cfg.batch_size // (world_size * cfg.grad_accum)
+    sync_bn = cfg.sync_bn and world_size > 1
+    if per_process_batch < 2 and not sync_bn:
+        raise ConfigError(f"batch_size: {per_process_batch} image per process and step; the image-pooling "
+                          "BatchNorm of ASPP needs at least 2 (raise --batch-size, lower --grad-accum, "
+                          "or use --sync-bn true on GPUs)")
+    if sync_bn and device_type == "cpu":
+        raise ConfigError("sync_bn: PyTorch's SyncBatchNorm runs only on GPUs (CUDA, XPU, HPU); "
+                          "drop --sync-bn for CPU processes")
+    if world_size > 1 and not cfg.sync_bn and per_process_batch < 8 and device_type != "cpu":
+        return per_process_batch, (f"{per_process_batch} images per process and --sync-bn off: BatchNorm "
+                                   "statistics come from very few images; consider --sync-bn true",)
+    return per_process_batch, ()
+
+
+def check_classes(cfg: TrainConfig, data_classes: int) -> None:
+    """The model must have an output for every class the labels use."""
+    if cfg.num_classes < data_classes:
+        raise ConfigError(f"num_classes: {cfg.num_classes}, but the labels of {cfg.data} go up to "
+                          f"{data_classes - 1}")
+
+
+def resolve_resume(resume: str, run_dir: Path) -> Path:
+    """The checkpoint folder ``--resume`` names (``latest``: the newest of RUN_DIR)."""
+    if resume == "latest":
+        found = checkpoint_dirs(run_dir)
+        if not found:
+            raise ConfigError(f"resume: no checkpoint in {run_dir / 'checkpoints'} to resume from")
+        return found[-1]
+    path = Path(resume)
+    if not (path / "custom_checkpoint_0.pkl").is_file():  # the TrainState that save_state writes
+        raise ConfigError(f"resume: {path} is not a checkpoint folder (expected RUN_DIR/checkpoints/step_*)")
+    return path
+
+
+def sample_ids(source: shards.DataSource) -> Optional[set]:
+    """The sample ids a data source holds, when it says (manifests and VOC folders do)."""
+    if source.manifest is not None:
+        return {sid for shard in source.manifest["shards"] for sid in shard.get("ids", ())} or None
+    if source.voc_root is not None:
+        return set(read_split(source.voc_root, source.split))
+    return None
+
+
+def check_disjoint(train_source: shards.DataSource, val_source: shards.DataSource) -> None:
+    """Refuse to validate (and pick best.pt) on images the model trains on."""
+    train_ids, val_ids = sample_ids(train_source), sample_ids(val_source)
+    if train_ids is None or val_ids is None:
+        if train_source.urls and train_source.urls == val_source.urls:
+            raise ConfigError("val_data: shard patterns carry no split, so validation would read the "
+                              "training shards; pass --val-data")
+        return
+    shared = train_ids & val_ids
+    if shared:
+        raise ConfigError(f"val_data: {len(shared)} validation images are also training images "
+                          f"(e.g. {sorted(shared)[0]}; train {train_source.location}, val "
+                          f"{val_source.location}); validate on a disjoint split with --val-data")

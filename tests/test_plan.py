@@ -1,0 +1,112 @@
+"""The run plan: derived values and up-front checks of a training run, without starting one."""
+import inspect
+import os
+
+import pytest
+import torch
+
+from segtrain import shards
+from segtrain.config import ConfigError, parse_config
+from segtrain.plan import plan_run
+
+
+@pytest.fixture
+def cfg_for(packed_shards, tmp_path):
+    def make(*flags, data=None):
+        return parse_config(["--data", str(data or packed_shards["train"]), "--run-dir", str(tmp_path / "run"),
+                             "--crop-size", "65", "--seed", "3", *flags])
+    return make
+
+
+def test_batch_workers_and_steps_per_epoch(cfg_for, monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    plan = plan_run(cfg_for("--batch-size", "8", "--grad-accum", "2", "--workers", "4"), world_size=2)
+    assert plan.per_process_batch == 2 and plan.world_size == 2
+    assert plan.workers == 3  # 6 CPUs / 2 processes
+    # 48 train images / (2 processes x 2 images) = 12 batches per rank = 6 steps of 2 micro-batches.
+    assert plan.steps_per_epoch == 6
+    assert plan_run(cfg_for("--batch-size", "8", "--workers", "0")).workers == 0
+    assert not torch.distributed.is_initialized()  # planning 2 processes started none
+
+
+def test_loader_arguments_are_the_loaders_own_and_make_the_data_order(cfg_for):
+    plan = plan_run(cfg_for("--batch-size", "4", "--grad-accum", "2", "--workers", "1", "--color-jitter", "true"))
+    train_params = set(inspect.signature(shards.train_loader).parameters)
+    assert set(plan.train_loader) == train_params - {"epoch", "rank"}
+    assert set(plan.val_loader) <= set(inspect.signature(shards.val_loader).parameters) - {"rank"}
+    assert plan.data_order == {**plan.train_loader, "grad_accum": 2}
+    assert plan.data_order["color_jitter"] is True and plan.data_order["scale"] == (0.5, 2.0)
+    loader, batches = shards.train_loader(**plan.train_loader, epoch=0, rank=0)
+    assert batches // 2 == plan.steps_per_epoch == 12  # 48 / 2 per micro-batch / 2 micro-batches
+    images, masks, _ = next(iter(loader))
+    assert images.shape == (2, 3, 65, 65) and masks.shape == (2, 65, 65)
+    other = plan_run(cfg_for("--batch-size", "4", "--grad-accum", "2", "--workers", "1", "--seed", "4"))
+    assert {k for k in plan.data_order if plan.data_order[k] != other.data_order[k]} == {"seed", "color_jitter"}
+
+
+@pytest.mark.parametrize("flags, world, device, message", [
+    (["--batch-size", "6"], 4, "cuda", "global batch 6 must be divisible by processes x grad_accum = 4 x 1"),
+    (["--batch-size", "4", "--grad-accum", "4"], 1, "cpu", "the image-pooling BatchNorm of ASPP needs at least 2"),
+    (["--batch-size", "4", "--sync-bn", "true"], 2, "cpu", "SyncBatchNorm runs only on GPUs"),
+    (["--batch-size", "64", "--grad-accum", "2"], 1, "cpu", "an epoch has only 1 batches of 32 per process"),
+    (["--num-classes", "20"], 1, "cpu", "num_classes: 20, but the labels"),
+    (["--resume", "/nonexistent/ckpt"], 1, "cpu", "is not a checkpoint folder"),
+    (["--resume", "latest"], 1, "cpu", "no checkpoint in"),
+])
+def test_config_errors(cfg_for, flags, world, device, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        plan_run(cfg_for(*flags), world_size=world, device_type=device)
+
+
+def test_batch_one_per_process_is_allowed_with_sync_bn_on_gpus(cfg_for):
+    plan = plan_run(cfg_for("--batch-size", "2", "--sync-bn", "true"), world_size=2, device_type="cuda")
+    assert plan.per_process_batch == 1 and plan.notes == ()
+
+
+def test_notes_for_small_unsynced_gpu_batches_and_fp16_on_cpu(cfg_for):
+    plan = plan_run(cfg_for("--batch-size", "8"), world_size=2, device_type="cuda", mixed_precision="fp16")
+    assert len(plan.notes) == 1 and "4 images per process and --sync-bn off" in plan.notes[0]
+    assert plan.eval_autocast_dtype == torch.float16
+    cpu = plan_run(cfg_for("--batch-size", "8"), world_size=1, device_type="cpu", mixed_precision="fp16")
+    assert cpu.eval_autocast_dtype is None and "fp16 does nothing on CPU" in cpu.notes[0]
+    assert plan_run(cfg_for(), mixed_precision="bf16").eval_autocast_dtype == torch.bfloat16
+
+
+def test_existing_run_dir_needs_resume(cfg_for, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("")
+    with pytest.raises(ConfigError, match="already holds a run; pass --resume latest"):
+        plan_run(cfg_for())
+    (tmp_path / "run" / "checkpoints" / "step_0000003").mkdir(parents=True)
+    assert plan_run(cfg_for("--resume", "latest")).resume_from == tmp_path / "run" / "checkpoints" / "step_0000003"
+
+
+def test_train_split_comes_from_the_manifest_and_val_must_be_disjoint(cfg_for, packed_shards):
+    val = str(packed_shards["val"])
+    plan = plan_run(cfg_for("--val-data", str(packed_shards["train"]), "--val-split", "train", data=val))
+    assert plan.cfg.train_split == "val" and plan.train_loader["split"] == "val"
+    with pytest.raises(ConfigError, match="16 validation images are also training images"):
+        plan_run(cfg_for(data=val))  # val manifest for both
+
+
+def test_shard_patterns_without_a_split_need_val_data(cfg_for, packed_shards):
+    pattern = str(packed_shards["dir"] / "voc-train-{000000..000004}.tar")
+    with pytest.raises(ConfigError, match="shard patterns carry no split"):
+        plan_run(cfg_for(data=pattern))
+    plan = plan_run(cfg_for("--val-data", str(packed_shards["val"]), data=pattern))
+    assert plan.steps_per_epoch == 48 // 8 and plan.class_pixel_counts is None
+
+
+def test_when_the_loop_logs_validates_and_checkpoints(cfg_for):
+    plan = plan_run(cfg_for("--batch-size", "8", "--iterations", "14", "--log-every", "5",
+                            "--checkpoint-every", "4"))
+    assert plan.steps_per_epoch == 6
+    steps = range(1, 15)
+    assert [s for s in steps if plan.validates_at(s)] == [6, 12, 14]  # every epoch, and at the end
+    assert [s for s in steps if plan.logs_at(s)] == [5, 10, 14]
+    assert [s for s in steps if plan.checkpoints_at(s)] == [4, 8, 12, 14]
+    every3 = plan_run(cfg_for("--batch-size", "8", "--iterations", "7", "--val-every", "3"))
+    assert [s for s in range(1, 8) if every3.validates_at(s)] == [3, 6, 7]
+    assert plan.loss_options == {"class_weighting": "enet", "focal_gamma": 2.0, "ohem_thresh": 0.7,
+                                 "ohem_min_kept": 100000}
+    assert len(plan.class_pixel_counts) == 21
