@@ -30,6 +30,7 @@ import shutil
 import time
 import uuid
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -47,13 +48,13 @@ from segtrain.io import ConfigError, atomic_write_bytes, checkpoint_dirs, read_m
 from segtrain.losses import build_loss
 from segtrain.metrics import to_jsonable
 from segtrain.model import PretrainedWeightsUnavailable, build_model, save_checkpoint
-from segtrain.plan import plan_run
+from segtrain.plan import RunPlan, plan_run
 from segtrain.schedule import lr_factor
 from segtrain.transforms import denormalize, normalize
 from segtrain.voc import CLASSES
 
 
-# ----------------------------------------------------------------------------- schedule
+# ----------------------------------------------------------------------------- optimisation
 
 def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
     """Backbone at lr x backbone_lr_mult (0.1 in the reference recipe), head(s) at lr."""
@@ -181,6 +182,136 @@ def log_val_media(accelerator: Accelerator, step: int, metrics: dict, examples: 
     run.log({"val/per_class_iou": table, "val/examples": images}, step=step)
 
 
+# ----------------------------------------------------------------------------- setting up
+
+def build_training(plan: RunPlan, accelerator: Accelerator) -> tuple[torch.nn.Module, torch.optim.Optimizer,
+                                                                     torch.nn.Module]:
+    """Model, optimizer (both prepared by Accelerate) and loss; a bad backbone, loss or weights
+    file is a ConfigError."""
+    cfg = plan.cfg
+    try:
+        model = build_model(cfg.arch, cfg.backbone, cfg.num_classes, cfg.output_stride, cfg.pretrained,
+                            cfg.backbone_weights, cfg.separable, aux_head=cfg.aux_loss_weight > 0)
+        criterion = build_loss(cfg.loss, cfg.num_classes, class_pixel_counts=plan.class_pixel_counts,
+                               options=plan.loss_options)
+    except (ValueError, FileNotFoundError, PretrainedWeightsUnavailable) as e:
+        raise ConfigError(str(e)) from None
+    if cfg.sync_bn and plan.world_size > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    return model, optimizer, criterion
+
+
+def start_run(plan: RunPlan, accelerator: Accelerator) -> tuple[TrainState, MetricsLog]:
+    """The run directory and its config.yaml, the resume, the tracker: all before the first step."""
+    cfg, run_dir = plan.cfg, plan.run_dir
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if plan.resume_from is None:  # a resumed run keeps the config it was started with
+            save_config(cfg, run_dir / "config.yaml")
+    state = TrainState(plan.data_order)
+    accelerator.register_for_checkpointing(state)
+    log = MetricsLog(run_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
+    if plan.resume_from is not None:
+        accelerator.load_state(str(plan.resume_from))
+        state.check_resume()
+        accelerator.print(f"resumed from {plan.resume_from} at step {state.step}")
+        log.truncate_after(state.step)
+    if cfg.tracker == "wandb":
+        accelerator.init_trackers(cfg.wandb_project, config=config_to_dict(cfg),
+                                  init_kwargs=wandb_init_kwargs(cfg, run_dir))
+    return state, log
+
+
+def micro_batches(plan: RunPlan, rank: int, step: int) -> Iterator[shards.Batch]:
+    """This rank's training micro-batches from optimizer step ``step`` on, epoch after epoch.
+
+    The loader is rebuilt per epoch from (seed, epoch, rank), which is what makes resuming
+    exact: a resumed run replays its epoch and skips the micro-batches already used. The
+    batches of an epoch that do not fill a whole step (grad_accum > 1) are left out.
+    """
+    per_epoch = plan.steps_per_epoch * plan.cfg.grad_accum
+    epoch, skip = divmod(step * plan.cfg.grad_accum, per_epoch)
+    while True:
+        loader, _ = shards.train_loader(**plan.train_loader, epoch=epoch, rank=rank)
+        yield from itertools.islice(loader, skip, per_epoch)
+        epoch, skip = epoch + 1, 0
+
+
+class LogWindow:
+    """Train loss and throughput over the steps since the last log line (validation time excluded)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.loss, self.steps = time.perf_counter(), torch.zeros((), device=self.device), 0
+
+    def take(self, accelerator: Accelerator, images_per_step: int) -> tuple[float, float]:
+        """(mean loss over all processes, images/s), and start a new window."""
+        mean_loss = accelerator.reduce(self.loss / self.steps, "mean").item()
+        images_per_s = images_per_step * self.steps / (time.perf_counter() - self.start)
+        self.reset()
+        return mean_loss, images_per_s
+
+
+# ----------------------------------------------------------------------------- validation and outputs
+
+def validate(model: torch.nn.Module, accelerator: Accelerator, plan: RunPlan, log: MetricsLog,
+             step: int) -> dict:
+    """Evaluate on the whole validation split (each image once, over all processes), log the
+    metrics (and, to wandb, a few of the main process's images), and return them."""
+    sync_buffers(model, accelerator)
+    cfg = plan.cfg
+    examples: list[dict] = []
+
+    def keep_examples(images, masks, preds, ids):
+        # A few val images of the main process for the dashboard's mask overlays.
+        for i in range(min(len(ids), cfg.num_val_images - len(examples))):
+            examples.append({"id": ids[i], "image": denormalize(images[i]),
+                             "mask": masks[i].cpu().numpy().astype("uint8"),
+                             "pred": preds[i].cpu().numpy().astype("uint8")})
+
+    loader = shards.val_loader(**plan.val_loader, rank=accelerator.process_index)
+    metrics = evaluate(accelerator.unwrap_model(model), loader, accelerator.device, num_classes=cfg.num_classes,
+                       protocol=cfg.val_protocol, autocast_dtype=plan.eval_autocast_dtype,
+                       accelerator=accelerator, on_batch=keep_examples if accelerator.is_main_process else None)
+    model.train()
+    record = {"step": step, "epoch": step / plan.steps_per_epoch, "val/miou": metrics["miou"],
+              "val/pixel_acc": metrics["pixel_acc"], "val/mean_class_acc": metrics["mean_class_acc"],
+              "val/fwiou": metrics["fwiou"]}
+    publish(accelerator, log, record, file_only={"val/iou": metrics["iou"]})
+    if cfg.tracker == "wandb" and accelerator.is_main_process:
+        log_val_media(accelerator, step, metrics, examples)
+    return metrics
+
+
+def publish(accelerator: Accelerator, log: MetricsLog, record: dict, file_only: Optional[dict] = None) -> None:
+    """One record (with its "step") to metrics.jsonl, plus ``file_only`` fields, and to the tracker."""
+    log.write(record | (file_only or {}))
+    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+
+def save_model(accelerator: Accelerator, model: torch.nn.Module, plan: RunPlan, name: str, step: int,
+               metrics: dict) -> None:
+    """RUN_DIR/``name``: the bare model's weights, the config and the metrics (main process)."""
+    if accelerator.is_main_process:
+        save_checkpoint(plan.run_dir / name, accelerator.unwrap_model(model), config=config_to_dict(plan.cfg),
+                        step=step, metrics=summary(metrics))
+
+
+def say_how_to_sync_wandb(accelerator: Accelerator, plan: RunPlan) -> None:
+    if accelerator.is_main_process and plan.cfg.tracker == "wandb" and os.environ.get("WANDB_MODE") == "offline":
+        offline = sorted((plan.run_dir / "wandb").glob("offline-run-*"))
+        if offline:
+            accelerator.print(f"wandb ran offline; upload this run with:  wandb sync {offline[-1]}")
+
+
 # ----------------------------------------------------------------------------- the loop
 
 @dataclass
@@ -201,168 +332,82 @@ def train(cfg: TrainConfig) -> TrainResult:
                               log_with="wandb" if cfg.tracker == "wandb" else None)
     check_launch(accelerator.num_processes)
     plan = plan_run(cfg, accelerator.num_processes, accelerator.device.type, accelerator.mixed_precision)
-    cfg, run_dir = plan.cfg, plan.run_dir
+    cfg, device, say = plan.cfg, accelerator.device, accelerator.print
     for note in plan.notes:
         warnings.warn(note)
-    main = accelerator.is_main_process
-    world = accelerator.num_processes
-    device = accelerator.device
-    say = accelerator.print
-    per_process_batch, steps_per_epoch = plan.per_process_batch, plan.steps_per_epoch
     set_seed(cfg.seed)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not cfg.resume:  # a resumed run keeps the config it was started with
-            save_config(cfg, run_dir / "config.yaml")
-
-    def epoch_loader(epoch: int):
-        return shards.train_loader(**plan.train_loader, epoch=epoch, rank=accelerator.process_index)
-
-    # Model, loss, optimizer.
-    try:
-        model = build_model(cfg.arch, cfg.backbone, cfg.num_classes, cfg.output_stride, cfg.pretrained,
-                            cfg.backbone_weights, cfg.separable, aux_head=cfg.aux_loss_weight > 0)
-        criterion = build_loss(cfg.loss, cfg.num_classes, class_pixel_counts=plan.class_pixel_counts,
-                               options=plan.loss_options)
-    except (ValueError, FileNotFoundError, PretrainedWeightsUnavailable) as e:  # bad backbone/loss/weights
-        raise ConfigError(str(e)) from None
-    if cfg.sync_bn and world > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    state = TrainState(plan.data_order)
-    accelerator.register_for_checkpointing(state)
-
-    log = MetricsLog(run_dir / "metrics.jsonl", enabled=main)
-    if cfg.resume:
-        accelerator.load_state(str(plan.resume_from))
-        state.check_resume()
-        say(f"resumed from {plan.resume_from} at step {state.step}")
-        log.truncate_after(state.step)
-    if cfg.tracker == "wandb":
-        accelerator.init_trackers(cfg.wandb_project, config=config_to_dict(cfg),
-                                  init_kwargs=wandb_init_kwargs(cfg, run_dir))
-    say(f"run {cfg.name}: {world} process(es) on {device.type}, precision {accelerator.mixed_precision}, "
-        f"{per_process_batch} images/process x {cfg.grad_accum} accumulation = global batch {cfg.batch_size}, "
-        f"{steps_per_epoch} steps/epoch, {cfg.iterations} steps -> {run_dir}")
-
-
-    def validate(step: int) -> dict:
-        sync_buffers(model, accelerator)
-        examples: list[dict] = []
-
-        def keep_examples(images, masks, preds, ids):
-            # A few val images of the main process for the dashboard's mask overlays.
-            for i in range(len(ids)):
-                if len(examples) < cfg.num_val_images:
-                    examples.append({"id": ids[i], "image": denormalize(images[i]),
-                                     "mask": masks[i].cpu().numpy().astype("uint8"),
-                                     "pred": preds[i].cpu().numpy().astype("uint8")})
-
-        loader = shards.val_loader(**plan.val_loader, rank=accelerator.process_index)
-        metrics = evaluate(accelerator.unwrap_model(model), loader, device, num_classes=cfg.num_classes,
-                           protocol=cfg.val_protocol,
-                           autocast_dtype=plan.eval_autocast_dtype,
-                           accelerator=accelerator, on_batch=keep_examples if main else None)
-        record = {"step": step, "epoch": step / steps_per_epoch, "val/miou": metrics["miou"],
-                  "val/pixel_acc": metrics["pixel_acc"], "val/mean_class_acc": metrics["mean_class_acc"],
-                  "val/fwiou": metrics["fwiou"]}
-        log.write(record | {"val/iou": metrics["iou"]})
-        accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
-        if cfg.tracker == "wandb" and main:
-            log_val_media(accelerator, step, metrics, examples)
-        if metrics["miou"] > state.best_miou:
-            state.best_miou = metrics["miou"]
-            if main:
-                save_checkpoint(run_dir / "best.pt", accelerator.unwrap_model(model),
-                                config=config_to_dict(cfg), step=step, metrics=summary(metrics))
-        say(f"step {step}: val mIoU {metrics['miou']:.4f}, pixel acc {metrics['pixel_acc']:.4f} "
-            f"(best {state.best_miou:.4f})")
-        model.train()
-        return metrics
+    model, optimizer, criterion = build_training(plan, accelerator)
+    state, log = start_run(plan, accelerator)
+    say(f"run {cfg.name}: {plan.world_size} process(es) on {device.type}, precision "
+        f"{accelerator.mixed_precision}, {plan.per_process_batch} images/process x {cfg.grad_accum} "
+        f"accumulation = global batch {cfg.batch_size}, {plan.steps_per_epoch} steps/epoch, "
+        f"{cfg.iterations} steps -> {plan.run_dir}")
 
     model.train()
     step = state.step
     metrics: dict[str, Any] = {}
-    progress = tqdm(total=cfg.iterations, initial=step, disable=not main, dynamic_ncols=True, desc="train")
-    images_per_step = cfg.batch_size
-    # Logged loss and images/s cover the steps since the last log line, validation time excluded.
-    window_start, window_loss, window_steps = time.perf_counter(), torch.zeros((), device=device), 0
+    batches = micro_batches(plan, accelerator.process_index, step)
+    window = LogWindow(device)
+    progress = tqdm(total=cfg.iterations, initial=step, disable=not accelerator.is_main_process,
+                    dynamic_ncols=True, desc="train")
     while step < cfg.iterations:
-        epoch = step // steps_per_epoch
-        loader, _ = epoch_loader(epoch)
-        # Resuming mid-epoch: skip the micro-batches the checkpointed run already used.
-        batches = itertools.islice(iter(loader), (step - epoch * steps_per_epoch) * cfg.grad_accum, None)
-        for _ in range(step - epoch * steps_per_epoch, steps_per_epoch):
-            if step >= cfg.iterations:
-                break
-            factor = lr_factor(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * factor
+        for group in optimizer.param_groups:
+            group["lr"] = group["base_lr"] * lr_factor(step, cfg)
+        for micro in range(cfg.grad_accum):
+            images, masks, _ = next(batches)
+            # The loader ships uint8 (a quarter of the bytes to copy): normalise on the device.
+            images = normalize(images.to(device, non_blocking=True))
+            masks = masks.to(device, non_blocking=True).long()
+            if cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            # Gradients are all-reduced only on the last micro-batch of a step.
+            sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(model)
+            with sync:
+                out = model(images)
+                loss = criterion(out["out"], masks)
+                if "aux" in out:
+                    loss = loss + cfg.aux_loss_weight * criterion(out["aux"], masks)
+                accelerator.backward(loss / cfg.grad_accum)
+            window.loss += loss.detach() / cfg.grad_accum  # no .item(): no sync per micro-batch
+        if cfg.grad_clip > 0:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step = state.step = step + 1
+        window.steps += 1
+        progress.update(1)
 
-            for micro in range(cfg.grad_accum):
-                images, masks, _ = next(batches)
-                # The loader ships uint8 (a quarter of the bytes to copy): normalise on the device.
-                images = normalize(images.to(device, non_blocking=True))
-                masks = masks.to(device, non_blocking=True).long()
-                if cfg.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                # Gradients are all-reduced only on the last micro-batch of a step.
-                sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(model)
-                with sync:
-                    out = model(images)
-                    loss = criterion(out["out"], masks)
-                    if "aux" in out:
-                        loss = loss + cfg.aux_loss_weight * criterion(out["aux"], masks)
-                    accelerator.backward(loss / cfg.grad_accum)
-                window_loss += loss.detach() / cfg.grad_accum  # no .item(): no sync per micro-batch
-            if cfg.grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            state.step = step
-            window_steps += 1
-            progress.update(1)
-
-            if step % cfg.log_every == 0 or step == cfg.iterations:
-                elapsed = time.perf_counter() - window_start
-                mean_loss = accelerator.reduce(window_loss / window_steps, "mean").item()
-                record = {"step": step, "epoch": step / steps_per_epoch, "train/loss": mean_loss,
-                          "lr/backbone": optimizer.param_groups[0]["lr"], "lr/head": optimizer.param_groups[1]["lr"],
-                          "images_per_s": images_per_step * window_steps / elapsed}
-                if device.type == "cuda":
-                    record["max_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-                log.write(record)
-                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
-                progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr/head']:.2e}",
-                                     img_s=f"{record['images_per_s']:.1f}")
-                window_start, window_loss, window_steps = time.perf_counter(), torch.zeros((), device=device), 0
-            end_of_epoch = step % steps_per_epoch == 0
-            if (end_of_epoch if cfg.val_every == 0 else step % cfg.val_every == 0) or step == cfg.iterations:
-                progress.clear()
-                val_start = time.perf_counter()
-                metrics = validate(step)
-                window_start += time.perf_counter() - val_start  # not training throughput
-            # After validation, so the checkpoint carries the best mIoU it just measured.
-            if step % cfg.checkpoint_every == 0 or step == cfg.iterations:
-                save_training_state(accelerator, run_dir, step, cfg.keep_checkpoints)
+        if plan.logs_at(step):
+            mean_loss, images_per_s = window.take(accelerator, cfg.batch_size)
+            record = {"step": step, "epoch": step / plan.steps_per_epoch, "train/loss": mean_loss,
+                      "lr/backbone": optimizer.param_groups[0]["lr"], "lr/head": optimizer.param_groups[1]["lr"],
+                      "images_per_s": images_per_s}
+            if device.type == "cuda":
+                record["max_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            publish(accelerator, log, record)
+            progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr/head']:.2e}", img_s=f"{images_per_s:.1f}")
+        if plan.validates_at(step):
+            progress.clear()
+            val_start = time.perf_counter()
+            metrics = validate(model, accelerator, plan, log, step)
+            if metrics["miou"] > state.best_miou:
+                state.best_miou = metrics["miou"]
+                save_model(accelerator, model, plan, "best.pt", step, metrics)
+            say(f"step {step}: val mIoU {metrics['miou']:.4f}, pixel acc {metrics['pixel_acc']:.4f} "
+                f"(best {state.best_miou:.4f})")
+            window.start += time.perf_counter() - val_start  # not training throughput
+        # After validation, so the checkpoint carries the best mIoU it just measured.
+        if plan.checkpoints_at(step):
+            save_training_state(accelerator, plan.run_dir, step, cfg.keep_checkpoints)
     progress.close()
+    batches.close()
 
     sync_buffers(model, accelerator)
-    if main:
-        save_checkpoint(run_dir / "final.pt", accelerator.unwrap_model(model), config=config_to_dict(cfg),
-                        step=step, metrics=summary(metrics))
+    save_model(accelerator, model, plan, "final.pt", step, metrics)
     accelerator.end_training()
-    if main and cfg.tracker == "wandb" and os.environ.get("WANDB_MODE") == "offline":
-        offline = sorted((run_dir / "wandb").glob("offline-run-*"))
-        if offline:
-            say(f"wandb ran offline; upload this run with:  wandb sync {offline[-1]}")
-    say(f"done: best val mIoU {state.best_miou:.4f}; best.pt, metrics.jsonl and config.yaml in {run_dir}")
-    return TrainResult(accelerator.unwrap_model(model), metrics, state.best_miou, run_dir)
+    say_how_to_sync_wandb(accelerator, plan)
+    say(f"done: best val mIoU {state.best_miou:.4f}; best.pt, metrics.jsonl and config.yaml in {plan.run_dir}")
+    return TrainResult(accelerator.unwrap_model(model), metrics, state.best_miou, plan.run_dir)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
