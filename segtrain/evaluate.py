@@ -20,18 +20,21 @@ out of batches), and the matrices are summed once after the loop.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):
-    # Run as a script (accelerate launch segtrain/evaluate.py): Python put segtrain/ on
-    # sys.path, where sibling names (model, shards, ...) could shadow real libraries.
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+if __name__ == "__main__" and not __package__:
+    # Run as a file (`accelerate launch segtrain/evaluate.py` runs `python segtrain/evaluate.py`), Python
+    # put segtrain/ itself first on sys.path, where this package's module names (config, evaluate,
+    # model, ...) would shadow libraries' modules. Become `python -m segtrain.evaluate` before importing
+    # anything: exec keeps the process (pid, environment, launcher), interpreter options and arguments.
+    import os
+    import sys
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)],
+                              "-m", "segtrain.evaluate", *sys.argv[1:]])
 
 import argparse
-import os
 import json
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch

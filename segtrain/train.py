@@ -12,14 +12,15 @@ config.yaml, metrics.jsonl, checkpoints/step_*/, best.pt, final.pt, wandb/.
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):
-    # Run as a script (accelerate launch segtrain/train.py): import the package from the
-    # repository root, and keep segtrain/ itself off sys.path so its module names
-    # (model, shards, ...) can never shadow a library's.
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
+if __name__ == "__main__" and not __package__:
+    # Run as a file (`accelerate launch segtrain/train.py` runs `python segtrain/train.py`), Python
+    # put segtrain/ itself first on sys.path, where this package's module names (config, evaluate,
+    # model, ...) would shadow libraries' modules. Become `python -m segtrain.train` before importing
+    # anything: exec keeps the process (pid, environment, launcher), interpreter options and arguments.
+    import os
+    import sys
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)],
+                              "-m", "segtrain.train", *sys.argv[1:]])
 
 import contextlib
 import itertools
@@ -32,6 +33,7 @@ import uuid
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
