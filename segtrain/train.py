@@ -103,8 +103,12 @@ class TrainState:
         self.saved_data_order = state.get("data_order")
 
     def check_resume(self) -> None:
-        changed = {k: (v, self.data_order.get(k)) for k, v in (self.saved_data_order or {}).items()
-                   if self.data_order.get(k) != v}
+        saved = self.saved_data_order or {}
+        unknown = sorted(set(saved) - set(self.data_order))
+        if unknown:  # e.g. written before the record became the loader's own arguments
+            raise ConfigError(f"resume: the checkpoint records data-order settings this version does not have "
+                              f"({', '.join(unknown)}); resume it with the segtrain version that wrote it")
+        changed = {k: (v, self.data_order[k]) for k, v in saved.items() if self.data_order[k] != v}
         if changed:
             raise ConfigError("resume: the checkpoint was trained with " + ", ".join(
                 f"{k}={old!r} (now {new!r})" for k, (old, new) in changed.items())

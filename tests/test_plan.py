@@ -110,3 +110,18 @@ def test_when_the_loop_logs_validates_and_checkpoints(cfg_for):
     assert plan.loss_options == {"class_weighting": "enet", "focal_gamma": 2.0, "ohem_thresh": 0.7,
                                  "ohem_min_kept": 100000}
     assert len(plan.class_pixel_counts) == 21
+
+
+def test_resume_compares_the_loader_arguments_and_names_a_foreign_record(cfg_for):
+    from segtrain.train import TrainState
+
+    plan = plan_run(cfg_for("--batch-size", "4"))
+    state = TrainState(plan.data_order)
+    state.load_state_dict({"step": 3, "best_miou": 0.1, "data_order": dict(plan.data_order, crop_size=97)})
+    with pytest.raises(ConfigError, match=r"trained with crop_size=97 \(now 65\)"):
+        state.check_resume()
+    state.load_state_dict({"step": 3, "best_miou": 0.1, "data_order": {"processes": 1, "seed": 3}})
+    with pytest.raises(ConfigError, match=r"settings this version does not have \(processes\)"):
+        state.check_resume()
+    state.load_state_dict({"step": 3, "best_miou": 0.1, "data_order": plan.data_order})
+    state.check_resume()
