@@ -16,8 +16,8 @@ import dataclasses
 import re
 import time
 import typing
-from dataclasses import dataclass
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -166,7 +166,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if choices is not None and value not in choices:
             shown = ", ".join(str(c) for c in choices if c is not None)
             raise ConfigError(f"{f.name}: must be one of {shown}, got {value!r}")
-        if minimum is not None and value < minimum:
+        if minimum is not None and value is not None and value < minimum:  # None: derived later
             raise ConfigError(f"{f.name}: must be >= {minimum}, got {value}")
     try:
         losses.parse_loss_spec(cfg.loss)
