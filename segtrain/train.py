@@ -391,13 +391,17 @@ def train(cfg: TrainConfig) -> TrainResult:
     metrics: dict[str, Any] = {}
     progress = tqdm(total=cfg.iterations, initial=step, disable=not main, dynamic_ncols=True, desc="train")
     images_per_step = cfg.batch_size
-    # Logged loss and images/s cover the steps since the last log line, validation time excluded.
+    # Logged loss and images/s cover the steps since the last log line, validation time excluded;
+    # data_wait_s is the part of that time spent waiting for the loader (the GPU starving).
     window_start, window_loss, window_steps = time.perf_counter(), torch.zeros((), device=device), 0
+    data_wait = 0.0
     while step < cfg.iterations:
         epoch = step // steps_per_epoch
+        fetch_start = time.perf_counter()  # starting the loader's workers is waiting for data too
         loader, _ = epoch_loader(epoch)
         # Resuming mid-epoch: skip the micro-batches the checkpointed run already used.
         batches = itertools.islice(iter(loader), (step - epoch * steps_per_epoch) * cfg.grad_accum, None)
+        data_wait += time.perf_counter() - fetch_start
         for _ in range(step - epoch * steps_per_epoch, steps_per_epoch):
             if step >= cfg.iterations:
                 break
@@ -406,7 +410,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                 group["lr"] = group["base_lr"] * factor
 
             for micro in range(cfg.grad_accum):
+                fetch_start = time.perf_counter()
                 images, masks, _ = next(batches)
+                data_wait += time.perf_counter() - fetch_start
                 # The loader ships uint8 (a quarter of the bytes to copy): normalise on the device.
                 images = normalize(images.to(device, non_blocking=True))
                 masks = masks.to(device, non_blocking=True).long()
@@ -435,7 +441,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 mean_loss = accelerator.reduce(window_loss / window_steps, "mean").item()
                 record = {"step": step, "epoch": step / steps_per_epoch, "train/loss": mean_loss,
                           "lr/backbone": optimizer.param_groups[0]["lr"], "lr/head": optimizer.param_groups[1]["lr"],
-                          "images_per_s": images_per_step * window_steps / elapsed}
+                          "images_per_s": images_per_step * window_steps / elapsed, "data_wait_s": data_wait}
                 if device.type == "cuda":
                     record["max_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
                 log.write(record)
@@ -443,6 +449,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr/head']:.2e}",
                                      img_s=f"{record['images_per_s']:.1f}")
                 window_start, window_loss, window_steps = time.perf_counter(), torch.zeros((), device=device), 0
+                data_wait = 0.0
             end_of_epoch = step % steps_per_epoch == 0
             if (end_of_epoch if cfg.val_every == 0 else step % cfg.val_every == 0) or step == cfg.iterations:
                 progress.clear()
