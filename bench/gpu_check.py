@@ -84,8 +84,10 @@ class Profile:
 
 GPU = Profile(
     name="gpu", backbone="resnet50", crop=513, batches=(8, 16), step_warmup=3, step_seconds=5.0,
-    step_range=(5, 60), train_warmup=5, train_steps=30, unique_images=64, train_images=512, val_images=24,
-    image_size=(350, 500), shard_size=32, workers=os.cpu_count() or 4, sam_model="vit_b", sam_points=32,
+    # 2048 train images: an epoch of 128 (batch 16) or 256 steps, so neither the timed steps nor the
+    # loader-alone figure is dominated by workers starting; 40 val images in 3 shards (3 loader workers).
+    step_range=(5, 60), train_warmup=5, train_steps=30, unique_images=48, train_images=2048, val_images=40,
+    image_size=(350, 500), shard_size=16, workers=os.cpu_count() or 4, sam_model="vit_b", sam_points=32,
     sam_images=5, matmul_n=8192, matmul_iters=30, budget_s=450, threads=None,
     limits={"env": 60, "data": 90, "peak": 45, "model": 150, "train": 150, "plain": 75, "eval": 60,
             "sam": 75, "compile": 240})
@@ -147,7 +149,7 @@ class Context:
 
 def one_line(error: BaseException) -> str:
     try:
-        from segtrain.evaluate import one_line as message  # unwraps DataLoader worker errors
+        from segtrain.cli import one_line as message  # unwraps DataLoader worker errors
         text = message(error)
     except Exception:
         text = (str(error).strip().splitlines() or [""])[0]
@@ -160,18 +162,17 @@ def device():
 
 
 def synchronize() -> None:
-    import torch
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+    from model_bench import sync  # bench/ is sys.path[0]: this file runs as a script
+    sync(device())
 
 
 def reset_peak() -> None:
-    import torch
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    from model_bench import reset_peak_memory
+    reset_peak_memory(device())
 
 
 def peak_mb() -> Optional[float]:
+    """torch.cuda.max_memory_allocated in MB; None on a CPU (the loops report no CPU memory)."""
     import torch
     return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
 
@@ -202,6 +203,8 @@ def section_env(ctx: Context) -> None:
     model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
                  platform.processor() or "unknown")
     flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    with contextlib.suppress(OSError):  # loader workers pass batches through it: a small one breaks them
+        info["shm_mib"] = shutil.disk_usage("/dev/shm").total // 2**20
     info |= {"cpu": model, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
              "cpu_bf16_flags": " ".join(f for f in flags if f in ("avx512_bf16", "amx_bf16", "amx_tile")) or "none"}
     ctx.add(info)
@@ -231,7 +234,7 @@ def repeat_train_split(root: Path, count: int) -> None:
     Rendering is the slow part of making data; a long train split keeps loader workers
     from being restarted every few steps (a new epoch), which would not be the steady state.
     """
-    from segtrain.voc import atomic_write_bytes
+    from segtrain.io import atomic_write_bytes
     split_file = root / "ImageSets" / "Segmentation" / "train.txt"
     ids = split_file.read_text().split()
     out = []
@@ -293,12 +296,12 @@ def count_train_flops(backbone: str, crop: int, batch: int) -> int:
 
 def model_step_rows(ctx: Context, modes: tuple[str, ...]) -> None:
     """bench/model_bench.py's bench() for each batch x mode; steps sized to ~step_seconds from the last row."""
-    import model_bench  # bench/ is sys.path[0]: this file runs as a script
+    import model_bench
     p, dev = ctx.profile, device()
     peak = bf16_peak_flops(ctx)
     if peak is None:
         ctx.notes.append("no bf16 peak measured (peak section failed or not run): MFU left out")
-    seconds_per_image: Optional[float] = None
+    seconds_per_image: dict[str, float] = {}  # by mode, from the last batch; "last": any mode
     for batch in p.batches:
         try:
             flops = count_train_flops(p.backbone, p.crop, batch)
@@ -308,14 +311,14 @@ def model_step_rows(ctx: Context, modes: tuple[str, ...]) -> None:
             ctx.notes.append(f"batch {batch}: FLOPs not counted ({one_line(e)})")
         for mode in modes:
             def measure() -> dict:
-                nonlocal seconds_per_image
-                guess = p.step_seconds / (seconds_per_image * batch) if seconds_per_image else p.step_range[0]
+                known = seconds_per_image.get(mode, seconds_per_image.get("last"))
+                guess = p.step_seconds / (known * batch) if known else p.step_range[0]
                 steps = int(min(max(guess, p.step_range[0]), p.step_range[1]))
                 start = time.perf_counter()
                 seconds, gib = model_bench.bench("deeplabv3plus", p.backbone, mode, p.crop, batch, steps,
                                                  p.step_warmup, dev)
                 total = time.perf_counter() - start
-                seconds_per_image = seconds / batch
+                seconds_per_image[mode] = seconds_per_image["last"] = seconds / batch
                 row = {"steps": steps, "s_per_step": seconds, "images_per_s": batch / seconds,
                        "peak_mem_mb": gib * 1024, "setup_warmup_s": total - steps * seconds}
                 if flops:
@@ -353,15 +356,16 @@ def section_train(ctx: Context) -> None:
     import train_bench
     from accelerate.state import AcceleratorState
     from segtrain.config import TrainConfig
-    from segtrain.train import read_metrics_log
+    from segtrain.io import read_metrics_log
     p, dev = ctx.profile, device()
     default = TrainConfig().mixed_precision  # what a user who passes no --mixed-precision gets
     resolved: dict[int, str] = {}
 
     def loop(batch: int, precision: Optional[str]) -> dict:
         run_dir = ctx.work / "runs" / f"train_b{batch}_{precision}"
-        reset_peak()
-        images_per_s, _ = train_bench.segtrain_loop(ctx.manifest, run_dir, bench_args(ctx, batch, str(precision)), dev)
+        reset_peak()  # train() never resets it: without this a run would report the one before's peak
+        images_per_s, peak = train_bench.segtrain_loop(ctx.manifest, run_dir, bench_args(ctx, batch, str(precision)),
+                                                       dev)
         resolved[batch] = AcceleratorState().mixed_precision  # what Accelerate ran with
         timed = [r for r in read_metrics_log(run_dir / "metrics.jsonl")
                  if "images_per_s" in r and r["step"] > p.train_warmup]
@@ -369,7 +373,7 @@ def section_train(ctx: Context) -> None:
         seconds = sum(batch / r["images_per_s"] for r in timed)
         wait = sum(r["data_wait_s"] for r in timed)
         return {"precision": resolved[batch], "steps": len(timed), "images_per_s": images_per_s,
-                "peak_mem_mb": peak_mb(), "data_wait_pct": 100 * wait / seconds,
+                "peak_mem_mb": peak, "data_wait_pct": 100 * wait / seconds,
                 "data_wait_ms_per_step": 1e3 * wait / len(timed)}
 
     for batch in p.batches:
@@ -405,8 +409,7 @@ def section_plain(ctx: Context) -> None:
     for batch in ctx.profile.batches:
         def measure() -> dict:
             images_per_s, peak = train_bench.plain_loop(ctx.voc_root, bench_args(ctx, batch), device())
-            return {"precision": "fp32", "images_per_s": images_per_s,
-                    "peak_mem_mb": None if math.isnan(peak) else peak}
+            return {"precision": "fp32", "images_per_s": images_per_s, "peak_mem_mb": peak}
         ctx.attempt({"loop": "plain reference-style (bench/train_bench.py)", "batch": batch}, measure)
     ctx.notes.append("map-style DataLoader over the VOC folder, fp32, same model, augmentation, batch and steps "
                      "as the train section")
@@ -509,8 +512,8 @@ def run_section(name: str, profile: Profile, work: Path, deadline: float) -> int
 
 def write_json(path: Path, data: Any) -> None:
     """Strict JSON (NaN -> null), written atomically: a reader never sees half a file."""
+    from segtrain.io import atomic_write_bytes
     from segtrain.metrics import to_jsonable
-    from segtrain.voc import atomic_write_bytes
     atomic_write_bytes(path, (json.dumps(to_jsonable(data), indent=1, default=str, allow_nan=False) + "\n").encode())
 
 
@@ -653,7 +656,7 @@ def header_lines(env: dict, profile: Profile, wall_s: float) -> list[str]:
             f"torchvision {info.get('torchvision')}, timm {info.get('timm')}, accelerate {info.get('accelerate')}, "
             f"webdataset {info.get('webdataset')}, segment-anything {info.get('segment-anything')}, "
             f"Python {info.get('python')}",
-            f"- host CPU: {info.get('cpu')}, {info.get('cpus')} CPUs"
+            f"- host CPU: {info.get('cpu')}, {info.get('cpus')} CPUs, /dev/shm {info.get('shm_mib', '?')} MiB"
             + (f"; TF32 matmul {info.get('tf32_matmul')}, TF32 cuDNN {info.get('tf32_cudnn')}, "
                f"cudnn.benchmark {info.get('cudnn_benchmark')}" if info.get("gpu") else ""),
             f"- sizes: DeepLabV3+ {profile.backbone} OS16, crop {profile.crop}, batches "
@@ -712,7 +715,7 @@ def report(out: Path, profile: Profile, results: dict, wall_s: float) -> None:
         if result.get("error"):
             lines += ["", f"**{result.get('status')}**: {result['error']}"]
         lines += [""] + [f"- {note}" for note in result.get("notes", [])]
-    from segtrain.voc import atomic_write_bytes
+    from segtrain.io import atomic_write_bytes
     atomic_write_bytes(out / "gpu_check.md", ("\n".join(lines) + "\n").encode())
     write_json(out / "gpu_check.json", {"profile": dataclasses.asdict(profile), "wall_s": wall_s,
                                         "goals": {"speedup": GOAL_SPEEDUP, "reference_mb": REFERENCE_MB,
