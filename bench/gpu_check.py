@@ -32,7 +32,6 @@ import contextlib
 import dataclasses
 import datetime
 import json
-import math
 import os
 import platform
 import shutil
@@ -47,7 +46,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-BENCH = Path(__file__).resolve().parent
 REFERENCE_MB = 6861  # the course reference run's GPU memory, DeepLabV3+ R50, crop 513, batch 8
 GOAL_SPEEDUP, GOAL_MFU = 2.0, 0.30
 STEP_MODES = ("fp32", "bf16", "bf16+cl")  # names of bench/model_bench.py's MODES
@@ -314,6 +312,9 @@ def model_step_rows(ctx: Context, modes: tuple[str, ...]) -> None:
                 known = seconds_per_image.get(mode, seconds_per_image.get("last"))
                 guess = p.step_seconds / (known * batch) if known else p.step_range[0]
                 steps = int(min(max(guess, p.step_range[0]), p.step_range[1]))
+                if mode == COMPILE_MODE:  # compile each batch afresh: a dynamo cache hit would recompile
+                    import torch              # with a dynamic batch dimension (other kernels)
+                    torch._dynamo.reset()
                 start = time.perf_counter()
                 seconds, gib = model_bench.bench("deeplabv3plus", p.backbone, mode, p.crop, batch, steps,
                                                  p.step_warmup, dev)
