@@ -140,7 +140,7 @@ class Context:
             return
         try:
             self.add(keys | measure())
-        except Exception as e:  # a row's failure is a figure too; the traceback goes to the log
+        except (Exception, SystemExit) as e:  # a row's failure is a figure too (argparse exits); traceback to the log
             traceback.print_exc()
             self.add(keys | {"error": one_line(e)})
 
