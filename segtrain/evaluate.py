@@ -45,7 +45,7 @@ from segtrain import integrity
 from segtrain.model import check_fits_data, load_checkpoint
 from segtrain.shards import class_names, resolve_data, val_loader
 from segtrain.cli import OtherProcessFailed, check_launch, user_errors
-from segtrain.io import atomic_write_bytes
+from segtrain.io import DataError, atomic_write_bytes
 from segtrain.voc import CLASSES, IGNORE_INDEX
 
 PROTOCOLS = ("whole", "center-crop", "ms-flip")
@@ -156,7 +156,12 @@ def evaluate(model: nn.Module, loader, device: Union[torch.device, str], num_cla
                 images = images.to(device, non_blocking=True)
                 masks = masks.to(device, non_blocking=True)
                 preds = predict_logits(model, images, protocol).argmax(dim=1)
-                confusion.update(preds, masks)
+                try:
+                    confusion.update(preds, masks)
+                except ValueError as e:  # data that did not say its classes (shard patterns) up front
+                    raise DataError(f"sample(s) {', '.join(map(str, ids))}: {e}: the data has more classes "
+                                    f"than the model's {num_classes}; fine-tune it on this data with "
+                                    "--init-from") from None
                 num_images += len(ids)
                 if on_batch is not None:
                     on_batch(images, masks, preds, ids)

@@ -339,6 +339,11 @@ def test_evaluate_refuses_a_checkpoint_for_another_class_count(five_class_checkp
         err = user_error(lambda: evaluate_main(["--checkpoint", str(five_class_checkpoint), "--data", str(data)]),
                          capsys)
         assert "checkpoint has 5 classes, data has 21" in err and "--init-from" in err and "background" in err
+    # A shard pattern does not say its classes: the first label the model has no class for does.
+    pattern = str(packed_shards["dir"] / "voc-val-{000000..000001}.tar")
+    err = user_error(lambda: evaluate_main(["--checkpoint", str(five_class_checkpoint), "--data", pattern,
+                                            "--workers", "0"]), capsys)
+    assert "labels outside 0..4" in err and "--init-from" in err
 
 
 def test_class_names_are_compared_when_the_checkpoint_carries_them(tmp_path):
