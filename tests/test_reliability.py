@@ -439,3 +439,19 @@ def test_resume_with_more_iterations_updates_config_yaml(packed_shards, tmp_path
     train_main(args + ["--iterations", "2", "--resume", "latest"])
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["iterations"] == 2
     assert "config.yaml: iterations 1 -> 2" in capsys.readouterr().out
+
+
+def test_write_failures_from_native_writers_are_classified():
+    from safetensors import SafetensorError
+
+    from segtrain.io import write_failure
+
+    full = [OSError(errno.ENOSPC, "No space left on device"), OSError(errno.EDQUOT, "Disk quota exceeded"),
+            SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "x" })'),
+            RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0\n"
+                         "PytorchStreamWriter failed writing file data/0: file write failed: No space left")]
+    for error in full:
+        assert str(write_failure("runs/x/best.pt", error)).startswith("runs/x/best.pt: disk full"), error
+    read_only = write_failure("runs/x/best.pt", PermissionError(errno.EACCES, "Permission denied"))
+    assert str(read_only) == "runs/x/best.pt: cannot write (Permission denied)"
+    assert write_failure("x", KeyError("model")) is None and write_failure("x", RuntimeError("CUDA oom")) is None
