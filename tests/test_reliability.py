@@ -163,8 +163,10 @@ def test_a_wrong_sha256_stops_training_before_the_run_directory_exists(packed_sh
     m["shards"][2]["sha256"] = "f" * 64
     manifest.write_text(json.dumps(m))
     run_dir = tmp_path / "run"
+    # (Small settings, so that without verification the run ends quickly, and this test fails.)
     err = user_error(lambda: train_main(["--data", str(manifest), "--run-dir", str(run_dir), "--tracker", "none",
-                                         "--backbone", "resnet18", "--pretrained", "false"]), capsys)
+                                         "--backbone", "resnet18", "--pretrained", "false", "--iterations", "1",
+                                         "--crop-size", "33", "--batch-size", "2", "--workers", "0"]), capsys)
     assert "voc-train-000002.tar: sha256" in err and "re-pack" in err
     assert not run_dir.exists()
 
