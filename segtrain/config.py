@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 import yaml
 
+from . import integrity
 from .io import ConfigError, atomic_write_bytes
 
 
@@ -33,6 +34,7 @@ class TrainConfig:
     train_split: Optional[str] = None  # default: the split of the manifest --data names, else train
     val_split: str = "val"
     workers: int = 4
+    verify_shards: str = integrity.DEFAULT_VERIFY  # off | once | always (see segtrain/integrity.py)
     # run
     run_dir: Optional[str] = None  # default: runs/<name>
     name: Optional[str] = None     # default: <arch>-<backbone>-<loss>-<time>
@@ -96,6 +98,7 @@ CHOICES = {
     "class_weighting": ("inverse", "median_frequency", "enet"),
     "val_protocol": ("whole", "center-crop", "ms-flip"),
     "tracker": ("wandb", "none"),
+    "verify_shards": integrity.VERIFY_MODES,
 }
 POSITIVE = ("iterations", "batch_size", "crop_size", "step_size", "grad_accum",
             "checkpoint_every", "keep_checkpoints", "log_every", "num_classes")
@@ -207,5 +210,17 @@ def save_config(cfg: TrainConfig, path: Path) -> None:
     atomic_write_bytes(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode())
 
 
+def update_saved_config(path: Path, **changes: Any) -> dict:
+    """Set keys of a saved config.yaml (atomically); returns ``{key: (old, new)}`` for those that changed."""
+    saved = yaml.safe_load(path.read_text()) if path.is_file() else None
+    if not isinstance(saved, dict):
+        return {}
+    changed = {k: (saved.get(k), v) for k, v in changes.items() if saved.get(k) != v}
+    if changed:
+        saved.update({k: new for k, (_, new) in changed.items()})
+        atomic_write_bytes(path, yaml.safe_dump(saved, sort_keys=False).encode())
+    return changed
+
+
 __all__ = ["TrainConfig", "ConfigError", "parse_config", "save_config", "config_to_dict",
-           "apply_overrides", "validate"]
+           "apply_overrides", "validate", "update_saved_config"]

@@ -41,10 +41,11 @@ from torch import nn
 from tqdm import tqdm
 
 from segtrain.metrics import ConfusionMatrix, format_metrics_table, to_jsonable
-from segtrain.model import load_checkpoint
-from segtrain.shards import resolve_data, val_loader
+from segtrain import integrity
+from segtrain.model import check_fits_data, load_checkpoint
+from segtrain.shards import class_names, resolve_data, val_loader
 from segtrain.cli import OtherProcessFailed, check_launch, user_errors
-from segtrain.io import atomic_write_bytes
+from segtrain.io import DataError, atomic_write_bytes
 from segtrain.voc import CLASSES, IGNORE_INDEX
 
 PROTOCOLS = ("whole", "center-crop", "ms-flip")
@@ -155,7 +156,12 @@ def evaluate(model: nn.Module, loader, device: Union[torch.device, str], num_cla
                 images = images.to(device, non_blocking=True)
                 masks = masks.to(device, non_blocking=True)
                 preds = predict_logits(model, images, protocol).argmax(dim=1)
-                confusion.update(preds, masks)
+                try:
+                    confusion.update(preds, masks)
+                except ValueError as e:  # data that did not say its classes (shard patterns) up front
+                    raise DataError(f"sample(s) {', '.join(map(str, ids))}: {e}: the data has more classes "
+                                    f"than the model's {num_classes}; fine-tune it on this data with "
+                                    "--init-from") from None
                 num_images += len(ids)
                 if on_batch is not None:
                     on_batch(images, masks, preds, ids)
@@ -204,6 +210,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=1, help="per process; 1 is the exact protocol")
     parser.add_argument("--workers", type=int, default=2, help="data loading workers per process")
     parser.add_argument("--mixed-precision", choices=("no", "bf16"), default="no")
+    parser.add_argument("--verify-shards", choices=integrity.VERIFY_MODES, default=integrity.DEFAULT_VERIFY,
+                        help=integrity.VERIFY_HELP)
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.workers < 0 or args.crop_size < 1:
         parser.error("--batch-size and --crop-size must be >= 1, --workers >= 0")
@@ -226,10 +234,12 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
     """Evaluate as ``args`` say; every process returns the same result dict."""
     # Loaded on the CPU, then moved: torch.load cannot map to the "cpu:0" device that
     # Accelerate reports for multi-process CPU runs.
-    model, _ = load_checkpoint(args.checkpoint)
+    source = resolve_data(args.data, args.split)  # fails early, and identically on every rank
+    integrity.verify_source(source, args.verify_shards)
+    model, ckpt = load_checkpoint(args.checkpoint)
+    check_fits_data(ckpt, args.checkpoint, class_names(source), source.location)
     model.to(accelerator.device)
     num_classes = model.model_config["num_classes"]
-    source = resolve_data(args.data, args.split)  # fails early, and identically on every rank
     loader = val_loader(args.data, split=args.split, batch_size=args.batch_size, num_workers=args.workers,
                         protocol=loader_protocol(args.protocol),
                         crop_size=args.crop_size, rank=accelerator.process_index,

@@ -29,7 +29,7 @@ import yaml
 
 from segtrain import shards, stats, visualize
 from segtrain.metrics import subset_miou
-from segtrain.model import load_checkpoint
+from segtrain.model import check_fits_data, load_checkpoint, read_checkpoint
 from segtrain.io import DataError, atomic_write_bytes, read_metrics_log
 from segtrain.predict import predict_mask
 from segtrain.voc import CLASSES, decode_target
@@ -127,15 +127,22 @@ def prediction_rows(runs: list[Run], data: str, split: str, ids: Sequence[str],
     labels = [samples[sid][1] for sid in ids]
     rows = [[img, decode_target(lbl)] for img, lbl in zip(images, labels)]
     for run in runs:
-        best = run.path / "best.pt"
-        if not best.is_file():
-            raise DataError(f"{run.path}: no best.pt (did the run validate at least once?)")
-        model, _ = load_checkpoint(best, map_location=device)
+        model, _ = load_checkpoint(run.path / "best.pt", map_location=device)  # checked by check_runs_fit
         model.eval()
         for row, sid in zip(rows, ids):
             row.append(decode_target(predict_mask(model, samples[sid][0], device)))
         del model
     return rows, images, labels
+
+
+def check_runs_fit(runs: list[Run], data: str, split: str) -> None:
+    """Every run has a best.pt whose classes are the data's."""
+    source = shards.resolve_data(data, split)
+    for run in runs:
+        best = run.path / "best.pt"
+        if not best.is_file():
+            raise DataError(f"{run.path}: no best.pt (did the run validate at least once?)")
+        check_fits_data(read_checkpoint(best), best, shards.class_names(source), source.location)
 
 
 def build_report(run_dirs: Sequence[Path], out: Path, data: Optional[str] = None, split: str = "val",
@@ -153,6 +160,7 @@ def build_report(run_dirs: Sequence[Path], out: Path, data: Optional[str] = None
     train_data = runs[0].config["data"]
     val_data = data or runs[0].config.get("val_data") or train_data
 
+    check_runs_fit(runs, val_data, split)  # before any figure is written
     manifest = shards.resolve_data(train_data, runs[0].config.get("train_split") or "train").manifest
     plot_curves(runs, out / "curves.png")
     table, rows = results_table(runs, stats.rarest_classes(manifest) if manifest else ())

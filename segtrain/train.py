@@ -40,11 +40,12 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from segtrain import shards
+from segtrain import integrity, shards
 from segtrain.cli import check_launch, user_errors
-from segtrain.config import TrainConfig, config_to_dict, parse_config, save_config
+from segtrain.config import TrainConfig, config_to_dict, parse_config, save_config, update_saved_config
 from segtrain.evaluate import evaluate, loader_protocol
-from segtrain.io import ConfigError, atomic_write_bytes, checkpoint_dirs, read_manifest, read_metrics_log
+from segtrain.io import (ConfigError, atomic_write_bytes, checkpoint_dirs, naming_write_errors, read_manifest,
+                         read_metrics_log)
 from segtrain.losses import build_loss
 from segtrain.metrics import to_jsonable
 from segtrain.model import PretrainedWeightsUnavailable, build_model, save_checkpoint
@@ -139,7 +140,7 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         if self.enabled:
-            with open(self.path, "a") as f:
+            with naming_write_errors(self.path), open(self.path, "a") as f:
                 f.write(json.dumps(to_jsonable(record), allow_nan=False) + "\n")
 
 
@@ -184,7 +185,12 @@ def save_training_state(accelerator: Accelerator, run_dir: Path, step: int, keep
     that ``--resume latest`` would pick. Assumes RUN_DIR is on a filesystem all nodes share."""
     root = run_dir / "checkpoints"
     final, tmp = root / f"step_{step:07d}", root / f".step_{step:07d}.tmp"
-    accelerator.save_state(str(tmp))
+    try:
+        with naming_write_errors(final):  # a full disk is one line, and leaves no temp folder
+            accelerator.save_state(str(tmp))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():
@@ -284,6 +290,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise ConfigError(f"run_dir: {run_dir} already holds a run; pass --resume latest to continue it, "
                           "or choose another --run-dir")
     set_seed(cfg.seed)
+    # Bad or damaged data fails here, before RUN_DIR exists.
+    val_data = cfg.val_data or cfg.data  # a train manifest stands for its voc-val.json sibling
+    train_source = shards.resolve_data(cfg.data, cfg.train_split)
+    val_source = shards.resolve_data(val_data, cfg.val_split)
+    for source in (train_source, val_source):
+        integrity.verify_source(source, cfg.verify_shards)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not cfg.resume:  # a resumed run keeps the config it was started with
@@ -301,9 +313,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise ConfigError(f"grad_accum: an epoch has only {batches_per_epoch} batches of {per_process_batch} "
                           f"per process, fewer than grad_accum={cfg.grad_accum}")
     steps_per_epoch = batches_per_epoch // cfg.grad_accum
-    val_data = cfg.val_data or cfg.data  # a train manifest stands for its voc-val.json sibling
-    train_source = shards.resolve_data(cfg.data, cfg.train_split)
-    check_disjoint(train_source, shards.resolve_data(val_data, cfg.val_split))
+    check_disjoint(train_source, val_source)
     train_manifest = train_source.manifest
     data_classes = len(train_manifest["class_names"]) if train_manifest else NUM_CLASSES
     if cfg.num_classes < data_classes:
@@ -338,6 +348,9 @@ def train(cfg: TrainConfig) -> TrainResult:
         accelerator.load_state(str(path))
         state.check_resume()
         say(f"resumed from {path} at step {state.step}")
+        if main:  # a longer --iterations extends the run: its config.yaml says so
+            for key, (old, new) in update_saved_config(run_dir / "config.yaml", iterations=cfg.iterations).items():
+                say(f"{run_dir / 'config.yaml'}: {key} {old} -> {new}")
         log.truncate_after(state.step)
     if cfg.tracker == "wandb":
         accelerator.init_trackers(cfg.wandb_project, config=config_to_dict(cfg),
