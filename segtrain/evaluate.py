@@ -43,7 +43,7 @@ from tqdm import tqdm
 from segtrain.metrics import ConfusionMatrix, format_metrics_table, to_jsonable
 from segtrain.model import load_checkpoint
 from segtrain.shards import resolve_data, val_loader
-from segtrain.cli import OtherProcessFailed, check_launch, user_errors
+from segtrain.cli import ArgumentParser, OtherProcessFailed, check_launch, rank_specific, user_errors
 from segtrain.io import atomic_write_bytes
 from segtrain.voc import CLASSES, IGNORE_INDEX
 
@@ -164,7 +164,7 @@ def evaluate(model: nn.Module, loader, device: Union[torch.device, str], num_cla
         # before the collective below would leave the others waiting in it forever.
         if accelerator is None or accelerator.num_processes == 1:
             raise
-        failure = e
+        failure = rank_specific(e, accelerator.process_index)
     finally:
         model.train(was_training)
 
@@ -188,7 +188,7 @@ def evaluate(model: nn.Module, loader, device: Union[torch.device, str], num_cla
 # --------------------------------------------------------------------------- CLI
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m segtrain.evaluate",
         description="Evaluate a segtrain checkpoint (mIoU and friends) on 1 or N processes.")
     parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint file, e.g. runs/x/best.pt")

@@ -41,7 +41,7 @@ from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from segtrain import shards
-from segtrain.cli import check_launch, user_errors
+from segtrain.cli import check_launch, errors_of_rank, user_errors
 from segtrain.config import TrainConfig, config_to_dict, parse_config, save_config
 from segtrain.evaluate import evaluate, loader_protocol
 from segtrain.io import ConfigError, atomic_write_bytes, checkpoint_dirs, read_manifest, read_metrics_log
@@ -406,7 +406,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                 group["lr"] = group["base_lr"] * factor
 
             for micro in range(cfg.grad_accum):
-                images, masks, _ = next(batches)
+                with errors_of_rank(accelerator.process_index):  # this rank's share of the data
+                    images, masks, _ = next(batches)
                 # The loader ships uint8 (a quarter of the bytes to copy): normalise on the device.
                 images = normalize(images.to(device, non_blocking=True))
                 masks = masks.to(device, non_blocking=True).long()
