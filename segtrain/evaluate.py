@@ -17,6 +17,15 @@ On N processes every image is counted exactly once: the validation loader gives 
 rank disjoint samples, each rank fills its own confusion matrix with forward passes on
 the bare model (a DDP wrapper syncs buffers on forward and hangs when one rank has run
 out of batches), and the matrices are summed once after the loop.
+
+What is identical on 1 and N processes: the confusion matrix (so every metric), bit for
+bit, when every process computes with the same number of CPU threads (on GPUs the thread
+count plays no part). On CPU, oneDNN splits some convolutions' sums across threads, so a
+different count changes the last bits of logits and, rarely, a near-tied argmax (2 of 54
+million VOC pixels). ``accelerate launch`` gives each process 1 thread while one process
+alone uses every core: pass ``--threads 1`` to the single process (or the same
+``--threads T`` to both runs) to compare them bit for bit. The count used is in the
+result (``cpu_threads``).
 """
 from __future__ import annotations
 
@@ -123,7 +132,7 @@ def class_names_for(num_classes: int) -> tuple[str, ...]:
 def evaluate(model: nn.Module, loader, device: Union[torch.device, str], num_classes: int = len(CLASSES),
              protocol: str = "whole", autocast_dtype: Optional[torch.dtype] = None,
              accelerator: Optional[Accelerator] = None, on_batch: Optional[OnBatch] = None,
-             class_names: Optional[Sequence[str]] = None) -> dict[str, Any]:
+             class_names: Optional[Sequence[str]] = None, threads: Optional[int] = None) -> dict[str, Any]:
     """Run ``model`` over ``loader`` and return the metrics of the whole split.
 
     ``loader`` yields ``(images, masks, ids)`` batches (``shards.val_loader``; with
@@ -137,12 +146,19 @@ def evaluate(model: nn.Module, loader, device: Union[torch.device, str], num_cla
     normalised images, the (N, H, W) int64 masks and predictions (on ``device``) and the
     sample ids: for progress bars or grabbing a few images to log.
 
+    ``threads``: CPU threads (torch intra-op) for the forward passes, restored afterwards;
+    None keeps the process's count. Equal counts make 1 and N processes bit-identical.
+
     Returns ``metrics.segmentation_metrics`` (miou, pixel_acc, mean_class_acc, fwiou,
-    iou, class_acc, num_pixels, per_class) plus ``num_images`` and ``confusion_matrix``
-    (int64 CPU tensor, rows = ground truth).
+    iou, class_acc, num_pixels, per_class) plus ``num_images``, ``cpu_threads`` and
+    ``confusion_matrix`` (int64 CPU tensor, rows = ground truth).
     """
     check_protocol(protocol)
     device = torch.device(device)
+    threads_before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    cpu_threads = torch.get_num_threads()
     confusion = ConfusionMatrix(num_classes, IGNORE_INDEX, device=device)
     num_images = 0
     failure: Optional[BaseException] = None
@@ -167,6 +183,8 @@ def evaluate(model: nn.Module, loader, device: Union[torch.device, str], num_cla
         failure = rank_specific(e, accelerator.process_index)
     finally:
         model.train(was_training)
+        if threads is not None:
+            torch.set_num_threads(threads_before)
 
     if accelerator is not None and accelerator.num_processes > 1:
         status = torch.tensor([num_images, failure is not None], dtype=torch.int64, device=accelerator.device)
@@ -181,6 +199,7 @@ def evaluate(model: nn.Module, loader, device: Union[torch.device, str], num_cla
         class_names = class_names_for(num_classes)
     metrics = confusion.compute(class_names)
     metrics["num_images"] = int(num_images)
+    metrics["cpu_threads"] = cpu_threads
     metrics["confusion_matrix"] = confusion.mat.cpu()
     return metrics
 
@@ -204,9 +223,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=1, help="per process; 1 is the exact protocol")
     parser.add_argument("--workers", type=int, default=2, help="data loading workers per process")
     parser.add_argument("--mixed-precision", choices=("no", "bf16"), default="no")
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads per process (default: as started; accelerate launch gives each "
+                             "process 1). The same count on 1 and N processes gives bit-identical results")
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.workers < 0 or args.crop_size < 1:
-        parser.error("--batch-size and --crop-size must be >= 1, --workers >= 0")
+    if args.batch_size < 1 or args.workers < 0 or args.crop_size < 1 or (args.threads or 1) < 1:
+        parser.error("--batch-size, --crop-size and --threads must be >= 1, --workers >= 0")
     return args
 
 
@@ -240,7 +262,8 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
               disable=not accelerator.is_main_process) as bar:
         metrics = evaluate(model, loader, accelerator.device, num_classes, args.protocol,
                            autocast_dtype=torch.bfloat16 if args.mixed_precision == "bf16" else None,
-                           accelerator=accelerator, on_batch=lambda *batch: bar.update(len(batch[-1])))
+                           accelerator=accelerator, on_batch=lambda *batch: bar.update(len(batch[-1])),
+                           threads=args.threads)
     confusion = metrics.pop("confusion_matrix")
     result = {"checkpoint": str(args.checkpoint), "data": str(args.data), "split": args.split,
               "protocol": args.protocol, "mixed_precision": args.mixed_precision,

@@ -31,9 +31,22 @@ def setup(tmp_path_factory) -> dict:
     torch.manual_seed(0)
     model = build_model(backbone="resnet18", pretrained=False).eval()
     save_checkpoint(tmp / "ckpt.pt", model)
+    tied = build_model(backbone="resnet18", pretrained=False).eval()
+    near_tie(tied)
+    save_checkpoint(tmp / "tied.pt", tied)
     return {"tmp": tmp, "data": tmp / "shards" / "voc-val.json", "manifest": manifest,
             "train_manifest": train_manifest,
-            "ckpt": tmp / "ckpt.pt", "model": model}
+            "ckpt": tmp / "ckpt.pt", "model": model, "tied_ckpt": tmp / "tied.pt", "tied": tied}
+
+
+def near_tie(model: nn.Module, a: int = 1, b: int = 2) -> None:
+    """Make classes a and b the top two almost everywhere with weights a few ulps apart: their
+    argmax then follows the last bits of the features, which the CPU thread count changes."""
+    torch.manual_seed(1)
+    conv = model.head.classifier[-1]
+    with torch.no_grad():
+        conv.weight[b] = conv.weight[a] * (1 + 1e-7 * torch.randn_like(conv.weight[a]))
+        conv.bias[a] = conv.bias[b] = conv.bias.max() + 10.0
 
 
 class Pixelwise(nn.Module):
@@ -75,22 +88,37 @@ def test_ms_flip_evaluate_gives_valid_metrics(setup):
     assert all(math.isnan(v) or 0.0 <= v <= 1.0 for v in metrics["iou"] + metrics["class_acc"])
 
 
+def test_the_near_tie_checkpoint_sees_a_thread_count_change(setup):
+    """What makes the test below able to fail: with this checkpoint 1 and 2 CPU threads
+    give different confusion matrices (oneDNN splits sums differently)."""
+    counts = [evaluate(setup["tied"], val_loader(setup["data"], num_workers=0), "cpu", threads=t)
+              for t in (1, 2)]
+    assert [c["cpu_threads"] for c in counts] == [1, 2]
+    assert not torch.equal(counts[0]["confusion_matrix"], counts[1]["confusion_matrix"])
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("split", ["val", "train"])
 def test_one_and_two_processes_give_identical_confusion_matrices(setup, split, launch_ddp):
+    """Bit-identical with the same CPU threads per process. val: one process at 2 threads (a
+    2-core machine's default) and two told --threads 2; train: the launcher's 1 thread per
+    process and one process told --threads 1."""
     manifest = setup["manifest" if split == "val" else "train_manifest"]
     # val: ranks get shards {0, 2} and {1}, 4 and 3 images; train: rank 1 gets no batch at all.
     assert [s["samples"] for s in manifest["shards"]] == ([3, 3, 1] if split == "val" else [4])
-    args = ["--checkpoint", str(setup["ckpt"]), "--data", str(setup["data"]), "--split", split,
+    args = ["--checkpoint", str(setup["tied_ckpt"]), "--data", str(setup["data"]), "--split", split,
             "--workers", "1", "--confusion-matrix"]
-    main(args + ["--out", str(setup["tmp"] / f"one_{split}.json")])
+    threads = ["--threads", "2"] if split == "val" else []
+    main(args + (threads or ["--threads", "1"]) + ["--out", str(setup["tmp"] / f"one_{split}.json")])
     one = json.loads((setup["tmp"] / f"one_{split}.json").read_text())
 
-    proc = launch_ddp(REPO / "segtrain" / "evaluate.py", *args, "--out", setup["tmp"] / f"two_{split}.json",
-                      timeout=300, cwd=setup["tmp"])
+    proc = launch_ddp(REPO / "segtrain" / "evaluate.py", *args, *threads,
+                      "--out", setup["tmp"] / f"two_{split}.json", timeout=300, cwd=setup["tmp"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads((setup["tmp"] / f"two_{split}.json").read_text())
 
     assert two["num_processes"] == 2 and one["num_processes"] == 1
+    assert one["cpu_threads"] == two["cpu_threads"] == (2 if split == "val" else 1)
     assert one["num_images"] == two["num_images"] == manifest["num_samples"]
     assert one["num_pixels"] == manifest["labelled_pixel_count"]
     assert two["confusion_matrix"] == one["confusion_matrix"]
@@ -118,6 +146,7 @@ class TwoRankStub:
 
     num_processes = 2
     device = torch.device("cpu")
+    process_index = 0
 
     def __init__(self, other_failed: bool = False):
         self.other_failed, self.reduced = other_failed, []
