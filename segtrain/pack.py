@@ -179,7 +179,8 @@ def pack_split(voc_root: os.PathLike | str, split: str, out_dir: os.PathLike | s
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python tools/pack.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--voc-root", required=True, help="the VOCdevkit/VOC2012 folder")
     ap.add_argument("--split", required=True, help="train, val, trainval or train_aug")
     ap.add_argument("--out", default="shards", help="output folder (default: shards/)")

@@ -94,3 +94,19 @@ def test_a_process_killed_by_a_signal_is_one_line_and_status_128_plus_n(tmp_path
                           env=os.environ | {"PYTHONPATH": str(REPO)})
     assert proc.returncode == 128 + 9
     assert error_lines(proc) == ["segtrain: process 0 was killed by SIGKILL"]
+
+
+@pytest.mark.parametrize("module, usage", [
+    ("segtrain.report", "python -m segtrain.report"), ("segtrain.evaluate", "python -m segtrain.evaluate"),
+    ("segtrain.predict", "python -m segtrain.predict"), ("segtrain.sam", "python -m segtrain.sam"),
+    ("segtrain.stats", "python -m segtrain.stats"), ("segtrain.visualize", "python -m segtrain.visualize"),
+    ("segtrain.synthetic", "python -m segtrain.synthetic"), ("segtrain.pack", "python tools/pack.py"),
+    ("segtrain.convert", "python tools/convert_checkpoint.py"),
+    ("segtrain.download", "python tools/download_voc.py"), ("segtrain.train", "segtrain/train.py"),
+])
+def test_help_names_the_command_you_type(module, usage, capsys):
+    import importlib
+    with pytest.raises(SystemExit) as info:
+        importlib.import_module(module).main(["--help"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: {usage} ")
