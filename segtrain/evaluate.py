@@ -6,9 +6,7 @@
 
 Protocols:
 
-* ``whole``: each image at its own size (the standard VOC protocol; batch size 1 is
-  exact, larger batches pad images to a common size, which changes the context the
-  model sees near the padding);
+* ``whole``: each image at its own size (the standard VOC protocol);
 * ``center-crop``: shorter side resized to 513, centre crop 513 (VainF's evaluation);
 * ``ms-flip``: softmax averaged over scales 0.5-1.75 and horizontal flips, each
   pass's logits resized back to the image's size first (mmsegmentation's "ms+flip").
@@ -40,7 +38,7 @@ if __package__ in (None, ""):
 import argparse
 import os
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Optional, Union
 
 import torch
@@ -64,6 +62,7 @@ CROP_SIZE = 513
 OnBatch = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, list], None]
 
 __all__ = ["PROTOCOLS", "MS_SCALES", "OtherProcessFailed", "evaluate", "predict_logits", "ms_flip_logits",
+           "same_size_batches",
            "loader_protocol", "class_names_for", "main"]
 
 
@@ -96,6 +95,41 @@ def ms_flip_logits(model: nn.Module, images: torch.Tensor, scales: Sequence[floa
         prob_sum = probs if prob_sum is None else prob_sum + probs
         passes += 2 if flip else 1
     return (prob_sum / passes).log()
+
+
+def same_size_batches(loader: Iterable, batch_size: int, max_held: Optional[int] = None) -> Iterator[tuple]:
+    """Regroup a loader's single images into batches of up to ``batch_size`` images of the
+    SAME size: never padded, so no pixel sees context it would not see alone.
+
+    Images wait in per-size groups; a group leaves when full, or (largest first) when more
+    than ``max_held`` images (default 4 x ``batch_size``) are waiting, and at the end.
+    Order changes, counts do not: every image is yielded exactly once. Batched forward
+    passes equal single ones up to float rounding (the convolution libraries pick other
+    kernels for other batch shapes): see docs/BENCHMARKS.md#evaluation-speed.
+    """
+    max_held = max_held or 4 * batch_size
+    groups: dict[tuple, list] = {}
+    held = 0
+
+    def emit(key) -> tuple:
+        nonlocal held
+        group = groups.pop(key)
+        held -= len(group)
+        return (torch.cat([g[0] for g in group]), torch.cat([g[1] for g in group]),
+                [sid for g in group for sid in g[2]])
+
+    for images, masks, ids in loader:
+        if len(ids) != 1:
+            raise ValueError("same_size_batches needs a loader of single images (batch_size=1)")
+        key = tuple(images.shape[-2:])
+        groups.setdefault(key, []).append((images, masks, ids))
+        held += 1
+        if len(groups[key]) == batch_size:
+            yield emit(key)
+        elif held > max_held:
+            yield emit(max(groups, key=lambda k: len(groups[k])))
+    while groups:
+        yield emit(max(groups, key=lambda k: len(groups[k])))
 
 
 def check_protocol(protocol: str) -> None:
@@ -220,7 +254,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="metrics JSON (default: eval_{split}_{protocol}.json next to the checkpoint)")
     parser.add_argument("--confusion-matrix", action="store_true",
                         help="also write the raw confusion matrix (rows = ground truth) to the JSON")
-    parser.add_argument("--batch-size", type=int, default=1, help="per process; 1 is the exact protocol")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="images per forward pass and process, grouped by size (never padded). 1 (the "
+                             "default) is the reference; larger is faster and equal up to float rounding")
     parser.add_argument("--workers", type=int, default=2, help="data loading workers per process")
     parser.add_argument("--mixed-precision", choices=("no", "bf16"), default="no")
     parser.add_argument("--threads", type=int,
@@ -252,10 +288,12 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
     model.to(accelerator.device)
     num_classes = model.model_config["num_classes"]
     source = resolve_data(args.data, args.split)  # fails early, and identically on every rank
-    loader = val_loader(args.data, split=args.split, batch_size=args.batch_size, num_workers=args.workers,
+    loader = val_loader(args.data, split=args.split, num_workers=args.workers,
                         protocol=loader_protocol(args.protocol),
                         crop_size=args.crop_size, rank=accelerator.process_index,
                         world_size=accelerator.num_processes)
+    if args.batch_size > 1:
+        loader = same_size_batches(loader, args.batch_size)
     # The bar counts the main process's images; its share of the total is only known alone.
     total = source.num_samples if accelerator.num_processes == 1 else None
     with tqdm(total=total, unit="img", desc=f"eval {args.protocol}", dynamic_ncols=True,

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from segtrain.cli import OtherProcessFailed
-from segtrain.evaluate import evaluate, main, ms_flip_logits
+from segtrain.evaluate import evaluate, main, ms_flip_logits, same_size_batches
 from segtrain.model import build_model, save_checkpoint
 from segtrain.pack import pack_split
 from segtrain.shards import val_loader
@@ -183,3 +183,47 @@ def test_a_failing_rank_still_joins_the_reduce_so_none_hangs():
     with pytest.raises(OtherProcessFailed):
         evaluate(model, batches, "cpu", num_classes=5, accelerator=stub)
     assert len(stub.reduced) == 1  # no confusion-matrix reduce after a failure
+
+
+def single_images(sizes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(1, 3, h, w, generator=g), torch.randint(0, 5, (1, h, w), generator=g), [f"i{n}"])
+            for n, (h, w) in enumerate(sizes)]
+
+
+def test_same_size_batches_groups_without_padding_and_keeps_every_image_once():
+    sizes = [(6, 7), (7, 6), (6, 7), (5, 5), (6, 7), (7, 6), (6, 7), (6, 7), (7, 6)]
+    samples = single_images(sizes)
+    batches = list(same_size_batches(iter(samples), batch_size=3, max_held=4))
+    ids = [sid for _, _, batch_ids in batches for sid in batch_ids]
+    assert sorted(ids) == sorted(f"i{n}" for n in range(len(sizes)))
+    by_id = {s[2][0]: s for s in samples}
+    for images, masks, batch_ids in batches:
+        assert 1 <= len(batch_ids) <= 3 and images.shape[0] == masks.shape[0] == len(batch_ids)
+        for k, sid in enumerate(batch_ids):  # same tensors, no padding: each image at its own size
+            assert torch.equal(images[k:k + 1], by_id[sid][0]) and torch.equal(masks[k:k + 1], by_id[sid][1])
+    # A full group leaves at once; more than max_held waiting sends the largest group; the end the rest.
+    assert [b[2] for b in batches] == [["i0", "i2", "i4"], ["i1", "i5"], ["i6", "i7"], ["i3"], ["i8"]]
+    with pytest.raises(ValueError, match="single images"):
+        list(same_size_batches(iter([(torch.zeros(2, 3, 4, 4), torch.zeros(2, 4, 4), ["a", "b"])]), 2))
+
+
+def test_batched_ms_flip_counts_the_same_pixels_as_one_image_at_a_time():
+    """The batching plumbing is exact: with a per-pixel model (no cross-pixel sums whose
+    kernels change with the batch shape) batched and single ms-flip give one confusion matrix."""
+    samples = single_images([(9, 12), (12, 9), (9, 12), (9, 12), (12, 9)])
+    model = Pixelwise()
+    one = evaluate(model, samples, "cpu", num_classes=5, protocol="ms-flip")
+    seen = []
+    batched = evaluate(model, same_size_batches(iter(samples), 4), "cpu", num_classes=5, protocol="ms-flip",
+                       on_batch=lambda images, masks, preds, ids: seen.append(len(ids)))
+    assert sorted(seen) == [2, 3] and batched["num_images"] == one["num_images"] == 5
+    assert torch.equal(batched["confusion_matrix"], one["confusion_matrix"])
+
+
+def test_cli_batch_size_groups_images(setup, tmp_path):
+    out = tmp_path / "batched.json"
+    main(["--checkpoint", str(setup["ckpt"]), "--data", str(setup["data"]), "--batch-size", "3",
+          "--protocol", "ms-flip", "--workers", "0", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["num_images"] == 7 and result["num_pixels"] == setup["manifest"]["labelled_pixel_count"]
