@@ -25,7 +25,7 @@ ROOT=${SEGTRAIN_ROOT:-$SLURM_SUBMIT_DIR}
 PY=${SEGTRAIN_PYTHON:-$ROOT/.venv/bin/python}
 GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-8}
 # The first node of the allocation hosts the rendezvous.
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)  # reads all: no SIGPIPE under pipefail
 MASTER_PORT=${MASTER_PORT:-29500}
 NUM_PROCESSES=$((SLURM_NNODES * GPUS_PER_NODE))
 
