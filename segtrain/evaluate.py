@@ -11,6 +11,10 @@ Protocols:
 * ``ms-flip``: softmax averaged over scales 0.5-1.75 and horizontal flips, each
   pass's logits resized back to the image's size first (mmsegmentation's "ms+flip").
 
+One image per forward pass by default (the reference). ``--batch-size B`` groups up to B
+images of the same size (``same_size_batches``, never padded: padding changes what the
+model sees): ~1.5x faster on a CPU, equal up to float rounding (docs/BENCHMARKS.md).
+
 On N processes every image is counted exactly once: the validation loader gives each
 rank disjoint samples, each rank fills its own confusion matrix with forward passes on
 the bare model (a DDP wrapper syncs buffers on forward and hangs when one rank has run
