@@ -23,6 +23,7 @@ from typing import Any, Optional
 import yaml
 
 from . import integrity
+from .cli import ArgumentParser
 from .io import ConfigError, atomic_write_bytes
 
 
@@ -183,7 +184,7 @@ def apply_overrides(cfg: TrainConfig, overrides: dict, source: str) -> TrainConf
 
 def parse_config(argv: Optional[list[str]] = None) -> TrainConfig:
     """Defaults <- each ``--config`` YAML in order <- ``--key value`` flags."""
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="segtrain/train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS)
     ap.add_argument("--config", action="append", default=[], help="YAML file of config keys (repeatable)")

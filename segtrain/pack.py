@@ -219,7 +219,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     words = sys.argv[1:] if argv is None else list(argv)
     if any(w == "--verify" or w.startswith("--verify=") for w in words):
         return integrity.main(words)
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python tools/pack.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--verify", metavar="MANIFEST",
                     help="instead of packing: check every shard of MANIFEST (sha256, sample count); exit 0 or 2")
     ap.add_argument("--voc-root", required=True, help="the VOCdevkit/VOC2012 folder")

@@ -41,7 +41,7 @@ from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from segtrain import integrity, shards
-from segtrain.cli import check_launch, user_errors
+from segtrain.cli import check_launch, errors_of_rank, user_errors
 from segtrain.config import TrainConfig, config_to_dict, parse_config, save_config, update_saved_config
 from segtrain.evaluate import evaluate, loader_protocol
 from segtrain.io import (ConfigError, atomic_write_bytes, checkpoint_dirs, naming_write_errors, read_manifest,
@@ -424,7 +424,8 @@ def train(cfg: TrainConfig) -> TrainResult:
 
             for micro in range(cfg.grad_accum):
                 fetch_start = time.perf_counter()
-                images, masks, _ = next(batches)
+                with errors_of_rank(accelerator.process_index):  # this rank's share of the data
+                    images, masks, _ = next(batches)
                 data_wait += time.perf_counter() - fetch_start
                 # The loader ships uint8 (a quarter of the bytes to copy): normalise on the device.
                 images = normalize(images.to(device, non_blocking=True))
