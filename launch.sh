@@ -8,9 +8,12 @@
 #                                  accelerate launch segtrain/train.py ARGS with the matching config
 #   ./launch.sh compare-losses [ARGS]  CE vs an imbalance-aware loss, same settings, then the report
 #   ./launch.sh help               this text
+#
+# Paths given to a command mean what they mean where you stand: launch.sh never changes
+# the working directory, and finds its own files through ROOT (the repository).
 set -euo pipefail
-cd "$(dirname "$0")"
-ROOT=$(pwd)
+ROOT=$(cd "$(dirname "$0")" && pwd)
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's segtrain, wherever you run from
 VENV="${SEGTRAIN_VENV:-$ROOT/.venv}"
 PY="$VENV/bin/python"
 # The torch/torchvision pair measured to work together (see the top of README.md); only
@@ -35,21 +38,23 @@ sys.exit(v(torch) < (2, 6) or v(torchvision) < (0, 21))" >/dev/null 2>&1; then
   fi
   # Re-install the package only when its metadata changed (keeps repeated calls instant).
   local stamp="$VENV/.segtrain-setup" want
-  want=$(cat setup.cfg pyproject.toml | sha256sum | cut -c1-16)
+  want=$(cat "$ROOT/setup.cfg" "$ROOT/pyproject.toml" | sha256sum | cut -c1-16)
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     log "installing segtrain in editable mode with dev extras"
-    "$PY" -m pip install -q -e ".[dev]"
+    "$PY" -m pip install -q -e "${ROOT}[dev]"
     echo "$want" > "$stamp"
   fi
 }
 
 # accelerate launch with the config that fits: one GPU (default), N GPUs (DDP), or N CPU
 # processes (real DDP over gloo; see accelerate_configs/cpu_ddp.yaml for why it is spelled so).
+# segtrain.launch is accelerate launch minus its traceback: the exit status is the training
+# process's (2 for a user error, whose one-line message the first process prints).
 train() {
-  local acc=(--config_file accelerate_configs/single_gpu.yaml) env=()
+  local acc=(--config_file "$ROOT/accelerate_configs/single_gpu.yaml") env=()
   while [ $# -gt 0 ]; do
     case "$1" in
-      --gpus) acc=(--config_file accelerate_configs/multi_gpu.yaml --num_processes "$2"); shift 2 ;;
+      --gpus) acc=(--config_file "$ROOT/accelerate_configs/multi_gpu.yaml" --num_processes "$2"); shift 2 ;;
       --cpu-procs) env=(ACCELERATE_USE_CPU=1)
                    acc=(--multi_gpu --num_processes "$2" --num_machines 1 --mixed_precision no
                         --dynamo_backend no --main_process_port "${PORT:-29533}"); shift 2 ;;
@@ -57,7 +62,7 @@ train() {
       *) break ;;
     esac
   done
-  env ${env[@]+"${env[@]}"} "$VENV/bin/accelerate" launch "${acc[@]}" segtrain/train.py "$@"
+  env ${env[@]+"${env[@]}"} "$PY" -m segtrain.launch "${acc[@]}" "$ROOT/segtrain/train.py" "$@"
 }
 
 SYNTHETIC="$ROOT/datasets/synthetic"
@@ -75,7 +80,7 @@ prepare_synthetic() {
   fi
   log "packing it into webdataset shards in $SYNTHETIC_SHARDS"
   for split in train val; do
-    "$PY" tools/pack.py --voc-root "$SYNTHETIC/VOCdevkit/VOC2012" --split "$split" \
+    "$PY" "$ROOT/tools/pack.py" --voc-root "$SYNTHETIC/VOCdevkit/VOC2012" --split "$split" \
       --out "$SYNTHETIC_SHARDS" --shard-size 64 --workers 2
   done
 }
@@ -93,7 +98,7 @@ compare_losses() {
     local run="$out/${loss//+/_plus_}"
     log "training with --loss $loss -> $run"
     rm -rf "$run"
-    "$PY" segtrain/train.py --data "$SYNTHETIC_SHARDS/voc-train.json" "${CPU_RECIPE[@]}" \
+    "$PY" "$ROOT/segtrain/train.py" --data "$SYNTHETIC_SHARDS/voc-train.json" "${CPU_RECIPE[@]}" \
       --run-dir "$run" --name "compare-$loss" --loss "$loss" --tracker none "$@"
     runs+=("$run")
   done
@@ -106,7 +111,7 @@ demo() {
   prepare_synthetic
   log "3/5 training DeepLabV3+ ResNet50 on CPU (bf16, crop 129, 150 steps, wandb offline)"
   rm -rf "$run"
-  "$PY" segtrain/train.py --data "$shards/voc-train.json" "${CPU_RECIPE[@]}" --run-dir "$run" \
+  "$PY" "$ROOT/segtrain/train.py" --data "$shards/voc-train.json" "${CPU_RECIPE[@]}" --run-dir "$run" \
     --name demo --tracker wandb
   log "4/5 evaluating best.pt on the val split"
   "$PY" -m segtrain.evaluate --checkpoint "$run/best.pt" --data "$shards/voc-val.json" \
@@ -133,12 +138,13 @@ cmd=${1:-help}; shift || true
 case "$cmd" in
   setup) setup; log "environment ready: source $VENV/bin/activate" ;;
   demo) setup; demo "$@" ;;
-  pack) setup; exec "$PY" tools/pack.py "$@" ;;
+  pack) setup; exec "$PY" "$ROOT/tools/pack.py" "$@" ;;
   train) setup; train "$@" ;;
   compare-losses) setup; compare_losses "$@" ;;
   test)
     setup
-    exec "$PY" -m pytest "$@" ;;
+    [ $# -gt 0 ] || set -- "$ROOT/tests"
+    exec "$PY" -m pytest --rootdir "$ROOT" -c "$ROOT/setup.cfg" "$@" ;;
   *)
     sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
     [ "$cmd" = help ] || { log "unknown command: $cmd"; exit 2; } ;;

@@ -8,9 +8,16 @@ errors, and the launch check.
 A user error (bad config, bad data, wrong checkpoint, a launch that is not connected)
 prints ``segtrain: error: <one line>`` on standard error and exits with status 2, no
 traceback. Anything else is a bug and keeps its traceback.
+
+Under ``accelerate launch`` every process runs the same command, so an error that comes
+from the command line, the config or the shared data is raised by all of them: only the
+first process (global rank 0) prints it, the others exit 2 silently. An error that belongs
+to one process alone (a corrupt sample in its share of the data) is marked with
+``rank_specific`` and printed by that process, tagged with its rank.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import sys
@@ -42,10 +49,48 @@ def one_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def process_rank() -> int:
+    """This process's global rank as the launcher set it (0 when run alone).
+
+    Read from the environment, so it is known before (and after) the process group exists.
+    """
+    return int(os.environ.get("RANK", "0"))
+
+
+def rank_specific(error: BaseException, rank: int) -> BaseException:
+    """Mark ``error`` as this process's own (not shared by the others): ``fail`` prints it
+    on every rank, tagged ``process RANK``. Returns ``error``, for ``raise rank_specific(e, r)``."""
+    error.segtrain_rank = rank  # type: ignore[attr-defined]
+    return error
+
+
+@contextlib.contextmanager
+def errors_of_rank(rank: int) -> Iterator[None]:
+    """Mark the user errors raised inside as this process's own (see ``rank_specific``)."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        raise rank_specific(e, rank)
+
+
 def fail(error: BaseException) -> None:
-    """Print a user error as one line and exit with USER_ERROR_EXIT."""
-    print(f"segtrain: error: {one_line(error)}", file=sys.stderr)
+    """Print a user error as one line (once per job) and exit with USER_ERROR_EXIT."""
+    own_rank = getattr(error, "segtrain_rank", None)
+    if own_rank is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print(f"segtrain: error: process {own_rank}: {one_line(error)}", file=sys.stderr)
+    elif process_rank() == 0:
+        print(f"segtrain: error: {one_line(error)}", file=sys.stderr)
     sys.exit(USER_ERROR_EXIT)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are user errors like the others: one line with the
+    segtrain prefix, printed by the first process only, exit 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        if process_rank() == 0:
+            print(f"segtrain: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        self.exit(USER_ERROR_EXIT)
 
 
 @contextlib.contextmanager

@@ -23,7 +23,8 @@ from typing import Any, Optional
 
 import yaml
 
-from segtrain import evaluate, losses, model, schedule
+from segtrain import evaluate, integrity, losses, model, schedule
+from segtrain.cli import ArgumentParser
 from segtrain.io import ConfigError, atomic_write_bytes
 
 MIXED_PRECISIONS = (None, "no", "bf16", "fp16")  # Accelerate's (fp16 on CPU runs fp32)
@@ -67,6 +68,7 @@ class TrainConfig:
     train_split: Optional[str] = setting(None, "default: the split of the manifest --data names, else train")
     val_split: str = setting("val", "split to validate on")
     workers: int = setting(4, "data loading workers per process (capped at the CPUs per process)", minimum=0)
+    verify_shards: str = setting(integrity.DEFAULT_VERIFY, integrity.VERIFY_HELP, choices=integrity.VERIFY_MODES)
     # run
     run_dir: Optional[str] = setting(None, "where the run writes everything; default: runs/<name>")
     name: Optional[str] = setting(None, "run name; default: <arch>-<backbone>-<loss>-<time>")
@@ -212,7 +214,7 @@ def apply_overrides(cfg: TrainConfig, overrides: dict, source: str) -> TrainConf
 
 def parse_config(argv: Optional[list[str]] = None) -> TrainConfig:
     """Defaults <- each ``--config`` YAML in order <- ``--key value`` flags."""
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="segtrain/train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=argparse.SUPPRESS)
     ap.add_argument("--config", action="append", default=[], help="YAML file of config keys (repeatable)")
@@ -238,5 +240,17 @@ def save_config(cfg: TrainConfig, path: Path) -> None:
     atomic_write_bytes(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode())
 
 
+def update_saved_config(path: Path, **changes: Any) -> dict:
+    """Set keys of a saved config.yaml (atomically); returns ``{key: (old, new)}`` for those that changed."""
+    saved = yaml.safe_load(path.read_text()) if path.is_file() else None
+    if not isinstance(saved, dict):
+        return {}
+    changed = {k: (saved.get(k), v) for k, v in changes.items() if saved.get(k) != v}
+    if changed:
+        saved.update({k: new for k, (_, new) in changed.items()})
+        atomic_write_bytes(path, yaml.safe_dump(saved, sort_keys=False).encode())
+    return changed
+
+
 __all__ = ["TrainConfig", "ConfigError", "parse_config", "save_config", "config_to_dict",
-           "apply_overrides", "validate"]
+           "apply_overrides", "validate", "update_saved_config"]

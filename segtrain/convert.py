@@ -139,7 +139,7 @@ def _resnet_name(state: Mapping[str, Any], name: str) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="convert_checkpoint",
+        prog="python tools/convert_checkpoint.py",
         description="Convert VainF/DeepLabV3Plus-Pytorch or torchvision deeplabv3_resnet50 weights "
                     "into a segtrain checkpoint (weights + model_config).")
     parser.add_argument("--from", dest="source", choices=SOURCES, required=True,

@@ -332,7 +332,7 @@ def download_voc(root: PathLike = "datasets/data", sbd: bool = False, urls: Opti
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="download_voc.py",
+        prog="python tools/download_voc.py",
         description="Download PASCAL VOC 2012 trainval (resumable, MD5-checked) and, with --sbd, "
                     "the SBD augmented labels for train_aug.")
     parser.add_argument("--root", default="datasets/data", type=Path,

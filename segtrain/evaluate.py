@@ -6,17 +6,28 @@
 
 Protocols:
 
-* ``whole``: each image at its own size (the standard VOC protocol; batch size 1 is
-  exact, larger batches pad images to a common size, which changes the context the
-  model sees near the padding);
+* ``whole``: each image at its own size (the standard VOC protocol);
 * ``center-crop``: shorter side resized to 513, centre crop 513 (VainF's evaluation);
 * ``ms-flip``: softmax averaged over scales 0.5-1.75 and horizontal flips, each
   pass's logits resized back to the image's size first (mmsegmentation's "ms+flip").
+
+One image per forward pass by default (the reference). ``--batch-size B`` groups up to B
+images of the same size (``same_size_batches``, never padded: padding changes what the
+model sees): ~1.5x faster on a CPU, equal up to float rounding (docs/BENCHMARKS.md).
 
 On N processes every image is counted exactly once: the validation loader gives each
 rank disjoint samples, each rank fills its own confusion matrix with forward passes on
 the bare model (a DDP wrapper syncs buffers on forward and hangs when one rank has run
 out of batches), and the matrices are summed once after the loop.
+
+What is identical on 1 and N processes: the confusion matrix (so every metric), bit for
+bit, when every process computes with the same number of CPU threads (on GPUs the thread
+count plays no part). On CPU, oneDNN splits some convolutions' sums across threads, so a
+different count changes the last bits of logits and, rarely, a near-tied argmax (2 of 54
+million VOC pixels). ``accelerate launch`` gives each process 1 thread while one process
+alone uses every core: pass ``--threads 1`` to the single process (or the same
+``--threads T`` to both runs) to compare them bit for bit. The count used is in the
+result (``cpu_threads``).
 """
 from __future__ import annotations
 
@@ -33,7 +44,7 @@ if __name__ == "__main__" and not __package__:
 import argparse
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -44,10 +55,11 @@ from torch import nn
 from tqdm import tqdm
 
 from segtrain.metrics import ConfusionMatrix, format_metrics_table, to_jsonable
-from segtrain.model import load_checkpoint
-from segtrain.shards import resolve_data, val_loader
-from segtrain.cli import OtherProcessFailed, check_launch, user_errors
-from segtrain.io import atomic_write_bytes
+from segtrain import integrity
+from segtrain.model import check_fits_data, load_checkpoint
+from segtrain.shards import class_names, resolve_data, val_loader
+from segtrain.cli import ArgumentParser, OtherProcessFailed, check_launch, rank_specific, user_errors
+from segtrain.io import DataError, atomic_write_bytes
 from segtrain.voc import CLASSES, IGNORE_INDEX
 
 PROTOCOLS = {  # --protocol here, --val-protocol in training (see the module docstring)
@@ -62,6 +74,7 @@ CROP_SIZE = 513
 OnBatch = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, list], None]
 
 __all__ = ["PROTOCOLS", "MS_SCALES", "OtherProcessFailed", "evaluate", "predict_logits", "ms_flip_logits",
+           "same_size_batches",
            "loader_protocol", "class_names_for", "main"]
 
 
@@ -94,6 +107,41 @@ def ms_flip_logits(model: nn.Module, images: torch.Tensor, scales: Sequence[floa
         prob_sum = probs if prob_sum is None else prob_sum + probs
         passes += 2 if flip else 1
     return (prob_sum / passes).log()
+
+
+def same_size_batches(loader: Iterable, batch_size: int, max_held: Optional[int] = None) -> Iterator[tuple]:
+    """Regroup a loader's single images into batches of up to ``batch_size`` images of the
+    SAME size: never padded, so no pixel sees context it would not see alone.
+
+    Images wait in per-size groups; a group leaves when full, or (largest first) when more
+    than ``max_held`` images (default 4 x ``batch_size``) are waiting, and at the end.
+    Order changes, counts do not: every image is yielded exactly once. Batched forward
+    passes equal single ones up to float rounding (the convolution libraries pick other
+    kernels for other batch shapes): see docs/BENCHMARKS.md#evaluation-speed.
+    """
+    max_held = max_held or 4 * batch_size
+    groups: dict[tuple, list] = {}
+    held = 0
+
+    def emit(key) -> tuple:
+        nonlocal held
+        group = groups.pop(key)
+        held -= len(group)
+        return (torch.cat([g[0] for g in group]), torch.cat([g[1] for g in group]),
+                [sid for g in group for sid in g[2]])
+
+    for images, masks, ids in loader:
+        if len(ids) != 1:
+            raise ValueError("same_size_batches needs a loader of single images (batch_size=1)")
+        key = tuple(images.shape[-2:])
+        groups.setdefault(key, []).append((images, masks, ids))
+        held += 1
+        if len(groups[key]) == batch_size:
+            yield emit(key)
+        elif held > max_held:
+            yield emit(max(groups, key=lambda k: len(groups[k])))
+    while groups:
+        yield emit(max(groups, key=lambda k: len(groups[k])))
 
 
 def check_protocol(protocol: str) -> None:
@@ -130,7 +178,7 @@ def class_names_for(num_classes: int) -> tuple[str, ...]:
 def evaluate(model: nn.Module, loader, device: Union[torch.device, str], num_classes: int = len(CLASSES),
              protocol: str = "whole", autocast_dtype: Optional[torch.dtype] = None,
              accelerator: Optional[Accelerator] = None, on_batch: Optional[OnBatch] = None,
-             class_names: Optional[Sequence[str]] = None) -> dict[str, Any]:
+             class_names: Optional[Sequence[str]] = None, threads: Optional[int] = None) -> dict[str, Any]:
     """Run ``model`` over ``loader`` and return the metrics of the whole split.
 
     ``loader`` yields ``(images, masks, ids)`` batches (``shards.val_loader``; with
@@ -144,12 +192,19 @@ def evaluate(model: nn.Module, loader, device: Union[torch.device, str], num_cla
     normalised images, the (N, H, W) int64 masks and predictions (on ``device``) and the
     sample ids: for progress bars or grabbing a few images to log.
 
+    ``threads``: CPU threads (torch intra-op) for the forward passes, restored afterwards;
+    None keeps the process's count. Equal counts make 1 and N processes bit-identical.
+
     Returns ``metrics.segmentation_metrics`` (miou, pixel_acc, mean_class_acc, fwiou,
-    iou, class_acc, num_pixels, per_class) plus ``num_images`` and ``confusion_matrix``
-    (int64 CPU tensor, rows = ground truth).
+    iou, class_acc, num_pixels, per_class) plus ``num_images``, ``cpu_threads`` and
+    ``confusion_matrix`` (int64 CPU tensor, rows = ground truth).
     """
     check_protocol(protocol)
     device = torch.device(device)
+    threads_before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    cpu_threads = torch.get_num_threads()
     confusion = ConfusionMatrix(num_classes, IGNORE_INDEX, device=device)
     num_images = 0
     failure: Optional[BaseException] = None
@@ -162,7 +217,12 @@ def evaluate(model: nn.Module, loader, device: Union[torch.device, str], num_cla
                 images = images.to(device, non_blocking=True)
                 masks = masks.to(device, non_blocking=True)
                 preds = predict_logits(model, images, protocol).argmax(dim=1)
-                confusion.update(preds, masks)
+                try:
+                    confusion.update(preds, masks)
+                except ValueError as e:  # data that did not say its classes (shard patterns) up front
+                    raise DataError(f"sample(s) {', '.join(map(str, ids))}: {e}: the data has more classes "
+                                    f"than the model's {num_classes}; fine-tune it on this data with "
+                                    "--init-from") from None
                 num_images += len(ids)
                 if on_batch is not None:
                     on_batch(images, masks, preds, ids)
@@ -171,9 +231,11 @@ def evaluate(model: nn.Module, loader, device: Union[torch.device, str], num_cla
         # before the collective below would leave the others waiting in it forever.
         if accelerator is None or accelerator.num_processes == 1:
             raise
-        failure = e
+        failure = rank_specific(e, accelerator.process_index)
     finally:
         model.train(was_training)
+        if threads is not None:
+            torch.set_num_threads(threads_before)
 
     if accelerator is not None and accelerator.num_processes > 1:
         status = torch.tensor([num_images, failure is not None], dtype=torch.int64, device=accelerator.device)
@@ -188,6 +250,7 @@ def evaluate(model: nn.Module, loader, device: Union[torch.device, str], num_cla
         class_names = class_names_for(num_classes)
     metrics = confusion.compute(class_names)
     metrics["num_images"] = int(num_images)
+    metrics["cpu_threads"] = cpu_threads
     metrics["confusion_matrix"] = confusion.mat.cpu()
     return metrics
 
@@ -195,7 +258,7 @@ def evaluate(model: nn.Module, loader, device: Union[torch.device, str], num_cla
 # --------------------------------------------------------------------------- CLI
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m segtrain.evaluate",
         description="Evaluate a segtrain checkpoint (mIoU and friends) on 1 or N processes.")
     parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint file, e.g. runs/x/best.pt")
@@ -209,12 +272,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="metrics JSON (default: eval_{split}_{protocol}.json next to the checkpoint)")
     parser.add_argument("--confusion-matrix", action="store_true",
                         help="also write the raw confusion matrix (rows = ground truth) to the JSON")
-    parser.add_argument("--batch-size", type=int, default=1, help="per process; 1 is the exact protocol")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="images per forward pass and process, grouped by size (never padded). 1 (the "
+                             "default) is the reference; larger is faster and equal up to float rounding")
     parser.add_argument("--workers", type=int, default=2, help="data loading workers per process")
     parser.add_argument("--mixed-precision", choices=("no", "bf16"), default="no")
+    parser.add_argument("--verify-shards", choices=integrity.VERIFY_MODES, default=integrity.DEFAULT_VERIFY,
+                        help=integrity.VERIFY_HELP)
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads per process (default: as started; accelerate launch gives each "
+                             "process 1). The same count on 1 and N processes gives bit-identical results")
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.workers < 0 or args.crop_size < 1:
-        parser.error("--batch-size and --crop-size must be >= 1, --workers >= 0")
+    if args.batch_size < 1 or args.workers < 0 or args.crop_size < 1 or (args.threads or 1) < 1:
+        parser.error("--batch-size, --crop-size and --threads must be >= 1, --workers >= 0")
     return args
 
 
@@ -234,21 +304,26 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
     """Evaluate as ``args`` say; every process returns the same result dict."""
     # Loaded on the CPU, then moved: torch.load cannot map to the "cpu:0" device that
     # Accelerate reports for multi-process CPU runs.
-    model, _ = load_checkpoint(args.checkpoint)
+    source = resolve_data(args.data, args.split)  # fails early, and identically on every rank
+    integrity.verify_source(source, args.verify_shards)
+    model, ckpt = load_checkpoint(args.checkpoint)
+    check_fits_data(ckpt, args.checkpoint, class_names(source), source.location)
     model.to(accelerator.device)
     num_classes = model.model_config["num_classes"]
-    source = resolve_data(args.data, args.split)  # fails early, and identically on every rank
-    loader = val_loader(args.data, split=args.split, batch_size=args.batch_size, num_workers=args.workers,
+    loader = val_loader(args.data, split=args.split, num_workers=args.workers,
                         protocol=loader_protocol(args.protocol),
                         crop_size=args.crop_size, rank=accelerator.process_index,
                         world_size=accelerator.num_processes)
+    if args.batch_size > 1:
+        loader = same_size_batches(loader, args.batch_size)
     # The bar counts the main process's images; its share of the total is only known alone.
     total = source.num_samples if accelerator.num_processes == 1 else None
     with tqdm(total=total, unit="img", desc=f"eval {args.protocol}", dynamic_ncols=True,
               disable=not accelerator.is_main_process) as bar:
         metrics = evaluate(model, loader, accelerator.device, num_classes, args.protocol,
                            autocast_dtype=torch.bfloat16 if args.mixed_precision == "bf16" else None,
-                           accelerator=accelerator, on_batch=lambda *batch: bar.update(len(batch[-1])))
+                           accelerator=accelerator, on_batch=lambda *batch: bar.update(len(batch[-1])),
+                           threads=args.threads)
     confusion = metrics.pop("confusion_matrix")
     result = {"checkpoint": str(args.checkpoint), "data": str(args.data), "split": args.split,
               "protocol": args.protocol, "mixed_precision": args.mixed_precision,

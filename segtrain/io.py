@@ -7,12 +7,15 @@ checkpoints/step_*). Nothing here knows what a dataset is.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -27,24 +30,62 @@ class ConfigError(ValueError):
 
 # ----------------------------------------------------------------------------- writing
 
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# How a full disk reads when the write happened in native code: safetensors (Rust) and
+# torch.save (C++) do not raise OSError.
+_DISK_FULL_TEXT = ("No space left", "StorageFull", "code: 28", "Disk quota", "QuotaExceeded")
+
+
+def write_failure(path: PathLike, error: BaseException) -> Optional[DataError]:
+    """The one-line DataError for a write of ``path`` that failed with ``error`` (full disk,
+    quota, read-only folder, ...), or None when ``error`` is not a failed write."""
+    text = str(error)
+    if isinstance(error, OSError):
+        full = error.errno in _DISK_FULL_ERRNOS
+        detail = os.strerror(error.errno) if full else (error.strerror or text)
+    elif type(error).__name__ == "SafetensorError" or (
+            isinstance(error, RuntimeError) and ("write failed" in text or "writing file" in text)):
+        full = any(s in text for s in _DISK_FULL_TEXT)
+        detail = next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)[:200]
+    else:
+        return None
+    if full:
+        return DataError(f"{path}: disk full ({detail}); free space there and run again")
+    return DataError(f"{path}: cannot write ({detail})")
+
+
+@contextlib.contextmanager
+def naming_write_errors(path: PathLike) -> Iterator[None]:
+    """Re-raise a failed write inside (see ``write_failure``) as a one-line DataError naming ``path``."""
+    try:
+        yield
+    except Exception as e:
+        failure = write_failure(path, e)
+        if failure is None:
+            raise
+        raise failure from None
+
+
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
     """Write via a temporary file in the same folder, then rename: never a half file.
 
     If the write fails (full disk, kill signal turned into an exception), the temp
-    file is removed, so a failure never keeps the disk full.
+    file is removed, so a failure never keeps the disk full; a failed write is a
+    DataError naming ``path`` (``write_failure``).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with naming_write_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 def save_image(image, path: PathLike, quality: int = 92) -> None:

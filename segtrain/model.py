@@ -15,7 +15,8 @@ import io
 import os
 import pickle
 import warnings
-from collections.abc import Collection, Mapping
+import zipfile
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, ClassVar, Optional, Union
 
 import numpy as np
@@ -41,7 +42,7 @@ CONFIG_KEYS = ("arch", "backbone", "num_classes", "output_stride", "separable", 
 __all__ = [
     "ASPPConv", "ASPPPooling", "ASPP", "Head", "HEADS", "DeepLabHead", "DeepLabHeadV3Plus", "FCNHead", "DeepLab",
     "CheckpointError", "build_model", "load_weights", "model_from_state_dict", "torch_load",
-    "save_checkpoint", "load_checkpoint",
+    "save_checkpoint", "load_checkpoint", "read_checkpoint", "checkpoint_class_names", "check_fits_data",
 ]
 
 
@@ -357,6 +358,10 @@ def torch_load(path: PathLike, map_location: Union[str, torch.device] = "cpu") -
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     if os.path.isdir(path):
         raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
+    if not _looks_like_torch_save(path):
+        raise CheckpointError(f"{path}: not a readable PyTorch weights file: not a PyTorch checkpoint at all "
+                              "(torch.save writes a zip archive, or a pickle before PyTorch 1.6; this file is "
+                              "neither: damaged, cut short, or another format)")
     try:
         with torch.serialization.safe_globals(_NUMPY_SCALAR_GLOBALS):
             return torch.load(path, map_location=map_location, weights_only=True)
@@ -367,8 +372,17 @@ def torch_load(path: PathLike, map_location: Union[str, torch.device] = "cpu") -
                 f"{path}: holds pickled Python objects ({_listing(unsafe, 5)}) that weights_only loading "
                 "refuses; re-save it with only tensors, numbers, strings, lists and dicts") from None
         first_line = next((line for line in str(e).splitlines() if line.strip()), "")
+        if "Weights only load failed" in first_line:  # PyTorch's hint is about safe loading, not this file
+            first_line = "damaged, or not a PyTorch checkpoint"
         raise CheckpointError(f"{path}: not a readable PyTorch weights file "
                               f"({type(e).__name__}: {first_line[:200]})") from None
+
+
+def _looks_like_torch_save(path: PathLike) -> bool:
+    if zipfile.is_zipfile(path):
+        return True
+    with open(path, "rb") as f:
+        return f.read(1) == b"\x80"  # a legacy torch.save pickle starts with the PROTO opcode
 
 
 def _unsafe_globals(path: PathLike) -> list[str]:
@@ -404,6 +418,13 @@ def load_checkpoint(path: PathLike, num_classes: Optional[int] = None,
     re-initialised (with a warning) and every other weight is loaded: fine-tuning
     on a new label set.
     """
+    ckpt = read_checkpoint(path, map_location)
+    model = model_from_state_dict(ckpt["model_config"], ckpt["model"], num_classes, source=str(path))
+    return model.to(map_location), ckpt
+
+
+def read_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> dict:
+    """The dict ``save_checkpoint`` wrote, checked to be a segtrain checkpoint (no model built)."""
     ckpt = torch_load(path, map_location)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         found = sorted(map(str, ckpt))[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
@@ -412,8 +433,40 @@ def load_checkpoint(path: PathLike, num_classes: Optional[int] = None,
     if "model_config" not in ckpt:
         raise CheckpointError(f"{path}: checkpoint has no 'model_config', so the model cannot be rebuilt; "
                               "convert VainF/torchvision weights with tools/convert_checkpoint.py")
-    model = model_from_state_dict(ckpt["model_config"], ckpt["model"], num_classes, source=str(path))
-    return model.to(map_location), ckpt
+    return ckpt
+
+
+def checkpoint_class_names(ckpt: Mapping[str, Any]) -> Optional[list[str]]:
+    """The class names a checkpoint was trained on, when it carries them (top-level
+    ``class_names``, or in a ``dataset`` spec as ``class_names`` or ``classes``)."""
+    dataset = ckpt.get("dataset")
+    for names in (ckpt.get("class_names"), *((dataset.get("class_names"), dataset.get("classes"))
+                                               if isinstance(dataset, Mapping) else ())):
+        if isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names):
+            return list(names)
+    return None
+
+
+def check_fits_data(ckpt: Mapping[str, Any], path: PathLike, data_class_names: Optional[Sequence[str]],
+                    data_where: str) -> None:
+    """Refuse a checkpoint whose classes are not the data's, before any work is done.
+
+    Compares the class count, and the names when the checkpoint carries them.
+    ``data_class_names`` None (data that does not say, e.g. a bare shard pattern) checks nothing.
+    """
+    if data_class_names is None:
+        return
+    num_classes = ckpt["model_config"]["num_classes"]
+    fix = f"; fine-tune it on this data with --init-from {path}"
+    if num_classes != len(data_class_names):
+        shown = ", ".join(list(data_class_names)[:4]) + (", ..." if len(data_class_names) > 4 else "")
+        raise CheckpointError(f"{path}: checkpoint has {num_classes} classes, data has {len(data_class_names)} "
+                              f"({data_where}: {shown}){fix}")
+    names = checkpoint_class_names(ckpt)
+    if names is not None and list(names) != list(data_class_names):
+        i = next(i for i, (a, b) in enumerate(zip(names, data_class_names)) if a != b)
+        raise CheckpointError(f"{path}: checkpoint class {i} is {names[i]!r}, but {data_where} calls it "
+                              f"{data_class_names[i]!r}: trained on other classes{fix}")
 
 
 def model_from_state_dict(model_config: Mapping[str, Any], state: Mapping[str, Any],

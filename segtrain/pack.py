@@ -18,19 +18,35 @@ finished, and a rerun produces byte-identical shards (fixed tar metadata).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 from tqdm import tqdm
 
-from .io import (MANIFEST_FORMAT, DataError, atomic_write_bytes, check_manifest, read_bytes, read_manifest,
-                 sha256_file)
+from . import integrity
+from .io import (MANIFEST_FORMAT, DataError, atomic_write_bytes, check_manifest, naming_write_errors, read_bytes,
+                 read_manifest, sha256_file)
 from .voc import CLASSES, IGNORE_INDEX, NUM_CLASSES, VOCSegmentation, default_label_dir, load_pair
+
+# First bytes of the image formats PIL reads, and the file suffix (webdataset key) of each.
+_IMAGE_MAGIC = ((b"\xff\xd8\xff", "jpg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"BM", "bmp"), (b"GIF8", "gif"),
+                (b"II*\x00", "tif"), (b"MM\x00*", "tif"))
+
+
+def image_key(data: bytes) -> Optional[str]:
+    """The file suffix (webdataset key) of an encoded image's real format, from its first bytes;
+    None when it is none of the known ones."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return next((key for magic, key in _IMAGE_MAGIC if data.startswith(magic)), None)
+
 
 def check_sample(args: tuple[str, Path, Path]) -> dict:
     """Read and validate one pair. Returns the raw bytes and label statistics, or the error."""
@@ -56,8 +72,15 @@ class ShardWriter:
         self._ids: list[str] = []
 
     def write(self, sid: str, jpg: bytes, png: bytes) -> None:
+        with naming_write_errors(self.out_dir / self._next_name()):  # a full disk: one line, no temp file
+            self._write(sid, jpg, png)
+
+    def _next_name(self) -> str:
+        return f"{self.prefix}-{len(self.shards):06d}.tar"
+
+    def _write(self, sid: str, jpg: bytes, png: bytes) -> None:
         if self._writer is None:
-            name = f"{self.prefix}-{len(self.shards):06d}.tar"
+            name = self._next_name()
             self._tmp = self.out_dir / f".{name}.tmp"
             import webdataset as wds  # here, so reading manifests does not import torch
 
@@ -68,9 +91,13 @@ class ShardWriter:
         self._writer.write({"__key__": sid, "jpg": jpg, "png": png})
         self._ids.append(sid)
         if len(self._ids) == self.shard_size:
-            self.close_shard()
+            self._close_shard()
 
     def close_shard(self) -> None:
+        with naming_write_errors(self.out_dir / self._next_name()):
+            self._close_shard()
+
+    def _close_shard(self) -> None:
         if self._writer is None:
             return
         self._writer.close()
@@ -87,8 +114,11 @@ class ShardWriter:
     def abort(self) -> None:
         """Drop the shard in progress (after an error): no temp file is left behind."""
         if self._writer is not None:
-            self._writer.close()
-            self._writer.stream.close()
+            # Closing flushes, which fails again on a full disk: remove the temp file regardless.
+            with contextlib.suppress(Exception):
+                self._writer.close()
+            with contextlib.suppress(Exception):
+                self._writer.stream.close()
             self._tmp.unlink(missing_ok=True)
             self._writer, self._tmp, self._ids = None, None, []
 
@@ -124,6 +154,7 @@ def pack_split(voc_root: os.PathLike | str, split: str, out_dir: os.PathLike | s
     ignore_pixels = 0
     widths, heights, skipped = [], [], []
     image_classes: dict[str, list[int]] = {}
+    misnamed: list[str] = []  # images whose bytes are not the JPEG their .jpg name says
     # The default start method (fork on Linux) avoids re-importing torch in every worker.
     pool = mp.Pool(workers) if workers > 1 else None
     try:
@@ -135,6 +166,8 @@ def pack_split(voc_root: os.PathLike | str, split: str, out_dir: os.PathLike | s
                 skipped.append({"id": r["id"], "error": r["error"]})
                 continue
             writer.write(r["id"], r["jpg"], r["png"])
+            if image_key(r["jpg"]) != "jpg":
+                misnamed.append(f"{r['id']} ({image_key(r['jpg']) or 'unknown format'})")
             pixels = np.asarray(r["class_pixels"], np.int64)
             class_pixels += pixels
             class_images += pixels > 0
@@ -151,6 +184,10 @@ def pack_split(voc_root: os.PathLike | str, split: str, out_dir: os.PathLike | s
             pool.terminate()
     if not writer.shards:
         raise DataError(f"{dataset.root}: split {split!r} has no valid samples")
+    if misnamed:
+        warnings.warn(f"{dataset.root}: {len(misnamed)} image(s) named .jpg hold another format, packed "
+                      f"unchanged under the 'jpg' key (decoding reads the real format): {', '.join(misnamed[:5])}"
+                      + (" ..." if len(misnamed) > 5 else ""), stacklevel=2)
     # Shards beyond this run's count (an older run with a smaller --shard-size) are not ours any more.
     keep = {s["file"] for s in writer.shards}
     for old in out.glob(f"{prefix}-[0-9]*.tar"):
@@ -179,7 +216,13 @@ def pack_split(voc_root: os.PathLike | str, split: str, out_dir: os.PathLike | s
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    words = sys.argv[1:] if argv is None else list(argv)
+    if any(w == "--verify" or w.startswith("--verify=") for w in words):
+        return integrity.main(words)
+    ap = argparse.ArgumentParser(prog="python tools/pack.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--verify", metavar="MANIFEST",
+                    help="instead of packing: check every shard of MANIFEST (sha256, sample count); exit 0 or 2")
     ap.add_argument("--voc-root", required=True, help="the VOCdevkit/VOC2012 folder")
     ap.add_argument("--split", required=True, help="train, val, trainval or train_aug")
     ap.add_argument("--out", default="shards", help="output folder (default: shards/)")

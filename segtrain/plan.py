@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import torch
 
-from segtrain import shards
+from segtrain import integrity, shards
 from segtrain.config import TrainConfig
 from segtrain.evaluate import loader_protocol
 from segtrain.io import ConfigError, checkpoint_dirs, read_manifest
@@ -94,7 +94,10 @@ def plan_run(cfg: TrainConfig, world_size: int = 1, device_type: str = "cpu",
                       protocol=loader_protocol(cfg.val_protocol), crop_size=cfg.crop_size, world_size=world_size)
 
     train_source = shards.resolve_data(cfg.data, cfg.train_split)
-    check_disjoint(train_source, shards.resolve_data(val_data, cfg.val_split))
+    val_source = shards.resolve_data(val_data, cfg.val_split)
+    check_disjoint(train_source, val_source)
+    for source in (train_source, val_source):  # damaged shards fail here, before RUN_DIR exists
+        integrity.verify_source(source, cfg.verify_shards)
     batches = shards.batches_per_epoch(train_source, per_process_batch, world_size)
     if batches < cfg.grad_accum:
         raise ConfigError(f"grad_accum: an epoch has only {batches} batches of {per_process_batch} "

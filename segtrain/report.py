@@ -29,7 +29,7 @@ import yaml
 
 from segtrain import shards, stats, visualize
 from segtrain.metrics import subset_miou
-from segtrain.model import load_checkpoint
+from segtrain.model import check_fits_data, load_checkpoint, read_checkpoint
 from segtrain.io import DataError, atomic_write_bytes, read_metrics_log
 from segtrain.predict import predict_mask
 from segtrain.voc import CLASSES, decode_target
@@ -69,15 +69,29 @@ def unique_names(runs: list[Run]) -> None:
             run.name = f"{run.path.parent.name}/{run.path.name}"
 
 
-def plot_curves(runs: list[Run], out: Path) -> Path:
-    """Val mIoU per epoch (left) and training loss per step (right), one line per run."""
+def validated_once(run: Run) -> bool:
+    return len(run.vals) == 1
+
+
+def curves_figure(runs: list[Run]):
+    """Val mIoU per epoch (left) and training loss per step (right), one line per run.
+
+    A run that validated once has one mIoU point: it is drawn as that point plus a dashed
+    level from epoch 0, and its legend entry says so (a lone dot is easy to miss).
+    """
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(12, 4.2), dpi=110)
     ax_miou, ax_loss = fig.subplots(1, 2)
     for run in runs:
         vals = run.vals
-        ax_miou.plot([r["epoch"] for r in vals], [r["val/miou"] for r in vals], marker="o", label=run.name)
+        epochs, mious = [r["epoch"] for r in vals], [r["val/miou"] for r in vals]
+        if validated_once(run):
+            (point,) = ax_miou.plot(epochs, mious, marker="o", markersize=8, linestyle="none")
+            ax_miou.plot([0, epochs[0]], mious * 2, linestyle="--", color=point.get_color(),
+                         label=f"{run.name} (validated once, epoch {epochs[0]:.3g})")
+        else:
+            ax_miou.plot(epochs, mious, marker="o", label=run.name)
         train = [r for r in run.records if "train/loss" in r]
         ax_loss.plot([r["step"] for r in train], [r["train/loss"] for r in train], label=run.name, alpha=0.85)
     ax_miou.set(xlabel="epoch", ylabel="val mIoU", title="Validation mIoU")
@@ -86,8 +100,36 @@ def plot_curves(runs: list[Run], out: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(runs: list[Run], out: Path) -> Path:
+    visualize.save_figure(curves_figure(runs), out)
+    return out
+
+
+PREDICTION_TILE_INCHES = 3.2  # a VOC image (500 px) readable at 100 dpi
+
+
+def plot_predictions(rows: list[list[np.ndarray]], columns: Sequence[str], ids: Sequence[str], out: Path) -> Path:
+    """The prediction grid: large tiles shaped like the images (VOC's are mostly 4:3, not
+    square), thin gaps between them."""
+    fig = visualize.image_grid(rows, col_titles=columns, row_titles=ids, tile_inches=PREDICTION_TILE_INCHES)
+    aspect = float(np.clip(np.median([t.shape[0] / t.shape[1] for row in rows for t in row if t is not None]),
+                           0.5, 1.5))
+    title_inches, legend_inches = 0.25, 0.5
+    width = PREDICTION_TILE_INCHES * len(columns)
+    height = PREDICTION_TILE_INCHES * aspect * len(rows) + title_inches + legend_inches
+    fig.set_size_inches(width, height)
+    fig.subplots_adjust(left=0.25 / width, right=1 - 0.05 / width, top=1 - title_inches / height,
+                        bottom=legend_inches / height, wspace=0.03, hspace=0.08)
     visualize.save_figure(fig, out)
     return out
+
+
+def markdown_header(columns: Sequence[str]) -> str:
+    """A table header row plus the separator row Markdown needs to render it as a table."""
+    return "| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
 
 
 def _fmt(value: Optional[float]) -> str:
@@ -127,15 +169,22 @@ def prediction_rows(runs: list[Run], data: str, split: str, ids: Sequence[str],
     labels = [samples[sid][1] for sid in ids]
     rows = [[img, decode_target(lbl)] for img, lbl in zip(images, labels)]
     for run in runs:
-        best = run.path / "best.pt"
-        if not best.is_file():
-            raise DataError(f"{run.path}: no best.pt (did the run validate at least once?)")
-        model, _ = load_checkpoint(best, map_location=device)
+        model, _ = load_checkpoint(run.path / "best.pt", map_location=device)  # checked by check_runs_fit
         model.eval()
         for row, sid in zip(rows, ids):
             row.append(decode_target(predict_mask(model, samples[sid][0], device)))
         del model
     return rows, images, labels
+
+
+def check_runs_fit(runs: list[Run], data: str, split: str) -> None:
+    """Every run has a best.pt whose classes are the data's."""
+    source = shards.resolve_data(data, split)
+    for run in runs:
+        best = run.path / "best.pt"
+        if not best.is_file():
+            raise DataError(f"{run.path}: no best.pt (did the run validate at least once?)")
+        check_fits_data(read_checkpoint(best), best, shards.class_names(source), source.location)
 
 
 def build_report(run_dirs: Sequence[Path], out: Path, data: Optional[str] = None, split: str = "val",
@@ -153,12 +202,15 @@ def build_report(run_dirs: Sequence[Path], out: Path, data: Optional[str] = None
     train_data = runs[0].config["data"]
     val_data = data or runs[0].config.get("val_data") or train_data
 
+    check_runs_fit(runs, val_data, split)  # before any figure is written
     manifest = shards.resolve_data(train_data, runs[0].config.get("train_split") or "train").manifest
     plot_curves(runs, out / "curves.png")
     table, rows = results_table(runs, stats.rarest_classes(manifest) if manifest else ())
     sections = ["# segtrain run comparison\n",
                 "Runs: " + ", ".join(f"`{r.path}`" for r in runs) + "\n",
                 "## Validation mIoU and training loss\n", "![curves](curves.png)\n",
+                *(f"`{r.name}` validated once (epoch {r.vals[0]['epoch']:.3g}): its mIoU is one point, "
+                  "drawn with a dashed level.\n" for r in runs if validated_once(r)),
                 "## Results\n", table]
 
     if manifest is not None:
@@ -181,9 +233,9 @@ def build_report(run_dirs: Sequence[Path], out: Path, data: Optional[str] = None
         for row, extra in zip(grid_rows, sam_cols["images"]):
             row.extend(extra)
         columns += sam_cols["titles"]
-    visualize.image_grid(grid_rows, col_titles=columns, row_titles=chosen, out=out / "predictions.png")
+    plot_predictions(grid_rows, columns, chosen, out / "predictions.png")
     sections += ["## Predictions on validation images\n",
-                 "| " + " | ".join(columns) + " |\n", "![predictions](predictions.png)\n",
+                 markdown_header(columns), "![predictions](predictions.png)\n",
                  "Images: " + ", ".join(f"`{sid}`" for sid in chosen) + "\n"]
 
     atomic_write_bytes(out / "summary.json", json.dumps({"runs": rows, "ids": chosen}, indent=1,
@@ -194,7 +246,8 @@ def build_report(run_dirs: Sequence[Path], out: Path, data: Optional[str] = None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m segtrain.report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path, help="run directories (RUN_DIR of segtrain/train.py)")
     ap.add_argument("--out", type=Path, required=True, help="output folder")
     ap.add_argument("--data", help="validation data (default: the first run's val data)")

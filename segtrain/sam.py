@@ -42,9 +42,9 @@ from torch import nn
 from tqdm import tqdm
 
 from segtrain.metrics import confusion_matrix, segmentation_metrics, to_jsonable
-from segtrain.model import CheckpointError, load_checkpoint, load_weights, torch_load
+from segtrain.model import CheckpointError, check_fits_data, load_checkpoint, load_weights, torch_load
 from segtrain.predict import predict_mask
-from segtrain.shards import iter_samples
+from segtrain.shards import class_names, iter_samples, resolve_data
 from segtrain.visualize import covering_ids, overlay
 from segtrain.io import DataError, PathLike, atomic_write_bytes, save_image
 from segtrain.voc import CLASSES, decode_target
@@ -419,7 +419,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ValueError("--num and --points-per-side must be at least 1")
         device = resolve_device(args.device)
         ids = args.ids or covering_ids(str(args.data), args.split, args.num)
-        semantic_model = load_checkpoint(args.semantic)[0] if args.semantic else None
+        semantic_model = None
+        if args.semantic:
+            semantic_model, ckpt = load_checkpoint(args.semantic)
+            source = resolve_data(args.data, args.split)
+            check_fits_data(ckpt, args.semantic, class_names(source), source.location)
         print(f"SAM {args.model_type} from {args.sam_checkpoint} on {device}; images: {', '.join(ids)}")
         sam = load_sam(args.sam_checkpoint, args.model_type, device)
         result = run_sam_comparison(sam, args.data, args.split, ids, args.out, semantic_model,

@@ -57,7 +57,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate, get_worker_info
 from torchvision.transforms.v2 import functional as F
 
-from . import voc
+from . import integrity, voc
 from .io import DataError, read_manifest
 from .transforms import PairTransform, normalize, train_transforms, val_transforms
 from .voc import IGNORE_INDEX
@@ -146,6 +146,13 @@ def resolve_data(data: str | Path, split: str) -> DataSource:
                     + (" (no such file or folder)" if not path.exists() else ""))
 
 
+def class_names(source: DataSource) -> Optional[list[str]]:
+    """The data's class names: the manifest's, VOC's for a VOC folder, None for bare shards (they do not say)."""
+    if source.manifest is not None:
+        return list(source.manifest["class_names"])
+    return list(voc.CLASSES) if source.kind == "folder" else None
+
+
 @functools.lru_cache(maxsize=None)
 def _count_shard_samples(urls: tuple[str, ...]) -> tuple[int, ...]:
     """Samples per shard for shards that come without a manifest (read once per process)."""
@@ -210,8 +217,14 @@ def _shard_pair(sample: dict) -> tuple[str, bytes, bytes, str]:
     return sid, sample["jpg"], sample["png"], name
 
 
-def _raw_shard_samples(urls: Iterable[str]) -> Iterator[dict]:
-    return wds.tarfile_samples({"url": url} for url in urls)
+def _raw_shard_samples(urls: Iterable[str], expected: Optional[dict[str, int]] = None) -> Iterator[dict]:
+    # The one shard reader: a truncated or corrupt tar is a DataError naming the shard.
+    return integrity.shard_samples(urls, expected)
+
+
+def _listed_shard_samples(shard_list: Iterable[dict], expected: Optional[dict[str, int]]) -> Iterator[dict]:
+    """A webdataset pipeline stage: ``{"url": ...}`` dicts in, raw samples out."""
+    return _raw_shard_samples((shard["url"] for shard in shard_list), expected)
 
 
 def _seeded(transform: PairTransform, image, mask, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -407,8 +420,11 @@ def val_loader(data: str | Path, *, split: str = "val", batch_size: int = 1, num
     my_urls = list(source.urls[rank::world_size])
     if not my_urls:
         return []
-    samples = (wds.WebDataset(my_urls, shardshuffle=False, nodesplitter=None, empty_check=False)
-               .map(functools.partial(_decode_val, transform=transform)))
+    # A shard that holds fewer samples than its manifest says is an error, as in training.
+    expected = dict(zip(source.urls, source.shard_sizes)) if source.shard_sizes is not None else None
+    samples = wds.DataPipeline(wds.SimpleShardList(my_urls), wds.split_by_worker,
+                               functools.partial(_listed_shard_samples, expected=expected),
+                               wds.map(functools.partial(_decode_val, transform=transform)))
     return (wds.WebLoader(samples, batch_size=None, num_workers=min(num_workers, len(my_urls)))
             .batched(batch_size, collation_fn=pad_collate, partial=True))
 

@@ -273,7 +273,8 @@ def generate(out_dir: os.PathLike | str, num_train: int = 200, num_val: int = 50
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m segtrain.synthetic", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="folder that receives VOCdevkit/VOC2012")
     ap.add_argument("--train", type=int, default=200, help="number of train images")
     ap.add_argument("--val", type=int, default=50, help="number of val images")

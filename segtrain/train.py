@@ -43,10 +43,10 @@ from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from segtrain import shards
-from segtrain.cli import check_launch, user_errors
-from segtrain.config import TrainConfig, config_to_dict, parse_config, save_config
+from segtrain.cli import check_launch, errors_of_rank, user_errors
+from segtrain.config import TrainConfig, config_to_dict, parse_config, save_config, update_saved_config
 from segtrain.evaluate import evaluate
-from segtrain.io import ConfigError, atomic_write_bytes, checkpoint_dirs, read_metrics_log
+from segtrain.io import ConfigError, atomic_write_bytes, checkpoint_dirs, naming_write_errors, read_metrics_log
 from segtrain.losses import build_loss
 from segtrain.metrics import to_jsonable
 from segtrain.model import PretrainedWeightsUnavailable, build_model, save_checkpoint
@@ -129,7 +129,7 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         if self.enabled:
-            with open(self.path, "a") as f:
+            with naming_write_errors(self.path), open(self.path, "a") as f:
                 f.write(json.dumps(to_jsonable(record), allow_nan=False) + "\n")
 
 
@@ -138,7 +138,12 @@ def save_training_state(accelerator: Accelerator, run_dir: Path, step: int, keep
     that ``--resume latest`` would pick. Assumes RUN_DIR is on a filesystem all nodes share."""
     root = run_dir / "checkpoints"
     final, tmp = root / f"step_{step:07d}", root / f".step_{step:07d}.tmp"
-    accelerator.save_state(str(tmp))
+    try:
+        with naming_write_errors(final):  # a full disk is one line, and leaves no temp folder
+            accelerator.save_state(str(tmp))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():
@@ -226,6 +231,10 @@ def start_run(plan: RunPlan, accelerator: Accelerator) -> tuple[TrainState, Metr
         accelerator.load_state(str(plan.resume_from))
         state.check_resume()
         accelerator.print(f"resumed from {plan.resume_from} at step {state.step}")
+        if accelerator.is_main_process:  # a longer --iterations extends the run: its config.yaml says so
+            config_path = run_dir / "config.yaml"
+            for key, (old, new) in update_saved_config(config_path, iterations=cfg.iterations).items():
+                accelerator.print(f"{config_path}: {key} {old} -> {new}")
         log.truncate_after(state.step)
     if cfg.tracker == "wandb":
         accelerator.init_trackers(cfg.wandb_project, config=config_to_dict(cfg),
@@ -249,7 +258,8 @@ def micro_batches(plan: RunPlan, rank: int, step: int) -> Iterator[shards.Batch]
 
 
 class LogWindow:
-    """Train loss and throughput over the steps since the last log line (validation time excluded)."""
+    """Train loss and throughput over the steps since the last log line (validation time excluded);
+    ``data_wait`` is the part of that time spent waiting for the loader (the device starving)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -257,6 +267,7 @@ class LogWindow:
 
     def reset(self) -> None:
         self.start, self.loss, self.steps = time.perf_counter(), torch.zeros((), device=self.device), 0
+        self.data_wait = 0.0
 
     def take(self, accelerator: Accelerator, images_per_step: int) -> tuple[float, float]:
         """(mean loss over all processes, images/s), and start a new window."""
@@ -360,7 +371,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_factor(step, cfg)
         for micro in range(cfg.grad_accum):
-            images, masks, _ = next(batches)
+            fetch_start = time.perf_counter()  # includes starting an epoch's loader workers
+            with errors_of_rank(accelerator.process_index):  # this rank's share of the data
+                images, masks, _ = next(batches)
+            window.data_wait += time.perf_counter() - fetch_start
             # The loader ships uint8 (a quarter of the bytes to copy): normalise on the device.
             images = normalize(images.to(device, non_blocking=True))
             masks = masks.to(device, non_blocking=True).long()
@@ -384,10 +398,11 @@ def train(cfg: TrainConfig) -> TrainResult:
         progress.update(1)
 
         if plan.logs_at(step):
+            data_wait = window.data_wait
             mean_loss, images_per_s = window.take(accelerator, cfg.batch_size)
             record = {"step": step, "epoch": step / plan.steps_per_epoch, "train/loss": mean_loss,
                       "lr/backbone": optimizer.param_groups[0]["lr"], "lr/head": optimizer.param_groups[1]["lr"],
-                      "images_per_s": images_per_s}
+                      "images_per_s": images_per_s, "data_wait_s": data_wait}
             if device.type == "cuda":
                 record["max_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
             publish(accelerator, log, record)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from segtrain.cli import OtherProcessFailed
-from segtrain.evaluate import evaluate, main, ms_flip_logits
+from segtrain.evaluate import evaluate, main, ms_flip_logits, same_size_batches
 from segtrain.model import build_model, save_checkpoint
 from segtrain.pack import pack_split
 from segtrain.shards import val_loader
@@ -31,9 +31,22 @@ def setup(tmp_path_factory) -> dict:
     torch.manual_seed(0)
     model = build_model(backbone="resnet18", pretrained=False).eval()
     save_checkpoint(tmp / "ckpt.pt", model)
+    tied = build_model(backbone="resnet18", pretrained=False).eval()
+    near_tie(tied)
+    save_checkpoint(tmp / "tied.pt", tied)
     return {"tmp": tmp, "data": tmp / "shards" / "voc-val.json", "manifest": manifest,
             "train_manifest": train_manifest,
-            "ckpt": tmp / "ckpt.pt", "model": model}
+            "ckpt": tmp / "ckpt.pt", "model": model, "tied_ckpt": tmp / "tied.pt", "tied": tied}
+
+
+def near_tie(model: nn.Module, a: int = 1, b: int = 2) -> None:
+    """Make classes a and b the top two almost everywhere with weights a few ulps apart: their
+    argmax then follows the last bits of the features, which the CPU thread count changes."""
+    torch.manual_seed(1)
+    conv = model.head.classifier[-1]
+    with torch.no_grad():
+        conv.weight[b] = conv.weight[a] * (1 + 1e-7 * torch.randn_like(conv.weight[a]))
+        conv.bias[a] = conv.bias[b] = conv.bias.max() + 10.0
 
 
 class Pixelwise(nn.Module):
@@ -75,22 +88,37 @@ def test_ms_flip_evaluate_gives_valid_metrics(setup):
     assert all(math.isnan(v) or 0.0 <= v <= 1.0 for v in metrics["iou"] + metrics["class_acc"])
 
 
+def test_the_near_tie_checkpoint_sees_a_thread_count_change(setup):
+    """What makes the test below able to fail: with this checkpoint 1 and 2 CPU threads
+    give different confusion matrices (oneDNN splits sums differently)."""
+    counts = [evaluate(setup["tied"], val_loader(setup["data"], num_workers=0), "cpu", threads=t)
+              for t in (1, 2)]
+    assert [c["cpu_threads"] for c in counts] == [1, 2]
+    assert not torch.equal(counts[0]["confusion_matrix"], counts[1]["confusion_matrix"])
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("split", ["val", "train"])
 def test_one_and_two_processes_give_identical_confusion_matrices(setup, split, launch_ddp):
+    """Bit-identical with the same CPU threads per process. val: one process at 2 threads (a
+    2-core machine's default) and two told --threads 2; train: the launcher's 1 thread per
+    process and one process told --threads 1."""
     manifest = setup["manifest" if split == "val" else "train_manifest"]
     # val: ranks get shards {0, 2} and {1}, 4 and 3 images; train: rank 1 gets no batch at all.
     assert [s["samples"] for s in manifest["shards"]] == ([3, 3, 1] if split == "val" else [4])
-    args = ["--checkpoint", str(setup["ckpt"]), "--data", str(setup["data"]), "--split", split,
+    args = ["--checkpoint", str(setup["tied_ckpt"]), "--data", str(setup["data"]), "--split", split,
             "--workers", "1", "--confusion-matrix"]
-    main(args + ["--out", str(setup["tmp"] / f"one_{split}.json")])
+    threads = ["--threads", "2"] if split == "val" else []
+    main(args + (threads or ["--threads", "1"]) + ["--out", str(setup["tmp"] / f"one_{split}.json")])
     one = json.loads((setup["tmp"] / f"one_{split}.json").read_text())
 
-    proc = launch_ddp(REPO / "segtrain" / "evaluate.py", *args, "--out", setup["tmp"] / f"two_{split}.json",
-                      timeout=300, cwd=setup["tmp"])
+    proc = launch_ddp(REPO / "segtrain" / "evaluate.py", *args, *threads,
+                      "--out", setup["tmp"] / f"two_{split}.json", timeout=300, cwd=setup["tmp"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads((setup["tmp"] / f"two_{split}.json").read_text())
 
     assert two["num_processes"] == 2 and one["num_processes"] == 1
+    assert one["cpu_threads"] == two["cpu_threads"] == (2 if split == "val" else 1)
     assert one["num_images"] == two["num_images"] == manifest["num_samples"]
     assert one["num_pixels"] == manifest["labelled_pixel_count"]
     assert two["confusion_matrix"] == one["confusion_matrix"]
@@ -118,6 +146,7 @@ class TwoRankStub:
 
     num_processes = 2
     device = torch.device("cpu")
+    process_index = 0
 
     def __init__(self, other_failed: bool = False):
         self.other_failed, self.reduced = other_failed, []
@@ -154,3 +183,47 @@ def test_a_failing_rank_still_joins_the_reduce_so_none_hangs():
     with pytest.raises(OtherProcessFailed):
         evaluate(model, batches, "cpu", num_classes=5, accelerator=stub)
     assert len(stub.reduced) == 1  # no confusion-matrix reduce after a failure
+
+
+def single_images(sizes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(1, 3, h, w, generator=g), torch.randint(0, 5, (1, h, w), generator=g), [f"i{n}"])
+            for n, (h, w) in enumerate(sizes)]
+
+
+def test_same_size_batches_groups_without_padding_and_keeps_every_image_once():
+    sizes = [(6, 7), (7, 6), (6, 7), (5, 5), (6, 7), (7, 6), (6, 7), (6, 7), (7, 6)]
+    samples = single_images(sizes)
+    batches = list(same_size_batches(iter(samples), batch_size=3, max_held=4))
+    ids = [sid for _, _, batch_ids in batches for sid in batch_ids]
+    assert sorted(ids) == sorted(f"i{n}" for n in range(len(sizes)))
+    by_id = {s[2][0]: s for s in samples}
+    for images, masks, batch_ids in batches:
+        assert 1 <= len(batch_ids) <= 3 and images.shape[0] == masks.shape[0] == len(batch_ids)
+        for k, sid in enumerate(batch_ids):  # same tensors, no padding: each image at its own size
+            assert torch.equal(images[k:k + 1], by_id[sid][0]) and torch.equal(masks[k:k + 1], by_id[sid][1])
+    # A full group leaves at once; more than max_held waiting sends the largest group; the end the rest.
+    assert [b[2] for b in batches] == [["i0", "i2", "i4"], ["i1", "i5"], ["i6", "i7"], ["i3"], ["i8"]]
+    with pytest.raises(ValueError, match="single images"):
+        list(same_size_batches(iter([(torch.zeros(2, 3, 4, 4), torch.zeros(2, 4, 4), ["a", "b"])]), 2))
+
+
+def test_batched_ms_flip_counts_the_same_pixels_as_one_image_at_a_time():
+    """The batching plumbing is exact: with a per-pixel model (no cross-pixel sums whose
+    kernels change with the batch shape) batched and single ms-flip give one confusion matrix."""
+    samples = single_images([(9, 12), (12, 9), (9, 12), (9, 12), (12, 9)])
+    model = Pixelwise()
+    one = evaluate(model, samples, "cpu", num_classes=5, protocol="ms-flip")
+    seen = []
+    batched = evaluate(model, same_size_batches(iter(samples), 4), "cpu", num_classes=5, protocol="ms-flip",
+                       on_batch=lambda images, masks, preds, ids: seen.append(len(ids)))
+    assert sorted(seen) == [2, 3] and batched["num_images"] == one["num_images"] == 5
+    assert torch.equal(batched["confusion_matrix"], one["confusion_matrix"])
+
+
+def test_cli_batch_size_groups_images(setup, tmp_path):
+    out = tmp_path / "batched.json"
+    main(["--checkpoint", str(setup["ckpt"]), "--data", str(setup["data"]), "--batch-size", "3",
+          "--protocol", "ms-flip", "--workers", "0", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["num_images"] == 7 and result["num_pixels"] == setup["manifest"]["labelled_pixel_count"]

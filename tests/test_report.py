@@ -47,7 +47,7 @@ def test_report_on_two_runs(two_runs, packed_shards, tmp_path, grid_spy):
     text = (out / "report.md").read_text()
     assert "![curves](curves.png)" in text and "![predictions](predictions.png)" in text
     assert "| ce | ce |" in text and "| weighted_ce | weighted_ce |" in text
-    assert "| RGB | Ground truth | ce | weighted_ce |" in text
+    assert "| RGB | Ground truth | ce | weighted_ce |\n|---|---|---|---|\n" in text  # renders as a table
     summary = json.loads((out / "summary.json").read_text())
     for row, run_dir in zip(summary["runs"], two_runs):
         vals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -94,3 +94,29 @@ def test_report_rejects_a_folder_that_is_not_a_run(tmp_path, capsys):
     with pytest.raises(SystemExit):
         report.main([str(tmp_path), "--out", str(tmp_path / "o")])
     assert "not a segtrain run directory" in capsys.readouterr().err
+
+
+def test_a_run_validated_once_is_drawn_as_a_level_and_said_so(tmp_path):
+    once = report.Run("once", tmp_path, {}, [{"step": 4, "epoch": 2.0, "val/miou": 0.3},
+                                           {"step": 4, "train/loss": 1.0}])
+    twice = report.Run("twice", tmp_path, {}, [{"step": 2, "epoch": 1.0, "val/miou": 0.2},
+                                             {"step": 4, "epoch": 2.0, "val/miou": 0.25}])
+    ax_miou = report.curves_figure([once, twice]).axes[0]
+    labelled = {line.get_label(): line for line in ax_miou.get_lines() if not line.get_label().startswith("_")}
+    level = labelled["once (validated once, epoch 2)"]
+    assert list(level.get_xdata()) == [0, 2.0] and list(level.get_ydata()) == [0.3, 0.3]
+    assert len(labelled["twice"].get_xdata()) == 2
+
+
+def test_prediction_grid_tiles_are_large_with_thin_gaps(tmp_path):
+    tile = np.zeros((375, 500, 3), np.uint8)
+    out = report.plot_predictions([[tile] * 4] * 5, ["RGB", "Ground truth", "a", "b"], list("vwxyz"),
+                                  tmp_path / "grid.png")
+    with Image.open(out) as img:
+        width, height = img.size
+        pixels = np.asarray(img.convert("L"))
+    # 4 columns of 500-px images: each tile at least ~300 px wide (was 1.8 in x 100 dpi = 180 px).
+    assert width >= 4 * 300 and height >= 5 * 220
+    # Tiles shaped like the 4:3 images: little blank space between the rows (was a quarter).
+    grid_part = pixels[: int(0.85 * height)]  # above the colour legend
+    assert (grid_part == 255).all(axis=1).mean() < 0.08

@@ -52,6 +52,8 @@ def test_single_run_writes_config_metrics_checkpoints_and_best(single_run):
     assert cfg["backbone"] == "resnet18" and cfg["iterations"] == 6 and cfg["crop_size"] == 65
     records = read_jsonl(run_dir / "metrics.jsonl")
     assert sorted(losses(records)) == [1, 2, 3, 4, 5, 6]
+    for r in (r for r in records if "images_per_s" in r):  # one step of 4 images per record
+        assert 0 < r["data_wait_s"] < 4 / r["images_per_s"]  # waiting for batches is part of the step's time
     vals = [r for r in records if "val/miou" in r]
     assert [r["step"] for r in vals] == [3, 6] and len(vals[0]["val/iou"]) == 21
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_0000003", "step_0000006"]

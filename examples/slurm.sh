@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Multi-node training under SLURM: one `accelerate launch` per node (srun starts them), each
+# starting one process per GPU of its node; together they form one DDP job.
+#
+#   sbatch examples/slurm.sh --data shards/voc-train_aug.json --run-dir /shared/runs/aug
+#   sbatch examples/slurm.sh --config voc_aug.yaml --run-dir /shared/runs/aug --resume latest
+#
+# Everything after the script name goes to segtrain/train.py. --run-dir must be on a
+# filesystem every node sees (checkpoints are renamed into place by the main process and
+# --resume latest reads them from there); so must the shards named by --data.
+# This is what tests/test_multinode.py runs on one machine (two "nodes" on 127.0.0.1, CPU).
+#
+#SBATCH --job-name=segtrain
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1          # one launcher per node; it starts the per-GPU processes
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=32
+#SBATCH --time=24:00:00
+#SBATCH --output=%x-%j.out
+set -euo pipefail
+
+# sbatch runs a copy of this script from its spool folder: find the checkout from where
+# the job was submitted (run sbatch from the repository root), or set SEGTRAIN_ROOT.
+ROOT=${SEGTRAIN_ROOT:-$SLURM_SUBMIT_DIR}
+PY=${SEGTRAIN_PYTHON:-$ROOT/.venv/bin/python}
+GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-8}
+# The first node of the allocation hosts the rendezvous.
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)  # reads all: no SIGPIPE under pipefail
+MASTER_PORT=${MASTER_PORT:-29500}
+NUM_PROCESSES=$((SLURM_NNODES * GPUS_PER_NODE))
+
+# Single quotes: SLURM_NODEID is expanded by each task on its own node (0, 1, ...).
+srun --kill-on-bad-exit=1 bash -c '
+  export PYTHONPATH="$5${PYTHONPATH:+:$PYTHONPATH}"
+  exec "$0" -m segtrain.launch \
+    --multi_gpu --num_machines "$1" --num_processes "$2" --machine_rank "$SLURM_NODEID" \
+    --main_process_ip "$3" --main_process_port "$4" --rdzv_backend static --same_network \
+    --mixed_precision "${MIXED_PRECISION:-bf16}" --dynamo_backend no \
+    "$5/segtrain/train.py" "${@:6}"
+' "$PY" "$SLURM_NNODES" "$NUM_PROCESSES" "$MASTER_ADDR" "$MASTER_PORT" "$ROOT" "$@"

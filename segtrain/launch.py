@@ -1,0 +1,68 @@
+"""``accelerate launch`` as ``./launch.sh train`` runs it: the exit code of the training
+process, without the launcher's own traceback.
+
+    python -m segtrain.launch [accelerate launch flags] SCRIPT [script args]
+
+Plain ``accelerate launch`` ends every failed run in a Python traceback of its own
+(``ChildFailedError`` from torch's elastic agent for several processes, or
+``CalledProcessError`` for one) and exits 1 whatever the script's exit status was. Here
+the script's own one-line error (printed once, by rank 0: see segtrain/cli.py) is all
+that is shown, and the exit status is the failing process's: 2 for a user error, 128+N
+when it was killed by signal N (the shell's convention). A process that failed without
+a user error gets one line saying which rank ended how.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+from collections.abc import Sequence
+from typing import Optional
+
+from accelerate.commands.launch import launch_command, launch_command_parser
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+from segtrain.cli import USER_ERROR_EXIT
+
+
+def exit_status(code: int) -> int:
+    """A process's status as a shell reports it: negative (killed by signal N) -> 128 + N."""
+    return 128 - code if code < 0 else code
+
+
+def describe(rank: int, code: int) -> str:
+    if code < 0:
+        return f"process {rank} was killed by {signal.Signals(-code).name}"
+    return f"process {rank} exited with status {code}"
+
+
+def quiet_elastic_agent() -> None:
+    """torch's elastic agent logs each SIGTERM it sends and each failed child; the failing
+    process has said what went wrong, and ``main`` sums up anything else in one line."""
+    import torch.distributed.run  # noqa: F401  (creates the agent's loggers)
+
+    for name in list(logging.Logger.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = launch_command_parser().parse_args(argv)
+    quiet_elastic_agent()
+    try:
+        launch_command(args)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        code = failure.exitcode
+    except subprocess.CalledProcessError as e:  # one process, run by accelerate's simple launcher
+        rank, code = 0, e.returncode
+    else:
+        return
+    if code != USER_ERROR_EXIT:
+        print(f"segtrain: {describe(rank, code)}", file=sys.stderr)
+    sys.exit(exit_status(code))
+
+
+if __name__ == "__main__":
+    main()

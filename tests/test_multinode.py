@@ -1,0 +1,84 @@
+"""Multi-node training proven on one machine: two "machines" (two `accelerate launch` calls
+with --num_machines 2 and machine_rank 0 and 1, rendezvous on 127.0.0.1, CPU + gloo) train
+into ONE run directory, end with equal parameters, and `--resume latest` continues it."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import _free_port
+from segtrain.model import load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def launch_two_machines(cwd: Path, *train_args: str, timeout: int = 600) -> list[subprocess.CompletedProcess]:
+    """The same command on machine 0 and machine 1, one process each, as examples/slurm.sh runs it."""
+    port = _free_port()
+    env = os.environ | {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    machines = [subprocess.Popen(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2",
+         "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+         "--num_processes", "2", "--mixed_precision", "no", "--dynamo_backend", "no",
+         str(REPO / "tests" / "ddp_train_worker.py"), str(cwd), *train_args],
+        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    results = []
+    try:
+        for machine in machines:
+            out, _ = machine.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(machine.args, machine.returncode, out, ""))
+    finally:
+        for machine in machines:
+            if machine.poll() is None:
+                machine.kill()
+    return results
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """The hash tests/ddp_train_worker.py writes for each rank's trained model."""
+    params = torch.cat([p.detach().double().flatten() for p in model.state_dict().values()
+                        if p.is_floating_point()])
+    return hashlib.sha256(params.numpy().tobytes()).hexdigest()
+
+
+def read_ranks(folder: Path) -> list[dict]:
+    return [json.loads((folder / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+@pytest.mark.slow
+def test_two_machines_train_into_one_run_dir_and_resume(packed_shards, tmp_path):
+    shutil.copytree(packed_shards["dir"], tmp_path / "shards")
+    args = ["--data", "shards/voc-train.json", "--run-dir", "run", "--backbone", "resnet18",
+            "--pretrained", "false", "--crop-size", "65", "--batch-size", "4", "--workers", "1",
+            "--lr-schedule", "step", "--step-size", "100", "--log-every", "1", "--checkpoint-every", "2",
+            "--val-every", "2", "--tracker", "none", "--seed", "3"]
+    for machine in launch_two_machines(tmp_path, *args, "--iterations", "4"):
+        assert machine.returncode == 0, machine.stdout[-3000:]
+    first = read_ranks(tmp_path)
+    assert first[0]["world"] == first[1]["world"] == 2
+    assert first[0]["sha256"] == first[1]["sha256"]  # DDP kept both machines' parameters equal
+    run = tmp_path / "run"
+    model, ckpt = load_checkpoint(run / "final.pt")
+    assert fingerprint(model) == first[0]["sha256"] and ckpt["step"] == 4
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
+
+    # Both machines resume from the shared directory's latest checkpoint and continue to step 6.
+    for f in tmp_path.glob("rank*.json"):
+        f.unlink()
+    machines = launch_two_machines(tmp_path, *args, "--iterations", "6", "--resume", "latest")
+    for machine in machines:
+        assert machine.returncode == 0, machine.stdout[-3000:]
+    assert "resumed from run/checkpoints/step_0000004 at step 4" in machines[0].stdout
+    second = read_ranks(tmp_path)
+    assert second[0]["sha256"] == second[1]["sha256"] != first[0]["sha256"]
+    model, ckpt = load_checkpoint(run / "final.pt")
+    assert fingerprint(model) == second[0]["sha256"] and ckpt["step"] == 6
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if "train/loss" in line]
+    assert steps == [1, 2, 3, 4, 5, 6]
