@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 import yaml
 
+from .hardware import CHANNELS_LAST_CHOICES, PRECISIONS
 from .voc import atomic_write_bytes
 
 
@@ -50,7 +51,7 @@ class TrainConfig:
     separable: bool = False
     aux_loss_weight: float = 0.0  # > 0 adds torchvision's auxiliary FCN head
     num_classes: int = 21
-    channels_last: bool = True  # faster convolutions on GPUs (tensor cores) and on CPUs with bf16
+    channels_last: str = "auto"  # auto | true | false; auto = on CUDA, off on CPU (segtrain/hardware.py)
     # optimisation (iterations count optimizer steps, whatever the number of processes)
     iterations: int = 5000
     batch_size: int = 8  # global: processes x per-process batch x grad_accum
@@ -69,7 +70,10 @@ class TrainConfig:
     warmup_iters: int = 0
     grad_accum: int = 1
     grad_clip: float = 0.0  # max global grad norm; 0 = off
-    mixed_precision: Optional[str] = None  # no | bf16 | fp16; None = accelerate's config
+    # auto | bf16 | fp16 | no (fp32); auto = bf16 where native (CUDA with bf16, CPUs with AVX-512-BF16/AMX),
+    # fp16 on older CUDA GPUs, fp32 otherwise (segtrain/hardware.py); none = accelerate launch's config
+    mixed_precision: Optional[str] = "auto"
+    compile: bool = False  # torch.compile the model (training and validation); measured no faster on CPU
     sync_bn: bool = False
     # loss (see segtrain/losses.py)
     loss: str = "ce"
@@ -96,7 +100,8 @@ CHOICES = {
     "arch": ("deeplabv3", "deeplabv3plus"),
     "output_stride": (8, 16),
     "lr_schedule": ("step", "poly", "constant"),
-    "mixed_precision": (None, "no", "bf16", "fp16"),
+    "mixed_precision": (None,) + PRECISIONS,
+    "channels_last": CHANNELS_LAST_CHOICES,
     "class_weighting": ("inverse", "median_frequency", "enet"),
     "val_protocol": ("whole", "center-crop", "ms-flip"),
     "tracker": ("wandb", "none"),
@@ -117,10 +122,13 @@ def _field_type(f: dataclasses.Field) -> type:
 def _coerce(name: str, value: Any) -> Any:
     f = FIELDS[name]
     kind = _field_type(f)
-    if value is None or (f.default is None and isinstance(value, str) and value.lower() in ("none", "null")):
-        if f.default is None:
+    optional = type(None) in typing.get_args(typing.get_type_hints(TrainConfig)[f.name])
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
             return None
         raise ConfigError(f"{name}: needs a value ({kind.__name__}), got none")
+    if kind is str and isinstance(value, bool):  # YAML's true/false for an auto | true | false choice
+        return str(value).lower()
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -158,6 +166,11 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+# config.yaml also records what "auto" settings became on the machine that ran it
+# (segtrain.hardware.resolve_runtime): information, not input, so reading it back skips it.
+RESOLVED_KEY = "resolved"
+
+
 def load_yaml(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
@@ -168,6 +181,7 @@ def load_yaml(path: str) -> dict:
         raise ConfigError(f"--config {path}: not valid YAML ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of keys to values")
+    data.pop(RESOLVED_KEY, None)
     return data
 
 
@@ -207,8 +221,10 @@ def config_to_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: TrainConfig, path: Path) -> None:
-    atomic_write_bytes(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode())
+def save_config(cfg: TrainConfig, path: Path, resolved: Optional[dict] = None) -> None:
+    """The config as YAML; ``resolved`` (what auto settings became here) under the key ``resolved``."""
+    data = config_to_dict(cfg) | ({RESOLVED_KEY: resolved} if resolved is not None else {})
+    atomic_write_bytes(path, yaml.safe_dump(data, sort_keys=False).encode())
 
 
 __all__ = ["TrainConfig", "ConfigError", "parse_config", "save_config", "config_to_dict",

@@ -40,6 +40,7 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm import tqdm
 
+from segtrain import hardware
 from segtrain.metrics import ConfusionMatrix, format_metrics_table, to_jsonable
 from segtrain.model import load_checkpoint
 from segtrain.shards import resolve_data, val_loader
@@ -215,7 +216,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="also write the raw confusion matrix (rows = ground truth) to the JSON")
     parser.add_argument("--batch-size", type=int, default=1, help="per process; 1 is the exact protocol")
     parser.add_argument("--workers", type=int, default=2, help="data loading workers per process")
-    parser.add_argument("--mixed-precision", choices=("no", "bf16"), default="no")
+    parser.add_argument("--mixed-precision", choices=hardware.PRECISIONS, default="auto",
+                        help=hardware.PRECISION_HELP)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (off: no faster on CPU)")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.workers < 0 or args.crop_size < 1:
         parser.error("--batch-size and --crop-size must be >= 1, --workers >= 0")
@@ -262,6 +265,10 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
     # Accelerate reports for multi-process CPU runs.
     model, _ = load_checkpoint(args.checkpoint)
     model.to(accelerator.device)
+    precision, reason = hardware.choose_precision(args.mixed_precision, accelerator.device)
+    accelerator.print(hardware.precision_line(precision, reason))
+    if args.compile:
+        hardware.compile_model(model, accelerator.print)
     num_classes = model.model_config["num_classes"]
     source = resolve_data(args.data, args.split)  # fails early, and identically on every rank
     loader = val_loader(args.data, split=args.split, batch_size=args.batch_size, num_workers=args.workers,
@@ -273,11 +280,12 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
     with tqdm(total=total, unit="img", desc=f"eval {args.protocol}", dynamic_ncols=True,
               disable=not accelerator.is_main_process) as bar:
         metrics = evaluate(model, loader, accelerator.device, num_classes, args.protocol,
-                           autocast_dtype=torch.bfloat16 if args.mixed_precision == "bf16" else None,
+                           autocast_dtype=hardware.autocast_dtype(precision, accelerator.device),
                            accelerator=accelerator, on_batch=lambda *batch: bar.update(len(batch[-1])))
     confusion = metrics.pop("confusion_matrix")
     result = {"checkpoint": str(args.checkpoint), "data": str(args.data), "split": args.split,
-              "protocol": args.protocol, "mixed_precision": args.mixed_precision,
+              "protocol": args.protocol, "mixed_precision": precision,
+              "precision_reason": reason,
               "num_processes": accelerator.num_processes, **metrics,
               "class_names": list(class_names_for(num_classes))}
     if args.confusion_matrix:

@@ -35,13 +35,14 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
 from segtrain import shards
 from segtrain.config import ConfigError, TrainConfig, config_to_dict, parse_config, save_config
+from segtrain import hardware
 from segtrain.evaluate import DisconnectedLaunch, check_launch, evaluate, loader_protocol, one_line
 from segtrain.losses import build_loss
 from segtrain.metrics import to_jsonable
@@ -269,21 +270,23 @@ def train(cfg: TrainConfig) -> TrainResult:
     # clear it (not the distributed PartialState) so that every train() call in one
     # process (notebooks, bench scripts, tests) configures its own run.
     AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
+    # Precision and memory format follow the hardware (segtrain/hardware.py); the device is
+    # known before the Accelerator, which needs the precision.
+    runtime = hardware.resolve_runtime(cfg.mixed_precision, cfg.channels_last, PartialState().device)
+    accelerator = Accelerator(mixed_precision=hardware.accelerate_precision(runtime["mixed_precision"]),
                               log_with="wandb" if cfg.tracker == "wandb" else None)
     check_launch(accelerator)
     main = accelerator.is_main_process
     world = accelerator.num_processes
     device = accelerator.device
     say = accelerator.print
+    say(hardware.precision_line(runtime["mixed_precision"], runtime["precision_reason"]))
     if cfg.batch_size % (world * cfg.grad_accum):
         raise ConfigError(f"batch_size: the global batch {cfg.batch_size} must be divisible by "
                           f"processes x grad_accum = {world} x {cfg.grad_accum}")
     per_process_batch = cfg.batch_size // (world * cfg.grad_accum)
     # More loader workers than CPUs per process only adds contention.
     workers = min(cfg.workers, max(1, (os.cpu_count() or 1) // world)) if cfg.workers else 0
-    if accelerator.mixed_precision == "fp16" and device.type == "cpu":
-        warnings.warn("mixed_precision fp16 does nothing on CPU (Accelerate runs fp32); use bf16")
     if per_process_batch < 2 and not (cfg.sync_bn and world > 1):
         raise ConfigError(f"batch_size: {per_process_batch} image per process and step; the image-pooling "
                           "BatchNorm of ASPP needs at least 2 (raise --batch-size, lower --grad-accum, "
@@ -301,7 +304,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if not cfg.resume:  # a resumed run keeps the config it was started with
-            save_config(cfg, run_dir / "config.yaml")
+            save_config(cfg, run_dir / "config.yaml", resolved=runtime)
 
     # Data. The loader is rebuilt per epoch from (seed, epoch, rank), which is what
     # makes resuming exact: the same epoch replays the same batches.
@@ -336,8 +339,10 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise ConfigError(str(e)) from None
     if cfg.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if cfg.channels_last:
+    if runtime["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        runtime["compiled"] = hardware.compile_model(model, say)
     optimizer = torch.optim.SGD(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -354,15 +359,14 @@ def train(cfg: TrainConfig) -> TrainResult:
         say(f"resumed from {path} at step {state.step}")
         log.truncate_after(state.step)
     if cfg.tracker == "wandb":
-        accelerator.init_trackers(cfg.wandb_project, config=config_to_dict(cfg),
+        accelerator.init_trackers(cfg.wandb_project, config=config_to_dict(cfg) | {"resolved": runtime},
                                   init_kwargs=wandb_init_kwargs(cfg, run_dir))
-    say(f"run {cfg.name}: {world} process(es) on {device.type}, precision {accelerator.mixed_precision}, "
+    say(f"run {cfg.name}: {world} process(es) on {device.type}, precision {runtime['mixed_precision']}, "
         f"{per_process_batch} images/process x {cfg.grad_accum} accumulation = global batch {cfg.batch_size}, "
         f"{steps_per_epoch} steps/epoch, {cfg.iterations} steps -> {run_dir}")
 
     # Validation runs under the training precision (fp16 autocast exists only on GPUs).
-    eval_autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16 if device.type == "cuda" else None
-                           }.get(accelerator.mixed_precision)
+    eval_autocast_dtype = hardware.autocast_dtype(runtime["mixed_precision"], device)
 
     def validate(step: int) -> dict:
         sync_buffers(model, accelerator)
@@ -394,7 +398,8 @@ def train(cfg: TrainConfig) -> TrainResult:
             state.best_miou = metrics["miou"]
             if main:
                 save_checkpoint(run_dir / "best.pt", accelerator.unwrap_model(model),
-                                config=config_to_dict(cfg), step=step, metrics=summary(metrics))
+                                config=config_to_dict(cfg), resolved=runtime, step=step,
+                                metrics=summary(metrics))
         say(f"step {step}: val mIoU {metrics['miou']:.4f}, pixel acc {metrics['pixel_acc']:.4f} "
             f"(best {state.best_miou:.4f})")
         model.train()
@@ -424,7 +429,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 # The loader ships uint8 (a quarter of the bytes to copy): normalise on the device.
                 images = normalize(images.to(device, non_blocking=True))
                 masks = masks.to(device, non_blocking=True).long()
-                if cfg.channels_last:
+                if runtime["channels_last"]:
                     images = images.contiguous(memory_format=torch.channels_last)
                 # Gradients are all-reduced only on the last micro-batch of a step.
                 sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(model)
@@ -471,7 +476,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     sync_buffers(model, accelerator)
     if main:
         save_checkpoint(run_dir / "final.pt", accelerator.unwrap_model(model), config=config_to_dict(cfg),
-                        step=step, metrics=summary(metrics))
+                        resolved=runtime, step=step, metrics=summary(metrics))
     accelerator.end_training()
     if main and cfg.tracker == "wandb" and os.environ.get("WANDB_MODE") == "offline":
         offline = sorted((run_dir / "wandb").glob("offline-run-*"))

@@ -151,7 +151,7 @@ def test_two_process_ddp_matches_single_process(single_run, packed_shards, tmp_p
     (["--batch-size", "eight"], "batch_size: expected int, got 'eight'"),
     (["--arch", "deeplabv4"], "arch: must be one of deeplabv3, deeplabv3plus"),
     (["--iterations", "0"], "iterations: must be >= 1"),
-    (["--mixed-precision", "fp8"], "mixed_precision: must be one of no, bf16, fp16"),
+    (["--mixed-precision", "fp8"], "mixed_precision: must be one of auto, no, fp32, bf16, fp16"),
     (["--pretrained", "maybe"], "pretrained: expected true or false"),
     (["--workers", "-1"], "workers: must be >= 0"),
 ])
