@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import yaml
 
-from .hardware import CHANNELS_LAST_CHOICES, PRECISIONS
+from .hardware import PRECISIONS
 from .voc import atomic_write_bytes
 
 
@@ -51,7 +51,9 @@ class TrainConfig:
     separable: bool = False
     aux_loss_weight: float = 0.0  # > 0 adds torchvision's auxiliary FCN head
     num_classes: int = 21
-    channels_last: str = "auto"  # auto | true | false; auto = on CUDA, off on CPU (segtrain/hardware.py)
+    # NHWC: faster on CUDA (tensor cores) and measured faster or equal on CPUs with and without
+    # native bf16 (docs/BENCHMARKS.md#memory-format)
+    channels_last: bool = True
     # optimisation (iterations count optimizer steps, whatever the number of processes)
     iterations: int = 5000
     batch_size: int = 8  # global: processes x per-process batch x grad_accum
@@ -101,7 +103,6 @@ CHOICES = {
     "output_stride": (8, 16),
     "lr_schedule": ("step", "poly", "constant"),
     "mixed_precision": (None,) + PRECISIONS,
-    "channels_last": CHANNELS_LAST_CHOICES,
     "class_weighting": ("inverse", "median_frequency", "enet"),
     "val_protocol": ("whole", "center-crop", "ms-flip"),
     "tracker": ("wandb", "none"),
@@ -127,8 +128,6 @@ def _coerce(name: str, value: Any) -> Any:
         if optional:
             return None
         raise ConfigError(f"{name}: needs a value ({kind.__name__}), got none")
-    if kind is str and isinstance(value, bool):  # YAML's true/false for an auto | true | false choice
-        return str(value).lower()
     if kind is bool:
         if isinstance(value, bool):
             return value

@@ -6,16 +6,17 @@ it runs on, never the machine it was measured on:
 * ``choose_precision(requested, device)``: ``auto`` is bf16 on CUDA devices with bf16,
   fp16 (Accelerate's loss scaling) on CUDA devices without, bf16 on a CPU only when its
   kernels are native (AVX-512-BF16 / AMX), fp32 otherwise. On an AVX2-only CPU bf16 is
-  emulated and measured 3.8x SLOWER than fp32 (docs/BENCHMARKS.md).
-* ``choose_channels_last(requested, device)``: ``auto`` follows the measurements in
-  docs/BENCHMARKS.md#memory-format (bench/model_bench.py).
+  emulated: 3.8x slower than fp32 on an AMD EPYC Zen 3, 25x slower with AVX2 kernels
+  imitated on a Sapphire Rapids (docs/BENCHMARKS.md#model-step).
 * ``compile_model(model)``: ``torch.compile`` with a one-line fallback to eager.
 * ``describe()``: the lines bench/ scripts print above their tables.
 
 Imitating an older CPU: ``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`` make oneDNN
-and ATen use AVX2 kernels only, but ``torch.ops.mkldnn._is_mkldnn_bf16_supported()``
-still reads the CPU's flags and answers True; ``cpu_bf16_native()`` honours both
-variables, so the decision matches the kernels that will actually run.
+and ATen use AVX2 kernels only (checked by timing: bf16 becomes ~25x slower than fp32).
+With torch 2.14 ``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` answers False under
+``ONEDNN_MAX_CPU_ISA=AVX2`` but True under ``ATEN_CPU_CAPABILITY=avx2`` alone, and a
+private probe may change; ``cpu_bf16_native()`` reads both variables itself, so the
+decision matches the kernels that will actually run.
 """
 from __future__ import annotations
 
@@ -33,7 +34,6 @@ import torch
 PRECISIONS = ("auto", "no", "fp32", "bf16", "fp16")
 PRECISION_HELP = ("auto (bf16 on CUDA with bf16 and on CPUs with native bf16, fp16 on older CUDA GPUs, "
                   "fp32 otherwise) | bf16 | fp16 | no (fp32)")
-CHANNELS_LAST_CHOICES = ("auto", "true", "false")
 CPU_FLAGS_SHOWN = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
 # oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) that still include native bf16 instructions.
 _ONEDNN_BF16_ISAS = re.compile(r"BF16|FP16|AMX|AVX10|^ALL$|^DEFAULT$")
@@ -127,25 +127,6 @@ def choose_precision(requested: Optional[str], device: Device) -> tuple[str, str
     return "fp32", f"CPU without native bf16: {evidence}"
 
 
-def choose_channels_last(requested: Union[str, bool, None], device: Device) -> tuple[bool, str]:
-    """``(use_channels_last, reason)`` for ``requested`` in auto | true | false.
-
-    auto: on CUDA (tensor cores prefer NHWC) and off on CPUs, where
-    bench/model_bench.py measured channels_last slower or no faster in fp32 and bf16,
-    on native-bf16 and on AVX2 kernels alike (docs/BENCHMARKS.md#memory-format).
-    """
-    if isinstance(requested, bool):
-        return requested, "requested"
-    requested = "auto" if requested is None else str(requested).lower()
-    if requested in ("true", "false"):
-        return requested == "true", "requested"
-    if requested != "auto":
-        raise ValueError(f"channels_last: must be one of {', '.join(CHANNELS_LAST_CHOICES)}, got {requested!r}")
-    if torch.device(device).type == "cuda":
-        return True, "CUDA: NHWC convolutions"
-    return False, "CPU: measured no faster (bench/model_bench.py)"
-
-
 def compile_model(model: torch.nn.Module, say=print) -> bool:
     """``model.compile()`` in place (the module keeps its type and state_dict keys).
 
@@ -164,12 +145,10 @@ def compile_model(model: torch.nn.Module, say=print) -> bool:
         return False
 
 
-def resolve_runtime(precision: Optional[str], channels_last: Union[str, bool, None], device: Device) -> dict:
+def resolve_runtime(precision: Optional[str], device: Device) -> dict:
     """The resolved hardware-dependent settings, as saved in config.yaml and checkpoints."""
     chosen, reason = choose_precision(precision, device)
-    use_cl, cl_reason = choose_channels_last(channels_last, device)
-    return {"mixed_precision": chosen, "precision_reason": reason,
-            "channels_last": use_cl, "channels_last_reason": cl_reason, "device": device_name(device)}
+    return {"mixed_precision": chosen, "precision_reason": reason, "device": device_name(device)}
 
 
 def precision_line(precision: str, reason: str) -> str:
@@ -220,6 +199,8 @@ def describe() -> str:
     caps = {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if k in os.environ}
     if caps:
         lines.append("imitating another CPU: " + " ".join(f"{k}={v}" for k, v in caps.items()))
+    if hasattr(os, "getloadavg"):  # other jobs on the cores slow every figure down
+        lines.append(f"load average (1 min) at start: {os.getloadavg()[0]:.2f}")
     if torch.cuda.is_available():
         lines.append("GPU: " + ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())))
     else:
@@ -227,6 +208,6 @@ def describe() -> str:
     return "\n".join(lines)
 
 
-__all__ = ["PRECISIONS", "PRECISION_HELP", "CHANNELS_LAST_CHOICES", "choose_precision", "choose_channels_last",
+__all__ = ["PRECISIONS", "PRECISION_HELP", "choose_precision",
            "cpu_bf16_native", "accelerate_precision", "autocast_dtype", "compile_model", "resolve_runtime",
            "precision_line", "inference_autocast", "describe", "device_name"]

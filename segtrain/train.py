@@ -270,9 +270,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     # clear it (not the distributed PartialState) so that every train() call in one
     # process (notebooks, bench scripts, tests) configures its own run.
     AcceleratorState._reset_state()
-    # Precision and memory format follow the hardware (segtrain/hardware.py); the device is
+    # The precision follows the hardware (segtrain/hardware.py); the device is
     # known before the Accelerator, which needs the precision.
-    runtime = hardware.resolve_runtime(cfg.mixed_precision, cfg.channels_last, PartialState().device)
+    runtime = hardware.resolve_runtime(cfg.mixed_precision, PartialState().device)
     accelerator = Accelerator(mixed_precision=hardware.accelerate_precision(runtime["mixed_precision"]),
                               log_with="wandb" if cfg.tracker == "wandb" else None)
     check_launch(accelerator)
@@ -339,7 +339,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise ConfigError(str(e)) from None
     if cfg.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if runtime["channels_last"]:
+    if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.compile:
         runtime["compiled"] = hardware.compile_model(model, say)
@@ -429,7 +429,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 # The loader ships uint8 (a quarter of the bytes to copy): normalise on the device.
                 images = normalize(images.to(device, non_blocking=True))
                 masks = masks.to(device, non_blocking=True).long()
-                if runtime["channels_last"]:
+                if cfg.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
                 # Gradients are all-reduced only on the last micro-batch of a step.
                 sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(model)

@@ -81,21 +81,12 @@ def test_none_defers_to_the_accelerate_launch_config(machine, monkeypatch):
     assert hardware.choose_precision(None, "cpu")[0] == "bf16"
 
 
-def test_channels_last_auto_follows_the_device():
-    assert hardware.choose_channels_last("auto", "cuda")[0] is True
-    assert hardware.choose_channels_last("auto", "cpu")[0] is False
-    assert hardware.choose_channels_last("true", "cpu") == (True, "requested")
-    assert hardware.choose_channels_last(False, "cuda") == (False, "requested")
-    with pytest.raises(ValueError, match="channels_last"):
-        hardware.choose_channels_last("sometimes", "cpu")
-
-
 def test_config_accepts_auto_values_and_reads_back_its_own_yaml(tmp_path):
     cfg = parse_config([])
-    assert cfg.mixed_precision == "auto" and cfg.channels_last == "auto" and cfg.compile is False
-    (tmp_path / "c.yaml").write_text("channels_last: true\nmixed_precision: none\ncompile: true\n")
+    assert cfg.mixed_precision == "auto" and cfg.channels_last is True and cfg.compile is False
+    (tmp_path / "c.yaml").write_text("mixed_precision: none\ncompile: true\n")
     cfg = parse_config(["--config", str(tmp_path / "c.yaml")])
-    assert cfg.channels_last == "true" and cfg.mixed_precision is None and cfg.compile is True
+    assert cfg.mixed_precision is None and cfg.compile is True
     save_config(cfg, tmp_path / "saved.yaml", resolved={"mixed_precision": "fp32"})
     assert yaml.safe_load((tmp_path / "saved.yaml").read_text())["resolved"] == {"mixed_precision": "fp32"}
     assert parse_config(["--config", str(tmp_path / "saved.yaml")]) == cfg  # 'resolved' is not an input
@@ -129,20 +120,27 @@ def test_describe_names_cpu_flags_capability_and_threads():
 
 @pytest.mark.parametrize("native, expected", [(False, "fp32"), (True, "bf16")])
 def test_training_saves_the_chosen_precision_in_config_and_checkpoints(packed_shards, tmp_path, machine,
-                                                                        capsys, native, expected):
+                                                                        monkeypatch, capsys, native, expected):
     machine(cpu_native=native, capability="AVX512" if native else "AVX2")
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no working C++ compiler")
+    monkeypatch.setattr(torch, "compile", no_compiler)  # --compile true must fall back, not fail
     run_dir = tmp_path / "run"
     train(parse_config(["--data", str(packed_shards["train"]), "--run-dir", str(run_dir),
                         "--backbone", "resnet18", "--pretrained", "false", "--crop-size", "65",
-                        "--batch-size", "2", "--iterations", "1", "--workers", "0", "--tracker", "none"]))
+                        "--batch-size", "2", "--iterations", "1", "--workers", "0", "--tracker", "none",
+                        "--compile", "true"]))
     reason = "CPU with native bf16: AVX512" if native else "CPU without native bf16: AVX2"
-    assert f"precision: {expected} ({reason})" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"precision: {expected} ({reason})" in out
+    assert "compile: torch.compile failed (RuntimeError: no working C++ compiler); running the model eagerly" in out
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["mixed_precision"] == "auto"
     assert saved["resolved"]["mixed_precision"] == expected and saved["resolved"]["precision_reason"] == reason
-    assert saved["resolved"]["channels_last"] is False
     for name in ("best.pt", "final.pt"):
         ckpt = torch.load(run_dir / name, map_location="cpu", weights_only=True)
         assert ckpt["resolved"]["mixed_precision"] == expected
         assert ckpt["resolved"]["precision_reason"] == reason
+        assert ckpt["resolved"]["compiled"] is False
     assert json.dumps(saved["resolved"])  # plain data

@@ -21,7 +21,9 @@ def base_args(data, run_dir, *extra):
     return ["--data", str(data), "--run-dir", str(run_dir), "--backbone", "resnet18", "--pretrained", "false",
             "--crop-size", "65", "--batch-size", "4", "--iterations", "6", "--workers", "1",
             "--lr-schedule", "step", "--step-size", "2", "--step-gamma", "0.5",
-            "--log-every", "1", "--checkpoint-every", "3", "--val-every", "3", "--seed", "7", *extra]
+            "--log-every", "1", "--checkpoint-every", "3", "--val-every", "3", "--seed", "7",
+            # fp32: the tests compare with fp32 evaluations (tests/test_hardware.py covers auto)
+            "--mixed-precision", "no", *extra]
 
 
 def read_jsonl(path):
@@ -120,6 +122,7 @@ def test_lr_schedule_follows_optimizer_steps():
     assert lr_factor(50, poly) == pytest.approx(0.5 ** 0.9)
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_single_process(single_run, packed_shards, tmp_path, launch_ddp):
     """Real 2-process DDP on CPU (gloo): same weights on both ranks, the same lr schedule as
     one process, and validation metrics equal to a one-process evaluation of the weights."""
