@@ -218,7 +218,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="data loading workers per process")
     parser.add_argument("--mixed-precision", choices=hardware.PRECISIONS, default="auto",
                         help=hardware.PRECISION_HELP)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (off: no faster on CPU)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (compiling takes minutes on a CPU; see docs/BENCHMARKS.md)")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.workers < 0 or args.crop_size < 1:
         parser.error("--batch-size and --crop-size must be >= 1, --workers >= 0")

@@ -40,9 +40,8 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from segtrain import shards
+from segtrain import hardware, shards
 from segtrain.config import ConfigError, TrainConfig, config_to_dict, parse_config, save_config
-from segtrain import hardware
 from segtrain.evaluate import DisconnectedLaunch, check_launch, evaluate, loader_protocol, one_line
 from segtrain.losses import build_loss
 from segtrain.metrics import to_jsonable
