@@ -67,10 +67,13 @@ train() {
 
 SYNTHETIC="$ROOT/datasets/synthetic"
 SYNTHETIC_SHARDS="$ROOT/shards/synthetic"
-# The CPU recipe of the demo: random init (no ImageNet download needed), bf16 autocast
-# (~2x faster than fp32 on CPU), small crops. Flags given after it override it.
-CPU_RECIPE=(--backbone resnet50 --pretrained false --crop-size 129 --batch-size 8 --iterations 150
-            --lr 0.02 --lr-schedule poly --mixed-precision bf16 --workers 2 --checkpoint-every 50)
+# The CPU recipe of the demo, sized to finish in minutes on any 2-core x86 CPU
+# (docs/BENCHMARKS.md#demo-training): a ResNet-18 from random init (no download; a
+# ResNet-50 step is ~10x slower on AVX2-only CPUs), crop 129, batch 8. Precision auto:
+# bf16 where the CPU has native bf16 kernels, fp32 where bf16 would be emulated (several
+# times slower); train.py prints which and why. Flags given after it override it.
+CPU_RECIPE=(--backbone resnet18 --pretrained false --crop-size 129 --batch-size 8 --iterations 150
+            --lr 0.02 --lr-schedule poly --mixed-precision auto --workers 2 --checkpoint-every 50)
 
 # The built-in synthetic VOC-format dataset, generated once, packed into shards.
 prepare_synthetic() {
@@ -109,13 +112,14 @@ demo() {
   local run="$ROOT/runs/demo" shards="$SYNTHETIC_SHARDS" t0=$SECONDS
   log "1-2/5 synthetic VOC-format data and shards"
   prepare_synthetic
-  log "3/5 training DeepLabV3+ ResNet50 on CPU (bf16, crop 129, 150 steps, wandb offline)"
+  log "3/5 training DeepLabV3+ ResNet-18 from scratch on CPU (crop 129, batch 8, 150 steps, wandb offline)"
+  log "    precision auto: bf16 on CPUs with native bf16, fp32 elsewhere; 'precision:' below says which and why"
   rm -rf "$run"
   "$PY" "$ROOT/segtrain/train.py" --data "$shards/voc-train.json" "${CPU_RECIPE[@]}" --run-dir "$run" \
     --name demo --tracker wandb
   log "4/5 evaluating best.pt on the val split"
   "$PY" -m segtrain.evaluate --checkpoint "$run/best.pt" --data "$shards/voc-val.json" \
-    --out "$run/eval_val.json" --mixed-precision bf16
+    --out "$run/eval_val.json" --mixed-precision auto
   log "5/5 figures and report"
   "$PY" -m segtrain.visualize dataset --data "$shards/voc-train.json" --out "$run/dataset.png"
   "$PY" -m segtrain.report "$run" --out "$run/report"

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from segtrain import stats
+from segtrain.hardware import describe
 from segtrain.config import parse_config
 from segtrain.metrics import subset_miou
 from segtrain.pack import pack_split, read_manifest
@@ -53,7 +54,7 @@ def main() -> None:
                 "--data", str(manifest_path), "--run-dir", str(run_dir), "--name", f"bench-{loss}",
                 "--backbone", args.backbone, "--pretrained", "false", "--crop-size", "129",
                 "--batch-size", "8", "--iterations", str(args.iterations), "--lr", "0.02",
-                "--lr-schedule", "poly", "--mixed-precision", "bf16", "--workers", "2",
+                "--lr-schedule", "poly", "--mixed-precision", "auto", "--workers", "2",
                 "--seed", str(args.seed), "--loss", loss, "--class-weighting", args.class_weighting,
                 "--val-every", str(args.iterations), "--checkpoint-every", str(args.iterations),
                 "--tracker", "none"]))
@@ -61,7 +62,8 @@ def main() -> None:
         records = read_metrics_log(run_dir / "metrics.jsonl")
         results[loss] = [r for r in records if "val/miou" in r][-1]  # the final weights: equal budget
 
-    print(f"\nDeepLabV3+ {args.backbone}, random init, {args.iterations} steps, batch 8, crop 129, bf16, "
+    print("\n" + describe())
+    print(f"DeepLabV3+ {args.backbone}, random init, {args.iterations} steps, batch 8, crop 129, precision auto, "
           f"seed {args.seed}; val: 150 synthetic images; weighting for weighted_ce: {args.class_weighting}")
     print(f"rarest classes (train pixel share): {', '.join(CLASSES[c] for c in rare)}\n")
     print("| loss | mIoU | rare-class mIoU | " + " | ".join(CLASSES[c] for c in rare) + " |")

@@ -29,6 +29,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from segtrain import shards, transforms, voc
+from segtrain.hardware import describe
 from segtrain.pack import pack_split
 from segtrain.synthetic import generate
 
@@ -116,7 +117,8 @@ def main(argv=None) -> None:
                 rows.append((f"{name}, decode + augment (crop {args.crop})", str(workers),
                              *loader_rate(data, workers, args.batch_size, args.crop, args.epochs)))
 
-    print(f"\n{args.images} synthetic images 375-500 px, batch {args.batch_size}, "
+    print("\n" + describe())
+    print(f"{args.images} synthetic images 375-500 px, batch {args.batch_size}, "
           f"{torch.get_num_threads()} torch thread per process, {os.cpu_count()} CPUs, "
           f"load average {others_load:.1f} before the run\n")
     print("| pipeline | workers | samples/s | / raw decode | CPU ms/sample | main ms/sample |")

@@ -3,8 +3,11 @@
     python bench/model_bench.py                              # ResNet-50, crop 513, batch 4
     python bench/model_bench.py --crop 129 --batch 2 --steps 2   # small enough for a CPU
 
-Modes: fp32, bf16 autocast, each also in channels_last; on CUDA also torch.compile.
-Memory is torch.cuda.max_memory_allocated on CUDA (tensors only) and the process's
+Modes: fp32 and bf16 autocast, each in the default (NCHW) and channels_last memory
+format, and each with torch.compile (``--modes fp32+compile bf16+compile``; by default
+only on CUDA, because on a 2-core CPU compiling takes minutes). For compiled modes
+"compile s" is the extra time of the first warm-up step (tracing + code generation);
+the step time is the steady state after it. Memory is torch.cuda.max_memory_allocated on CUDA (tensors only) and the process's
 peak resident set size on CPU (everything the process holds, reset before each run
 where Linux allows it). Prints a Markdown table.
 """
@@ -21,6 +24,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+if __package__ in (None, ""):  # python bench/model_bench.py: import segtrain from this checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from segtrain.hardware import compile_model, describe
 from segtrain.model import build_model
 from segtrain.voc import IGNORE_INDEX, NUM_CLASSES
 
@@ -29,6 +36,8 @@ MODES = {  # name: (autocast dtype or None, channels_last, torch.compile)
     "fp32+cl": (None, True, False),
     "bf16": (torch.bfloat16, False, False),
     "bf16+cl": (torch.bfloat16, True, False),
+    "fp32+compile": (None, False, True),
+    "bf16+compile": (torch.bfloat16, False, True),
     "bf16+cl+compile": (torch.bfloat16, True, True),
 }
 
@@ -55,15 +64,18 @@ def peak_memory_gib(device: torch.device) -> float:
 
 
 def bench(arch: str, backbone: str, mode: str, crop: int, batch: int, steps: int, warmup: int,
-          device: torch.device) -> tuple[float, float]:
-    """Mean seconds per training step and peak memory (GiB) for one configuration."""
-    amp_dtype, channels_last, compile_model = MODES[mode]
+          device: torch.device) -> tuple[float, float, float, float]:
+    """Mean and fastest seconds per steady training step, peak memory (GiB), compile seconds (0 eager).
+
+    The fastest step is the better estimate on a shared machine (load only slows steps down)."""
+    amp_dtype, channels_last, compiled = MODES[mode]
     torch.manual_seed(0)
     model = build_model(arch, backbone, num_classes=NUM_CLASSES, output_stride=16).to(device).train()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    step_model = torch.compile(model) if compile_model else model
+    if compiled and not compile_model(model):
+        return (float("nan"),) * 4
     images = torch.randn(batch, 3, crop, crop, device=device).contiguous(memory_format=memory_format)
     labels = torch.randint(0, NUM_CLASSES, (batch, crop, crop), device=device)
     labels[:, :4] = IGNORE_INDEX  # a few ignored pixels, as VOC's boundaries
@@ -71,20 +83,26 @@ def bench(arch: str, backbone: str, mode: str, crop: int, batch: int, steps: int
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = step_model(images)["out"]
+            logits = model(images)["out"]
         F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX).backward()
         optimizer.step()
 
+    times = []
     for _ in range(warmup):
+        start = time.perf_counter()
         step()
-    sync(device)
+        sync(device)
+        times.append(time.perf_counter() - start)
     reset_peak_memory(device)
-    start = time.perf_counter()
+    steady = []
     for _ in range(steps):
+        start = time.perf_counter()
         step()
-    sync(device)
-    seconds = (time.perf_counter() - start) / steps
-    return seconds, peak_memory_gib(device)
+        sync(device)
+        steady.append(time.perf_counter() - start)
+    seconds = sum(steady) / steps
+    compile_seconds = max(0.0, times[0] - seconds) if compiled and times else 0.0
+    return seconds, min(steady), peak_memory_gib(device), compile_seconds
 
 
 def sync(device: torch.device) -> None:
@@ -107,16 +125,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     device = torch.device(args.device)
     modes = args.modes or [m for m in MODES if device.type == "cuda" or not MODES[m][2]]
 
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     memory = "max_memory_allocated" if device.type == "cuda" else "peak RSS of the process"
+    print(describe())
     print(f"{args.backbone}, crop {args.crop}, batch {args.batch}, mean of {args.steps} steps after "
-          f"{args.warmup} warm-up; {where}; torch {torch.__version__}; memory = {memory}\n")
-    print("| arch | mode | s/step | img/s | peak mem (GiB) |")
-    print("|---|---|---|---|---|")
+          f"{args.warmup} warm-up on {device}; memory = {memory}\n")
+    print("| arch | mode | s/step | fastest step s | img/s | peak mem (GiB) | compile s |")
+    print("|---|---|---|---|---|---|---|")
     for arch in args.archs:
         for mode in modes:
-            seconds, gib = bench(arch, args.backbone, mode, args.crop, args.batch, args.steps, args.warmup, device)
-            print(f"| {arch} | {mode} | {seconds:.3f} | {args.batch / seconds:.1f} | {gib:.2f} |", flush=True)
+            seconds, fastest, gib, compile_s = bench(arch, args.backbone, mode, args.crop, args.batch,
+                                                     args.steps, args.warmup, device)
+            print(f"| {arch} | {mode} | {seconds:.3f} | {fastest:.3f} | {args.batch / seconds:.1f} | {gib:.2f} | "
+                  f"{compile_s:.1f} |", flush=True)
     return 0
 
 

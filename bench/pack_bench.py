@@ -12,6 +12,7 @@ import os
 import tempfile
 import time
 
+from segtrain.hardware import describe
 from segtrain.pack import pack_split
 from segtrain.synthetic import generate
 
@@ -22,6 +23,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--shard-size", type=int, default=256)
     args = ap.parse_args()
+    print(describe())
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         root = generate(tmp, num_train=args.images, num_val=1, seed=0, min_size=350, max_size=500)

@@ -7,7 +7,8 @@
 "plain" is the loop of the reference implementations (VainF/DeepLabV3Plus-Pytorch,
 torchvision references): a map-style DataLoader over the VOC folder, fp32, one
 process. "segtrain" is segtrain/train.py itself on the packed shards of the same
-images, with --mixed-precision bf16 and its defaults (channels_last). Both build the same
+images, with its defaults (--mixed-precision auto: what this hardware gets, printed
+in the table; channels_last). Both build the same
 model, use the same augmentation and batch size, and are timed over the same number
 of steps after warm-up; segtrain's figure comes from its own metrics.jsonl (training
 steps only). On CUDA it also prints peak GPU memory (the reference recipe reported
@@ -20,8 +21,10 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from segtrain.config import parse_config
+from segtrain.hardware import PRECISIONS, describe
 from segtrain.losses import build_loss
 from segtrain.model import build_model
 from segtrain.pack import pack_split
@@ -61,8 +64,9 @@ def plain_loop(voc_root: Path, args, device: torch.device) -> tuple[float, float
     return args.batch * args.steps / seconds, peak
 
 
-def segtrain_loop(manifest: Path, run_dir: Path, args, device: torch.device) -> tuple[float, float]:
-    """images/s (training steps after warm-up, from metrics.jsonl) and peak MB of segtrain/train.py."""
+def segtrain_loop(manifest: Path, run_dir: Path, args, device: torch.device) -> tuple[float, float, str]:
+    """images/s (training steps after warm-up, from metrics.jsonl), peak MB and the resolved
+    precision + memory format of segtrain/train.py."""
     flags = ["--data", str(manifest), "--run-dir", str(run_dir), "--backbone", args.backbone,
              "--pretrained", "false", "--crop-size", str(args.crop), "--batch-size", str(args.batch),
              "--iterations", str(args.warmup + args.steps), "--log-every", "1", "--val-every", "100000",
@@ -73,7 +77,8 @@ def segtrain_loop(manifest: Path, run_dir: Path, args, device: torch.device) -> 
     timed = [r for r in records if "images_per_s" in r and r["step"] > args.warmup]
     images_per_s = len(timed) / sum(1 / r["images_per_s"] for r in timed)  # harmonic mean = total rate
     peak = max((r.get("max_memory_mb", float("nan")) for r in timed), default=float("nan"))
-    return images_per_s, peak
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())["resolved"]
+    return images_per_s, peak, resolved["mixed_precision"] + "+channels_last"
 
 
 def main() -> None:
@@ -84,7 +89,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "no"))
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS)
     ap.add_argument("--images", type=int, default=64, help="synthetic VOC-sized train images")
     ap.add_argument("--abba", action=argparse.BooleanOptionalAction, default=True,
                     help="time each loop twice, in the order plain, segtrain, segtrain, plain, and report "
@@ -100,20 +105,21 @@ def main() -> None:
         runs = {"plain": [], "segtrain": []}
         for n, which in enumerate(["plain", "segtrain", "segtrain", "plain"][: 4 if args.abba else 2]):
             if which == "plain":
-                runs["plain"].append(plain_loop(root, args, device))
+                runs["plain"].append((*plain_loop(root, args, device), "fp32"))
             else:
                 runs["segtrain"].append(segtrain_loop(shards_dir / "voc-train.json", Path(tmp) / f"run{n}",
                                                       args, device))
         # Interference only ever slows a run down: the faster run of each loop is the better estimate.
-        (plain, plain_mb), (ours, ours_mb) = (max(runs[k], key=lambda r: r[0]) for k in ("plain", "segtrain"))
-    name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\nDeepLabV3+ {args.backbone}, crop {args.crop}, batch {args.batch}, {args.steps} timed steps, {name}"
+        (plain, plain_mb, _), (ours, ours_mb, ours_setting) = (max(runs[k], key=lambda r: r[0])
+                                                               for k in ("plain", "segtrain"))
+    print("\n" + describe())
+    print(f"DeepLabV3+ {args.backbone}, crop {args.crop}, batch {args.batch}, {args.steps} timed steps on {device}"
           + (", ABBA order, faster of 2 runs each" if args.abba else ""))
     print("all runs (images/s):", {k: [round(r[0], 2) for r in v] for k, v in runs.items()})
     print("| loop | precision | images/s | peak GPU MB |")
     print("|---|---|---|---|")
     print(f"| plain PyTorch (reference style) | fp32 | {plain:.2f} | {plain_mb:.0f} |")
-    print(f"| segtrain | {args.precision} | {ours:.2f} | {ours_mb:.0f} |")
+    print(f"| segtrain (--mixed-precision {args.precision}) | {ours_setting} | {ours:.2f} | {ours_mb:.0f} |")
     print(f"speed-up: {ours / plain:.2f}x")
 
 

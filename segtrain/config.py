@@ -23,11 +23,11 @@ from typing import Any, Optional
 
 import yaml
 
-from segtrain import evaluate, integrity, losses, model, schedule
+from segtrain import evaluate, hardware, integrity, losses, model, schedule
 from segtrain.cli import ArgumentParser
 from segtrain.io import ConfigError, atomic_write_bytes
 
-MIXED_PRECISIONS = (None, "no", "bf16", "fp16")  # Accelerate's (fp16 on CPU runs fp32)
+MIXED_PRECISIONS = (None,) + hardware.PRECISIONS  # chosen by segtrain/hardware.py (None: accelerate's config)
 TRACKERS = ("wandb", "none")  # the train loop's
 
 
@@ -85,7 +85,8 @@ class TrainConfig:
     aux_loss_weight: float = setting(0.0, "> 0 adds torchvision's auxiliary FCN head with this loss weight",
                                      minimum=0)
     num_classes: int = setting(21, "classes the model predicts", minimum=1)
-    channels_last: bool = setting(True, "faster convolutions on GPUs (tensor cores) and on CPUs with bf16")
+    channels_last: bool = setting(True, "NHWC memory format: faster on CUDA (tensor cores), measured faster or "
+                                  "equal on CPUs with and without native bf16 (docs/BENCHMARKS.md#memory-format)")
     # optimisation (iterations count optimizer steps, whatever the number of processes)
     iterations: int = setting(5000, "optimizer steps", minimum=1)
     batch_size: int = setting(8, "global batch: processes x per-process batch x grad_accum", minimum=1)
@@ -104,7 +105,10 @@ class TrainConfig:
     warmup_iters: int = setting(0, "linear warmup steps", minimum=0)
     grad_accum: int = setting(1, "micro-batches per optimizer step", minimum=1)
     grad_clip: float = setting(0.0, "max global grad norm; 0 = off", minimum=0)
-    mixed_precision: Optional[str] = setting(None, "None = accelerate's config", choices=MIXED_PRECISIONS)
+    mixed_precision: Optional[str] = setting("auto", hardware.PRECISION_HELP + "; none = accelerate launch's config",
+                                             choices=MIXED_PRECISIONS)
+    compile: bool = setting(False, "torch.compile the model for training and validation (falls back to eager "
+                                   "with one line if compiling fails; measured no faster on CPU)")
     sync_bn: bool = setting(False, "SyncBatchNorm across processes (GPUs only)")
     # loss (see segtrain/losses.py)
     loss: str = setting("ce", "loss names joined by '+', each with an optional coefficient (e.g. "
@@ -138,8 +142,9 @@ def _field_type(f: dataclasses.Field) -> type:
 def _coerce(name: str, value: Any) -> Any:
     f = FIELDS[name]
     kind = _field_type(f)
-    if value is None or (f.default is None and isinstance(value, str) and value.lower() in ("none", "null")):
-        if f.default is None:
+    optional = type(None) in typing.get_args(typing.get_type_hints(TrainConfig)[f.name])
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
             return None
         raise ConfigError(f"{name}: needs a value ({kind.__name__}), got none")
     if kind is bool:
@@ -186,6 +191,9 @@ def field_help(f: dataclasses.Field) -> str:
     choices = f.metadata["choices"]
     text = f.metadata["help"] + (f"; one of: {describe(choices)}" if choices is not None else "")
     return f"{text} (default: {f.default})".replace("%", "%%")
+# config.yaml also records what "auto" settings became on the machine that ran it
+# (segtrain.hardware.resolve_runtime): information, not input, so reading it back skips it.
+RESOLVED_KEY = "resolved"
 
 
 def load_yaml(path: str) -> dict:
@@ -198,6 +206,7 @@ def load_yaml(path: str) -> dict:
         raise ConfigError(f"--config {path}: not valid YAML ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of keys to values")
+    data.pop(RESOLVED_KEY, None)
     return data
 
 
@@ -236,8 +245,10 @@ def config_to_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: TrainConfig, path: Path) -> None:
-    atomic_write_bytes(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False).encode())
+def save_config(cfg: TrainConfig, path: Path, resolved: Optional[dict] = None) -> None:
+    """The config as YAML; ``resolved`` (what auto settings became here) under the key ``resolved``."""
+    data = config_to_dict(cfg) | ({RESOLVED_KEY: resolved} if resolved is not None else {})
+    atomic_write_bytes(path, yaml.safe_dump(data, sort_keys=False).encode())
 
 
 def update_saved_config(path: Path, **changes: Any) -> dict:

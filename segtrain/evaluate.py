@@ -54,12 +54,12 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm import tqdm
 
-from segtrain.metrics import ConfusionMatrix, format_metrics_table, to_jsonable
-from segtrain import integrity
-from segtrain.model import check_fits_data, load_checkpoint
-from segtrain.shards import class_names, resolve_data, val_loader
+from segtrain import hardware, integrity
 from segtrain.cli import ArgumentParser, OtherProcessFailed, check_launch, rank_specific, user_errors
 from segtrain.io import DataError, atomic_write_bytes
+from segtrain.metrics import ConfusionMatrix, format_metrics_table, to_jsonable
+from segtrain.model import check_fits_data, load_checkpoint
+from segtrain.shards import class_names, resolve_data, val_loader
 from segtrain.voc import CLASSES, IGNORE_INDEX
 
 PROTOCOLS = {  # --protocol here, --val-protocol in training (see the module docstring)
@@ -276,7 +276,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="images per forward pass and process, grouped by size (never padded). 1 (the "
                              "default) is the reference; larger is faster and equal up to float rounding")
     parser.add_argument("--workers", type=int, default=2, help="data loading workers per process")
-    parser.add_argument("--mixed-precision", choices=("no", "bf16"), default="no")
+    parser.add_argument("--mixed-precision", choices=hardware.PRECISIONS, default="auto",
+                        help=hardware.PRECISION_HELP)
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the model (compiling takes minutes on a CPU; see docs/BENCHMARKS.md)")
     parser.add_argument("--verify-shards", choices=integrity.VERIFY_MODES, default=integrity.DEFAULT_VERIFY,
                         help=integrity.VERIFY_HELP)
     parser.add_argument("--threads", type=int,
@@ -309,6 +312,10 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
     model, ckpt = load_checkpoint(args.checkpoint)
     check_fits_data(ckpt, args.checkpoint, class_names(source), source.location)
     model.to(accelerator.device)
+    precision, reason = hardware.choose_precision(args.mixed_precision, accelerator.device)
+    accelerator.print(hardware.precision_line(precision, reason))
+    if args.compile:
+        hardware.compile_model(model, accelerator.print)
     num_classes = model.model_config["num_classes"]
     loader = val_loader(args.data, split=args.split, num_workers=args.workers,
                         protocol=loader_protocol(args.protocol),
@@ -321,12 +328,13 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
     with tqdm(total=total, unit="img", desc=f"eval {args.protocol}", dynamic_ncols=True,
               disable=not accelerator.is_main_process) as bar:
         metrics = evaluate(model, loader, accelerator.device, num_classes, args.protocol,
-                           autocast_dtype=torch.bfloat16 if args.mixed_precision == "bf16" else None,
+                           autocast_dtype=hardware.autocast_dtype(precision, accelerator.device),
                            accelerator=accelerator, on_batch=lambda *batch: bar.update(len(batch[-1])),
                            threads=args.threads)
     confusion = metrics.pop("confusion_matrix")
     result = {"checkpoint": str(args.checkpoint), "data": str(args.data), "split": args.split,
-              "protocol": args.protocol, "mixed_precision": args.mixed_precision,
+              "protocol": args.protocol, "mixed_precision": precision,
+              "precision_reason": reason,
               "num_processes": accelerator.num_processes, **metrics,
               "class_names": list(class_names_for(num_classes))}
     if args.confusion_matrix:

@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import torch
 
-from segtrain import integrity, shards
+from segtrain import hardware, integrity, shards
 from segtrain.config import TrainConfig
 from segtrain.evaluate import loader_protocol
 from segtrain.io import ConfigError, checkpoint_dirs, read_manifest
@@ -45,6 +45,7 @@ class RunPlan:
     loss_options: dict[str, Any]      # build_loss(options=...): the config's value of every loss option
     class_pixel_counts: Optional[list[int]]  # for weighted_ce, from the train manifest
     eval_autocast_dtype: Optional[torch.dtype]  # validation runs under the training precision
+    runtime: dict[str, Any]           # what "auto" settings became here (saved in config.yaml, checkpoints)
     notes: tuple[str, ...] = ()       # warnings for the user (the run can go on)
 
     @property
@@ -68,16 +69,16 @@ class RunPlan:
 
 
 def plan_run(cfg: TrainConfig, world_size: int = 1, device_type: str = "cpu",
-             mixed_precision: str = "no") -> RunPlan:
+             runtime: Optional[dict] = None) -> RunPlan:
     """Derive the run's plan from ``cfg`` for ``world_size`` processes on ``device_type``
-    devices (``accelerator.device.type``) under ``mixed_precision`` (Accelerate's resolved value)."""
+    devices (``accelerator.device.type``) with ``runtime``, what hardware.resolve_runtime chose
+    for this machine (default: fp32)."""
+    runtime = dict(runtime or {"mixed_precision": "fp32", "precision_reason": "requested"})
     if cfg.train_split is None:
         # --data voc-train_aug.json means train_aug: never silently its voc-train.json sibling.
         named = cfg.data.endswith(".json") and read_manifest(cfg.data)["split"]
         cfg = dataclasses.replace(cfg, train_split=named or "train")
     per_process_batch, notes = check_batch(cfg, world_size, device_type)
-    if mixed_precision == "fp16" and device_type == "cpu":
-        notes += ("mixed_precision fp16 does nothing on CPU (Accelerate runs fp32); use bf16",)
     run_dir = cfg.resolved_run_dir()
     resume_from = resolve_resume(cfg.resume, run_dir) if cfg.resume else None
     if resume_from is None and (run_dir / "metrics.jsonl").exists():
@@ -105,13 +106,13 @@ def plan_run(cfg: TrainConfig, world_size: int = 1, device_type: str = "cpu",
     manifest = train_source.manifest
     check_classes(cfg, len(manifest["class_names"]) if manifest else NUM_CLASSES)
 
-    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16 if device_type == "cuda" else None}
     return RunPlan(cfg=cfg, run_dir=run_dir, resume_from=resume_from, world_size=world_size,
                    per_process_batch=per_process_batch, steps_per_epoch=batches // cfg.grad_accum,
                    train_loader=train_loader, val_loader=val_loader,
                    loss_options={name: getattr(cfg, name) for name in LOSS_OPTIONS},
                    class_pixel_counts=manifest["class_pixel_counts"] if manifest else None,
-                   eval_autocast_dtype=autocast.get(mixed_precision), notes=notes)
+                   eval_autocast_dtype=hardware.autocast_dtype(runtime["mixed_precision"], device_type),
+                   runtime=runtime, notes=notes)
 
 
 def check_batch(cfg: TrainConfig, world_size: int, device_type: str) -> tuple[int, tuple[str, ...]]:

@@ -24,6 +24,7 @@ from torch import nn
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
+from segtrain import hardware
 from segtrain.evaluate import predict_logits
 from segtrain.model import load_checkpoint
 from segtrain.transforms import normalize
@@ -47,11 +48,13 @@ def list_images(path: Path) -> list[Path]:
 
 
 def predict_mask(model: nn.Module, image: PIL.Image.Image, device: torch.device,
-                 protocol: str = "whole") -> np.ndarray:
-    """(H, W) uint8 class indices for one image (``model`` in eval mode, on ``device``)."""
+                 protocol: str = "whole", autocast_dtype: Optional[torch.dtype] = None) -> np.ndarray:
+    """(H, W) uint8 class indices for one image (``model`` in eval mode, on ``device``;
+    ``autocast_dtype`` from ``hardware.inference_autocast``, None = fp32)."""
     # The loaders' normalisation, so the model sees what it saw in training and evaluation.
     batch = normalize(TF.pil_to_tensor(image.convert("RGB"))).unsqueeze(0).to(device)
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype,
+                                                enabled=autocast_dtype is not None):
         return predict_logits(model, batch, protocol)[0].argmax(dim=0).to(torch.uint8).cpu().numpy()
 
 
@@ -65,6 +68,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="ms-flip: average over 6 scales and flips (12 forward passes per image)")
     parser.add_argument("--alpha", type=float, default=0.5, help="overlay opacity of the mask colours")
     parser.add_argument("--overlay-format", choices=("jpg", "png"), default="jpg")
+    parser.add_argument("--mixed-precision", choices=hardware.PRECISIONS, default="auto",
+                        help=hardware.PRECISION_HELP)
     args = parser.parse_args(argv)
     if not 0.0 <= args.alpha <= 1.0:
         parser.error(f"--alpha must be in [0, 1], got {args.alpha}")
@@ -80,6 +85,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model, _ = load_checkpoint(args.checkpoint)
         model.to(device).eval()
+        amp = hardware.inference_autocast(args.mixed_precision, device)
     except (DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -101,7 +107,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             tqdm.write(f"warning: skipped {e}", file=sys.stderr)
             skipped.append(path)
             continue
-        mask = predict_mask(model, image, device, args.protocol)
+        mask = predict_mask(model, image, device, args.protocol, amp)
         save_label_png(mask, args.out / f"{sid}.png")
         blended = PIL.Image.fromarray(overlay(np.asarray(image), mask, args.alpha))
         save_image(blended, args.out / f"{sid}_overlay.{args.overlay_format}")

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import yaml
 
-from segtrain import shards, stats, visualize
+from segtrain import hardware, shards, stats, visualize
 from segtrain.metrics import subset_miou
 from segtrain.model import check_fits_data, load_checkpoint, read_checkpoint
 from segtrain.io import DataError, atomic_write_bytes, read_metrics_log
@@ -162,7 +162,7 @@ def results_table(runs: list[Run], rare: Sequence[int] = ()) -> tuple[str, list[
 
 
 def prediction_rows(runs: list[Run], data: str, split: str, ids: Sequence[str],
-                    device: torch.device) -> tuple[list[list[np.ndarray]], list[np.ndarray], list[np.ndarray]]:
+                    device: torch.device, autocast_dtype: Optional[torch.dtype] = None) -> tuple[list[list[np.ndarray]], list[np.ndarray], list[np.ndarray]]:
     """Grid rows | RGB | GT | run... |, plus the images and labels (for optional SAM columns)."""
     samples = {sid: (img, lbl) for sid, img, lbl in shards.iter_samples(data, split, ids=ids)}
     images = [np.asarray(samples[sid][0]) for sid in ids]
@@ -172,7 +172,7 @@ def prediction_rows(runs: list[Run], data: str, split: str, ids: Sequence[str],
         model, _ = load_checkpoint(run.path / "best.pt", map_location=device)  # checked by check_runs_fit
         model.eval()
         for row, sid in zip(rows, ids):
-            row.append(decode_target(predict_mask(model, samples[sid][0], device)))
+            row.append(decode_target(predict_mask(model, samples[sid][0], device, autocast_dtype=autocast_dtype)))
         del model
     return rows, images, labels
 
@@ -190,7 +190,7 @@ def check_runs_fit(runs: list[Run], data: str, split: str) -> None:
 def build_report(run_dirs: Sequence[Path], out: Path, data: Optional[str] = None, split: str = "val",
                  ids: Optional[Sequence[str]] = None, num_images: int = 5,
                  sam_checkpoint: Optional[str] = None, sam_model_type: str = "vit_b",
-                 sam_points_per_side: int = 32, device: str = "auto") -> Path:
+                 sam_points_per_side: int = 32, device: str = "auto", mixed_precision: str = "auto") -> Path:
     """Write the comparison report into ``out``; returns the path of report.md."""
     runs = [load_run(Path(p)) for p in run_dirs]
     if not runs:
@@ -224,12 +224,13 @@ def build_report(run_dirs: Sequence[Path], out: Path, data: Optional[str] = None
                      "pack it with tools/pack.py to get the class-balance chart.\n"]
 
     chosen = list(ids) if ids else visualize.covering_ids(val_data, split, num_images)
-    grid_rows, images, labels = prediction_rows(runs, val_data, split, chosen, dev)
+    amp = hardware.inference_autocast(mixed_precision, dev)
+    grid_rows, images, labels = prediction_rows(runs, val_data, split, chosen, dev, amp)
     columns = ["RGB", "Ground truth"] + [r.name for r in runs]
     if sam_checkpoint:
         from segtrain import sam
         sam_cols = sam.report_columns(sam_checkpoint, sam_model_type, images, semantic=runs[0].path / "best.pt",
-                                      device=dev, points_per_side=sam_points_per_side)
+                                      device=dev, points_per_side=sam_points_per_side, semantic_autocast=amp)
         for row, extra in zip(grid_rows, sam_cols["images"]):
             row.extend(extra)
         columns += sam_cols["titles"]
@@ -259,10 +260,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--sam-points-per-side", type=int, default=32,
                     help="SAM's automatic point grid (32 = SAM's default; 8 is ~10x cheaper on a CPU)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--mixed-precision", choices=hardware.PRECISIONS, default="auto",
+                    help=f"of the runs' predictions: {hardware.PRECISION_HELP}")
     args = ap.parse_args(argv)
     try:
         report = build_report(args.runs, args.out, args.data, args.split, args.ids, args.num_images,
-                              args.sam_checkpoint, args.sam_model_type, args.sam_points_per_side, args.device)
+                              args.sam_checkpoint, args.sam_model_type, args.sam_points_per_side, args.device,
+                              args.mixed_precision)
     except DataError as e:
         print(f"segtrain.report: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -41,6 +41,7 @@ from segment_anything.modeling import Sam
 from torch import nn
 from tqdm import tqdm
 
+from segtrain import hardware
 from segtrain.metrics import confusion_matrix, segmentation_metrics, to_jsonable
 from segtrain.model import CheckpointError, check_fits_data, load_checkpoint, load_weights, torch_load
 from segtrain.predict import predict_mask
@@ -312,7 +313,7 @@ def segment_with_sam(generator: SamAutomaticMaskGenerator, image: np.ndarray,
 def report_columns(sam_checkpoint: PathLike, model_type: str, images: Sequence[np.ndarray],
                    semantic: Optional[PathLike] = None, device: Union[str, torch.device] = "cpu",
                    points_per_side: int = 32, min_box_area: int = MIN_BOX_AREA,
-                   progress: bool = True) -> dict[str, list]:
+                   progress: bool = True, semantic_autocast: Optional[torch.dtype] = None) -> dict[str, list]:
     """SAM columns for the report's prediction grid.
 
     ``images``: (H, W, 3) uint8 RGB arrays. Returns ``{"titles": [...], "images": rows}``
@@ -325,7 +326,8 @@ def report_columns(sam_checkpoint: PathLike, model_type: str, images: Sequence[n
     titles = ["SAM masks"] + ([] if model is None else [METHODS["sam_majority"], METHODS["sam_boxes"]])
     rows = []
     for image in tqdm(images, desc="SAM", unit="img", disable=not progress):
-        semantic_map = None if model is None else predict_mask(model, PIL.Image.fromarray(image), sam.device)
+        semantic_map = None if model is None else predict_mask(model, PIL.Image.fromarray(image), sam.device,
+                                                               autocast_dtype=semantic_autocast)
         maps = segment_with_sam(generator, image, semantic_map, min_box_area)
         row = [draw_sam_masks(image, maps.masks)]
         if model is not None:
@@ -336,7 +338,8 @@ def report_columns(sam_checkpoint: PathLike, model_type: str, images: Sequence[n
 
 def run_sam_comparison(sam: Sam, data: PathLike, split: str, ids: Sequence[str], out_dir: PathLike,
                        semantic_model: Optional[nn.Module] = None, points_per_side: int = 32,
-                       min_box_area: int = MIN_BOX_AREA, progress: bool = True) -> dict[str, Any]:
+                       min_box_area: int = MIN_BOX_AREA, progress: bool = True,
+                       semantic_autocast: Optional[torch.dtype] = None) -> dict[str, Any]:
     """SAM on ``ids``: overlays in ``out_dir`` and, with ``semantic_model``, metrics of the
     semantic map and both SAM refinements against the ground truth.
 
@@ -353,7 +356,8 @@ def run_sam_comparison(sam: Sam, data: PathLike, split: str, ids: Sequence[str],
     samples = iter_samples(data, split, ids)
     for sid, pil_image, label in tqdm(samples, total=len(ids), desc="SAM", unit="img", disable=not progress):
         image = np.asarray(pil_image)
-        semantic = None if semantic_model is None else predict_mask(semantic_model, pil_image, sam.device)
+        semantic = None if semantic_model is None else predict_mask(semantic_model, pil_image, sam.device,
+                                                                    autocast_dtype=semantic_autocast)
         maps = segment_with_sam(generator, image, semantic, min_box_area)
         save_image(PIL.Image.fromarray(draw_sam_masks(image, maps.masks)), out_dir / f"{sid}_sam.png")
         per_image[sid] = {"num_masks": len(maps.masks), "sam_seconds": maps.seconds}
@@ -408,6 +412,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--min-box-area", type=int, default=MIN_BOX_AREA,
                     help=f"smallest semantic blob (pixels) prompted with a box (default {MIN_BOX_AREA})")
     ap.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    ap.add_argument("--mixed-precision", choices=hardware.PRECISIONS, default="auto",
+                    help=f"of the --semantic model: {hardware.PRECISION_HELP}. SAM itself runs in fp32 "
+                         "(its mask post-processing goes through NumPy, which has no bf16)")
     ap.add_argument("--out", required=True, metavar="DIR")
     return ap.parse_args(argv)
 
@@ -425,9 +432,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             source = resolve_data(args.data, args.split)
             check_fits_data(ckpt, args.semantic, class_names(source), source.location)
         print(f"SAM {args.model_type} from {args.sam_checkpoint} on {device}; images: {', '.join(ids)}")
+        amp = hardware.inference_autocast(args.mixed_precision, device) if semantic_model is not None else None
         sam = load_sam(args.sam_checkpoint, args.model_type, device)
         result = run_sam_comparison(sam, args.data, args.split, ids, args.out, semantic_model,
-                                    args.points_per_side, args.min_box_area)
+                                    args.points_per_side, args.min_box_area, semantic_autocast=amp)
     except (DataError, FileNotFoundError, ValueError) as e:
         print(f"segtrain.sam: error: {e}", file=sys.stderr)
         return 2

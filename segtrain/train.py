@@ -37,12 +37,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from tqdm import tqdm
 
-from segtrain import shards
+from segtrain import hardware, shards
 from segtrain.cli import check_launch, errors_of_rank, user_errors
 from segtrain.config import TrainConfig, config_to_dict, parse_config, save_config, update_saved_config
 from segtrain.evaluate import evaluate
@@ -211,6 +211,8 @@ def build_training(plan: RunPlan, accelerator: Accelerator) -> tuple[torch.nn.Mo
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.compile:  # in place: checkpoints and unwrap_model still see the plain module
+        plan.runtime["compiled"] = hardware.compile_model(model, accelerator.print)
     optimizer = torch.optim.SGD(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -223,7 +225,7 @@ def start_run(plan: RunPlan, accelerator: Accelerator) -> tuple[TrainState, Metr
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         if plan.resume_from is None:  # a resumed run keeps the config it was started with
-            save_config(cfg, run_dir / "config.yaml")
+            save_config(cfg, run_dir / "config.yaml", resolved=plan.runtime)
     state = TrainState(plan.data_order)
     accelerator.register_for_checkpointing(state)
     log = MetricsLog(run_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
@@ -237,7 +239,7 @@ def start_run(plan: RunPlan, accelerator: Accelerator) -> tuple[TrainState, Metr
                 accelerator.print(f"{config_path}: {key} {old} -> {new}")
         log.truncate_after(state.step)
     if cfg.tracker == "wandb":
-        accelerator.init_trackers(cfg.wandb_project, config=config_to_dict(cfg),
+        accelerator.init_trackers(cfg.wandb_project, config=config_to_dict(cfg) | {"resolved": plan.runtime},
                                   init_kwargs=wandb_init_kwargs(cfg, run_dir))
     return state, log
 
@@ -319,7 +321,7 @@ def save_model(accelerator: Accelerator, model: torch.nn.Module, plan: RunPlan, 
     """RUN_DIR/``name``: the bare model's weights, the config and the metrics (main process)."""
     if accelerator.is_main_process:
         save_checkpoint(plan.run_dir / name, accelerator.unwrap_model(model), config=config_to_dict(plan.cfg),
-                        step=step, metrics=summary(metrics))
+                        resolved=plan.runtime, step=step, metrics=summary(metrics))
 
 
 def say_how_to_sync_wandb(accelerator: Accelerator, plan: RunPlan) -> None:
@@ -345,18 +347,22 @@ def train(cfg: TrainConfig) -> TrainResult:
     # clear it (not the distributed PartialState) so that every train() call in one
     # process (notebooks, bench scripts, tests) configures its own run.
     AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
+    # The precision follows the hardware (segtrain/hardware.py); the device is
+    # known before the Accelerator, which needs the precision.
+    runtime = hardware.resolve_runtime(cfg.mixed_precision, PartialState().device)
+    accelerator = Accelerator(mixed_precision=hardware.accelerate_precision(runtime["mixed_precision"]),
                               log_with="wandb" if cfg.tracker == "wandb" else None)
     check_launch(accelerator.num_processes)
-    plan = plan_run(cfg, accelerator.num_processes, accelerator.device.type, accelerator.mixed_precision)
+    plan = plan_run(cfg, accelerator.num_processes, accelerator.device.type, runtime)
     cfg, device, say = plan.cfg, accelerator.device, accelerator.print
+    say(hardware.precision_line(runtime["mixed_precision"], runtime["precision_reason"]))
     for note in plan.notes:
         warnings.warn(note)
     set_seed(cfg.seed)
     model, optimizer, criterion = build_training(plan, accelerator)
     state, log = start_run(plan, accelerator)
     say(f"run {cfg.name}: {plan.world_size} process(es) on {device.type}, precision "
-        f"{accelerator.mixed_precision}, {plan.per_process_batch} images/process x {cfg.grad_accum} "
+        f"{runtime['mixed_precision']}, {plan.per_process_batch} images/process x {cfg.grad_accum} "
         f"accumulation = global batch {cfg.batch_size}, {plan.steps_per_epoch} steps/epoch, "
         f"{cfg.iterations} steps -> {plan.run_dir}")
 

@@ -13,11 +13,6 @@ from segtrain.pack import pack_split
 from segtrain.synthetic import generate
 
 NUM_TRAIN, NUM_VAL = 48, 16
-
-
-def pytest_configure(config):
-    # Registered here, not in setup.cfg: a setup.cfg change makes ./launch.sh re-install the package.
-    config.addinivalue_line("markers", "slow: multi-process runs (tens of seconds); deselect with -m 'not slow'")
 SHARD_SIZE = 10  # 48 train -> shards of 10, 10, 10, 10, 8; 16 val -> 10, 6
 
 

@@ -107,7 +107,7 @@ def test_one_and_two_processes_give_identical_confusion_matrices(setup, split, l
     # val: ranks get shards {0, 2} and {1}, 4 and 3 images; train: rank 1 gets no batch at all.
     assert [s["samples"] for s in manifest["shards"]] == ([3, 3, 1] if split == "val" else [4])
     args = ["--checkpoint", str(setup["tied_ckpt"]), "--data", str(setup["data"]), "--split", split,
-            "--workers", "1", "--confusion-matrix"]
+            "--workers", "1", "--confusion-matrix", "--mixed-precision", "no"]
     threads = ["--threads", "2"] if split == "val" else []
     main(args + (threads or ["--threads", "1"]) + ["--out", str(setup["tmp"] / f"one_{split}.json")])
     one = json.loads((setup["tmp"] / f"one_{split}.json").read_text())

@@ -145,6 +145,7 @@ def test_train_aug_uses_segmentation_class_aug(voc_root, tmp_path):
     assert (tmp_path / "s" / "voc-train_aug-000001.tar").exists()
 
 
+@pytest.mark.slow
 def test_interrupted_pack_then_rerun_equals_clean_run(tmp_path):
     root = generate(tmp_path / "syn", num_train=150, num_val=2, seed=2, min_size=200, max_size=300)
     clean = tmp_path / "clean"

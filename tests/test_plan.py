@@ -63,13 +63,16 @@ def test_batch_one_per_process_is_allowed_with_sync_bn_on_gpus(cfg_for):
     assert plan.per_process_batch == 1 and plan.notes == ()
 
 
-def test_notes_for_small_unsynced_gpu_batches_and_fp16_on_cpu(cfg_for):
-    plan = plan_run(cfg_for("--batch-size", "8"), world_size=2, device_type="cuda", mixed_precision="fp16")
+def test_notes_for_small_unsynced_gpu_batches_and_validation_precision(cfg_for):
+    fp16 = {"mixed_precision": "fp16", "precision_reason": "CUDA device without bf16"}
+    plan = plan_run(cfg_for("--batch-size", "8"), world_size=2, device_type="cuda", runtime=fp16)
     assert len(plan.notes) == 1 and "4 images per process and --sync-bn off" in plan.notes[0]
-    assert plan.eval_autocast_dtype == torch.float16
-    cpu = plan_run(cfg_for("--batch-size", "8"), world_size=1, device_type="cpu", mixed_precision="fp16")
-    assert cpu.eval_autocast_dtype is None and "fp16 does nothing on CPU" in cpu.notes[0]
-    assert plan_run(cfg_for(), mixed_precision="bf16").eval_autocast_dtype == torch.bfloat16
+    assert plan.eval_autocast_dtype == torch.float16 and plan.runtime["mixed_precision"] == "fp16"
+    # fp16 autocast exists only on GPUs: a CPU validates in fp32 (hardware.choose_precision warns).
+    assert plan_run(cfg_for("--batch-size", "8"), runtime=fp16).eval_autocast_dtype is None
+    bf16 = {"mixed_precision": "bf16", "precision_reason": "requested"}
+    assert plan_run(cfg_for(), runtime=bf16).eval_autocast_dtype == torch.bfloat16
+    assert plan_run(cfg_for()).eval_autocast_dtype is None  # default: fp32
 
 
 def test_existing_run_dir_needs_resume(cfg_for, tmp_path):

@@ -292,6 +292,7 @@ def test_iter_samples_and_image_classes_agree_across_sources(synthetic_voc, pack
 
 # --------------------------------------------------------------------------- real 2-process DDP
 
+@pytest.mark.slow
 def test_two_process_ddp_batches_equal_and_cover_the_epoch_and_validation_exactly_once(
         synthetic_voc, packed_shards, tmp_path, launch_ddp):
     train = {"uneven": packed_shards["train"],                     # 5 shards (10,10,10,10,8)

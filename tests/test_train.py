@@ -21,7 +21,9 @@ def base_args(data, run_dir, *extra):
     return ["--data", str(data), "--run-dir", str(run_dir), "--backbone", "resnet18", "--pretrained", "false",
             "--crop-size", "65", "--batch-size", "4", "--iterations", "6", "--workers", "1",
             "--lr-schedule", "step", "--step-size", "2", "--step-gamma", "0.5",
-            "--log-every", "1", "--checkpoint-every", "3", "--val-every", "3", "--seed", "7", *extra]
+            "--log-every", "1", "--checkpoint-every", "3", "--val-every", "3", "--seed", "7",
+            # fp32: the tests compare with fp32 evaluations (tests/test_hardware.py covers auto)
+            "--mixed-precision", "no", *extra]
 
 
 def read_jsonl(path):
@@ -122,6 +124,7 @@ def test_lr_schedule_follows_optimizer_steps():
     assert lr_factor(50, poly) == pytest.approx(0.5 ** 0.9)
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_single_process(single_run, packed_shards, tmp_path, launch_ddp):
     """Real 2-process DDP on CPU (gloo): same weights on both ranks, the same lr schedule as
     one process, and validation metrics equal to a one-process evaluation of the weights."""
@@ -153,7 +156,7 @@ def test_two_process_ddp_matches_single_process(single_run, packed_shards, tmp_p
     (["--batch-size", "eight"], "batch_size: expected int, got 'eight'"),
     (["--arch", "deeplabv4"], "arch: must be one of deeplabv3, deeplabv3plus"),
     (["--iterations", "0"], "iterations: must be >= 1"),
-    (["--mixed-precision", "fp8"], "mixed_precision: must be one of no, bf16, fp16"),
+    (["--mixed-precision", "fp8"], "mixed_precision: must be one of auto, no, fp32, bf16, fp16"),
     (["--pretrained", "maybe"], "pretrained: expected true or false"),
     (["--workers", "-1"], "workers: must be >= 0"),
 ])

@@ -1,0 +1,213 @@
+"""What this machine can do fast, and the settings that follow from it.
+
+One owner for every hardware-dependent default, so that a default follows the machine
+it runs on, never the machine it was measured on:
+
+* ``choose_precision(requested, device)``: ``auto`` is bf16 on CUDA devices with bf16,
+  fp16 (Accelerate's loss scaling) on CUDA devices without, bf16 on a CPU only when its
+  kernels are native (AVX-512-BF16 / AMX), fp32 otherwise. On an AVX2-only CPU bf16 is
+  emulated: 3.8x slower than fp32 on an AMD EPYC Zen 3, 25x slower with AVX2 kernels
+  imitated on a Sapphire Rapids (docs/BENCHMARKS.md#model-step).
+* ``compile_model(model)``: ``torch.compile`` with a one-line fallback to eager.
+* ``describe()``: the lines bench/ scripts print above their tables.
+
+Imitating an older CPU: ``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`` make oneDNN
+and ATen use AVX2 kernels only (checked by timing: bf16 becomes ~25x slower than fp32).
+With torch 2.14 ``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` answers False under
+``ONEDNN_MAX_CPU_ISA=AVX2`` but True under ``ATEN_CPU_CAPABILITY=avx2`` alone, and a
+private probe may change; ``cpu_bf16_native()`` reads both variables itself, so the
+decision matches the kernels that will actually run.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import re
+import warnings
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+# Accepted values of --mixed-precision; "no" is Accelerate's spelling of fp32.
+PRECISIONS = ("auto", "no", "fp32", "bf16", "fp16")
+PRECISION_HELP = ("auto (bf16 on CUDA with bf16 and on CPUs with native bf16, fp16 on older CUDA GPUs, "
+                  "fp32 otherwise) | bf16 | fp16 | no (fp32)")
+CPU_FLAGS_SHOWN = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) that still include native bf16 instructions.
+_ONEDNN_BF16_ISAS = re.compile(r"BF16|FP16|AMX|AVX10|^ALL$|^DEFAULT$")
+
+Device = Union[torch.device, str]
+
+
+# ----------------------------------------------------------------------------- probes
+
+def cuda_bf16_supported() -> bool:
+    return torch.cuda.is_bf16_supported()
+
+
+def mkldnn_bf16_supported() -> bool:
+    """oneDNN's own check of the CPU flags (AVX-512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
+def cpu_capability() -> str:
+    """The ATen kernel level in use: 'AVX512', 'AVX2', 'DEFAULT', ... (honours ATEN_CPU_CAPABILITY)."""
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def cpu_bf16_native() -> tuple[bool, str]:
+    """Whether bf16 runs on native kernels on this CPU, and what says so."""
+    capped = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    if capped and not _ONEDNN_BF16_ISAS.search(capped):
+        return False, f"ONEDNN_MAX_CPU_ISA={capped}"
+    aten = os.environ.get("ATEN_CPU_CAPABILITY", "").strip().upper()
+    if aten and not aten.startswith("AVX512"):
+        return False, f"ATEN_CPU_CAPABILITY={aten.lower()}"
+    if not mkldnn_bf16_supported():
+        return False, cpu_capability()
+    return True, cpu_capability()
+
+
+# ----------------------------------------------------------------------------- decisions
+
+def accelerate_precision(precision: str) -> str:
+    """The ``Accelerator(mixed_precision=...)`` value of a resolved precision."""
+    return "no" if precision == "fp32" else precision
+
+
+def autocast_dtype(precision: str, device: Device) -> Optional[torch.dtype]:
+    """The autocast dtype for inference under a resolved precision (None = plain fp32)."""
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16" and torch.device(device).type == "cuda":
+        return torch.float16
+    return None
+
+
+def choose_precision(requested: Optional[str], device: Device) -> tuple[str, str]:
+    """``(precision, reason)``: the precision to run in ('fp32', 'bf16' or 'fp16') and why.
+
+    ``requested`` is one of PRECISIONS, or None for the precision ``accelerate launch`` was
+    given (ACCELERATE_MIXED_PRECISION), auto when it was given none. An explicit choice is
+    honoured, with a warning where it is slow (bf16 on a CPU without native bf16) and
+    replaced by fp32 where it does nothing (fp16 on a CPU: Accelerate ignores it).
+    """
+    if requested is None:  # defer to `accelerate launch --mixed_precision` / its config file
+        requested = os.environ.get("ACCELERATE_MIXED_PRECISION") or "auto"
+    if requested not in PRECISIONS:
+        raise ValueError(f"mixed_precision: must be one of {', '.join(PRECISIONS)}, got {requested!r}")
+    kind = torch.device(device).type
+    if requested in ("no", "fp32"):
+        return "fp32", "requested"
+    if kind == "cuda":
+        if requested != "auto":
+            return requested, "requested"
+        if cuda_bf16_supported():
+            return "bf16", "CUDA device with bf16"
+        return "fp16", "CUDA device without bf16; fp16 with loss scaling"
+    if kind != "cpu":
+        return ("fp32", f"{kind} device: auto picks fp32") if requested == "auto" else (requested, "requested")
+    native, evidence = cpu_bf16_native()
+    if requested == "fp16":
+        warnings.warn("mixed_precision fp16 does nothing on a CPU (Accelerate runs fp32); running fp32")
+        return "fp32", "fp16 requested, but fp16 has no effect on CPU"
+    if requested == "bf16":
+        if not native:
+            warnings.warn(f"mixed_precision bf16 on a CPU without native bf16 ({evidence}): bf16 is emulated "
+                          "there and several times slower than fp32; --mixed-precision auto picks fp32")
+            return "bf16", f"requested (emulated: CPU without native bf16: {evidence})"
+        return "bf16", "requested"
+    if native:
+        return "bf16", f"CPU with native bf16: {evidence}"
+    return "fp32", f"CPU without native bf16: {evidence}"
+
+
+def compile_model(model: torch.nn.Module, say=print) -> bool:
+    """``model.compile()`` in place (the module keeps its type and state_dict keys).
+
+    Returns whether it is compiled. When torch.compile is unavailable or fails here,
+    says so in one line and leaves the model eager; errors at the first compiled call
+    also fall back to eager (dynamo's ``suppress_errors``).
+    """
+    try:
+        import torch._dynamo
+        torch._dynamo.config.suppress_errors = True
+        model.compile()
+        return True
+    except Exception as e:  # any failure: running eager is always correct
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        say(f"compile: torch.compile failed ({type(e).__name__}: {first}); running the model eagerly")
+        return False
+
+
+def resolve_runtime(precision: Optional[str], device: Device) -> dict:
+    """The resolved hardware-dependent settings, as saved in config.yaml and checkpoints."""
+    chosen, reason = choose_precision(precision, device)
+    return {"mixed_precision": chosen, "precision_reason": reason, "device": device_name(device)}
+
+
+def precision_line(precision: str, reason: str) -> str:
+    """'precision: fp32 (CPU without native bf16: AVX2)', printed once at start."""
+    return f"precision: {precision} ({reason})"
+
+
+def inference_autocast(requested: Optional[str], device: Device, say=print) -> Optional[torch.dtype]:
+    """For prediction-only entry points: choose the precision, say it once, return the autocast dtype."""
+    precision, reason = choose_precision(requested, device)
+    say(precision_line(precision, reason))
+    return autocast_dtype(precision, device)
+
+
+# ----------------------------------------------------------------------------- description
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The CPU flags that decide kernel speed (Linux /proc/cpuinfo; empty elsewhere)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [f for f in CPU_FLAGS_SHOWN if f in have]
+    return []
+
+
+def device_name(device: Device) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {cpu_model()}"
+
+
+def describe() -> str:
+    """Where a figure was measured: CPU model and flags, torch's kernels, threads, GPU."""
+    native, evidence = cpu_bf16_native()
+    lines = [f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs); flags: {' '.join(cpu_flags()) or 'unknown'}",
+             f"torch {torch.__version__}: CPU capability {cpu_capability()}, {torch.get_num_threads()} threads, "
+             f"native CPU bf16: {'yes' if native else 'no'} ({evidence})"]
+    caps = {k: os.environ[k] for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if k in os.environ}
+    if caps:
+        lines.append("imitating another CPU: " + " ".join(f"{k}={v}" for k, v in caps.items()))
+    if hasattr(os, "getloadavg"):  # other jobs on the cores slow every figure down
+        lines.append(f"load average (1 min) at start: {os.getloadavg()[0]:.2f}")
+    if torch.cuda.is_available():
+        lines.append("GPU: " + ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())))
+    else:
+        lines.append("GPU: none")
+    return "\n".join(lines)
+
+
+__all__ = ["PRECISIONS", "PRECISION_HELP", "choose_precision",
+           "cpu_bf16_native", "accelerate_precision", "autocast_dtype", "compile_model", "resolve_runtime",
+           "precision_line", "inference_autocast", "describe", "device_name"]
