@@ -27,7 +27,8 @@ from .io import ConfigError, atomic_write_bytes
 
 @dataclass
 class TrainConfig:
-    # data: a manifest (shards/voc-train.json), a shard pattern, or a VOCdevkit root
+    # data: a manifest (shards/voc-train.json, shards/cityscapes-train.json, ...), a shard
+    # pattern, or a VOCdevkit root. The classes come from the data (the manifest's dataset spec).
     data: str = "shards/voc-train.json"
     val_data: Optional[str] = None  # default: `data` (voc-train.json stands for its voc-val.json)
     train_split: Optional[str] = None  # default: the split of the manifest --data names, else train
@@ -45,7 +46,8 @@ class TrainConfig:
     output_stride: int = 16
     separable: bool = False
     aux_loss_weight: float = 0.0  # > 0 adds torchvision's auxiliary FCN head
-    num_classes: int = 21
+    num_classes: Optional[int] = None  # default: the data's class count; another value is refused
+    init_from: Optional[str] = None  # segtrain checkpoint to start from (classifier re-initialised if classes differ)
     channels_last: bool = True  # faster convolutions on GPUs (tensor cores) and on CPUs with bf16
     # optimisation (iterations count optimizer steps, whatever the number of processes)
     iterations: int = 5000
@@ -142,7 +144,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             shown = ", ".join(str(a) for a in allowed if a is not None)
             raise ConfigError(f"{name}: must be one of {shown}, got {getattr(cfg, name)!r}")
     for name in POSITIVE:
-        if getattr(cfg, name) < 1:
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise ConfigError(f"{name}: must be >= 1, got {getattr(cfg, name)}")
     for name in NON_NEGATIVE:
         if getattr(cfg, name) < 0:

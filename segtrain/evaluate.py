@@ -1,4 +1,7 @@
-"""Evaluate a checkpoint on a VOC split: mIoU, pixel accuracy, per-class IoU, ...
+"""Evaluate a checkpoint on a packed split: mIoU, pixel accuracy, per-class IoU, ...
+
+Class names come from the checkpoint's dataset spec, and the data must have the same
+classes; images are normalised with the checkpoint's mean/std.
 
     python -m segtrain.evaluate --checkpoint runs/x/best.pt --data shards/voc-val.json
     python -m segtrain.evaluate ... --protocol ms-flip --out runs/x/eval_ms_flip.json
@@ -44,8 +47,8 @@ from segtrain.metrics import ConfusionMatrix, format_metrics_table, to_jsonable
 from segtrain.model import load_checkpoint
 from segtrain.shards import resolve_data, val_loader
 from segtrain.cli import OtherProcessFailed, check_launch, user_errors
+from segtrain.datasets import IGNORE_INDEX, check_same_classes, spec_from_checkpoint
 from segtrain.io import atomic_write_bytes
-from segtrain.voc import CLASSES, IGNORE_INDEX
 
 PROTOCOLS = ("whole", "center-crop", "ms-flip")
 MS_SCALES = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # mmsegmentation's ratios for VOC / ADE20K
@@ -116,11 +119,11 @@ def predict_logits(model: nn.Module, images: torch.Tensor, protocol: str = "whol
 
 
 def class_names_for(num_classes: int) -> tuple[str, ...]:
-    """VOC's class names for a 21-class model, ``class_0, class_1, ...`` otherwise."""
-    return CLASSES if num_classes == len(CLASSES) else tuple(f"class_{i}" for i in range(num_classes))
+    """Placeholder names ``class_0, class_1, ...`` for a model evaluated without a dataset spec."""
+    return tuple(f"class_{i}" for i in range(num_classes))
 
 
-def evaluate(model: nn.Module, loader, device: Union[torch.device, str], num_classes: int = len(CLASSES),
+def evaluate(model: nn.Module, loader, device: Union[torch.device, str], num_classes: Optional[int] = None,
              protocol: str = "whole", autocast_dtype: Optional[torch.dtype] = None,
              accelerator: Optional[Accelerator] = None, on_batch: Optional[OnBatch] = None,
              class_names: Optional[Sequence[str]] = None) -> dict[str, Any]:
@@ -137,12 +140,17 @@ def evaluate(model: nn.Module, loader, device: Union[torch.device, str], num_cla
     normalised images, the (N, H, W) int64 masks and predictions (on ``device``) and the
     sample ids: for progress bars or grabbing a few images to log.
 
+    ``num_classes`` defaults to the model's; ``class_names`` (for the per-class table)
+    to ``class_0, class_1, ...``: pass the dataset spec's.
+
     Returns ``metrics.segmentation_metrics`` (miou, pixel_acc, mean_class_acc, fwiou,
     iou, class_acc, num_pixels, per_class) plus ``num_images`` and ``confusion_matrix``
     (int64 CPU tensor, rows = ground truth).
     """
     check_protocol(protocol)
     device = torch.device(device)
+    if num_classes is None:
+        num_classes = model.model_config["num_classes"]
     confusion = ConfusionMatrix(num_classes, IGNORE_INDEX, device=device)
     num_images = 0
     failure: Optional[BaseException] = None
@@ -226,26 +234,29 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
     """Evaluate as ``args`` say; every process returns the same result dict."""
     # Loaded on the CPU, then moved: torch.load cannot map to the "cpu:0" device that
     # Accelerate reports for multi-process CPU runs.
-    model, _ = load_checkpoint(args.checkpoint)
+    model, ckpt = load_checkpoint(args.checkpoint)
     model.to(accelerator.device)
-    num_classes = model.model_config["num_classes"]
+    spec = spec_from_checkpoint(ckpt, str(args.checkpoint))
+    num_classes = spec.num_classes
     source = resolve_data(args.data, args.split)  # fails early, and identically on every rank
+    check_same_classes(spec, source.spec, str(args.checkpoint), source.location)
     loader = val_loader(args.data, split=args.split, batch_size=args.batch_size, num_workers=args.workers,
                         protocol=loader_protocol(args.protocol),
                         crop_size=args.crop_size, rank=accelerator.process_index,
-                        world_size=accelerator.num_processes)
+                        world_size=accelerator.num_processes, mean=model.mean, std=model.std)
     # The bar counts the main process's images; its share of the total is only known alone.
     total = source.num_samples if accelerator.num_processes == 1 else None
     with tqdm(total=total, unit="img", desc=f"eval {args.protocol}", dynamic_ncols=True,
               disable=not accelerator.is_main_process) as bar:
         metrics = evaluate(model, loader, accelerator.device, num_classes, args.protocol,
                            autocast_dtype=torch.bfloat16 if args.mixed_precision == "bf16" else None,
-                           accelerator=accelerator, on_batch=lambda *batch: bar.update(len(batch[-1])))
+                           accelerator=accelerator, on_batch=lambda *batch: bar.update(len(batch[-1])),
+                           class_names=spec.classes)
     confusion = metrics.pop("confusion_matrix")
     result = {"checkpoint": str(args.checkpoint), "data": str(args.data), "split": args.split,
               "protocol": args.protocol, "mixed_precision": args.mixed_precision,
               "num_processes": accelerator.num_processes, **metrics,
-              "class_names": list(class_names_for(num_classes))}
+              "dataset": spec.name, "class_names": list(spec.classes)}
     if args.confusion_matrix:
         result["confusion_matrix"] = confusion.tolist()
     if accelerator.is_main_process:

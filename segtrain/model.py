@@ -27,6 +27,7 @@ from torch import nn
 from torchvision.models.segmentation.fcn import FCNHead
 
 from segtrain.io import DataError, atomic_write_bytes
+from segtrain.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 PathLike = Union[str, os.PathLike]
 
@@ -41,7 +42,7 @@ CONFIG_KEYS = ("arch", "backbone", "num_classes", "output_stride", "separable", 
 __all__ = [
     "ASPPConv", "ASPPPooling", "ASPP", "DeepLabHead", "DeepLabHeadV3Plus", "FCNHead", "DeepLab",
     "CheckpointError", "build_model", "load_weights", "model_from_state_dict", "torch_load",
-    "save_checkpoint", "load_checkpoint",
+    "save_checkpoint", "load_checkpoint", "init_from_checkpoint",
 ]
 
 
@@ -174,6 +175,8 @@ class DeepLab(nn.Module):
     each (N, num_classes, H, W) at the input's size, as torchvision's models do.
     ``backbone``, ``head`` and ``aux_head`` are separate attributes so training can
     give the backbone its own learning rate. ``model_config`` rebuilds the model.
+    ``mean`` and ``std`` are the input normalisation the backbone expects (its timm
+    ``pretrained_cfg``; ImageNet's for torchvision-style weights); checkpoints store them.
     """
 
     def __init__(self, arch: str = "deeplabv3plus", backbone: str = "resnet50", num_classes: int = 21,
@@ -186,6 +189,9 @@ class DeepLab(nn.Module):
         # Every feature level is returned because the stride-4 level's index varies by family
         # (1 for ResNets, 0 for ConvNeXt); returning the extra maps costs no compute.
         self.backbone = create_backbone(backbone, output_stride, pretrained)
+        pretrained_cfg = getattr(self.backbone, "pretrained_cfg", None) or {}
+        self.mean: tuple[float, ...] = tuple(float(v) for v in pretrained_cfg.get("mean", IMAGENET_MEAN))
+        self.std: tuple[float, ...] = tuple(float(v) for v in pretrained_cfg.get("std", IMAGENET_STD))
         channels = self.backbone.feature_info.channels()
         reductions = self.backbone.feature_info.reduction()
         if reductions[-1] != output_stride:
@@ -358,18 +364,20 @@ def _unsafe_globals(path: PathLike) -> list[str]:
 
 
 def save_checkpoint(path: PathLike, model: DeepLab, **extra: Any) -> None:
-    """Write ``{"model": state_dict, "model_config": ..., **extra}`` atomically.
+    """Write ``{"model": state_dict, "model_config": ..., "normalization": {"mean", "std"}, **extra}``
+    atomically.
 
     ``extra`` must be loadable with ``weights_only=True`` (tensors, numbers, strings, lists, dicts).
     """
     if not isinstance(model, DeepLab):
         raise TypeError(f"save_checkpoint needs the bare DeepLab model, got {type(model).__name__} "
                         "(unwrap it first, e.g. accelerator.unwrap_model(model))")
-    clash = {"model", "model_config"} & extra.keys()
+    clash = {"model", "model_config", "normalization"} & extra.keys()
     if clash:
         raise ValueError(f"save_checkpoint: extra keys {sorted(clash)} are reserved")
     buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "model_config": dict(model.model_config), **extra}, buffer)
+    torch.save({"model": model.state_dict(), "model_config": dict(model.model_config),
+                "normalization": {"mean": list(model.mean), "std": list(model.std)}, **extra}, buffer)
     atomic_write_bytes(path, buffer.getvalue())
 
 
@@ -377,11 +385,20 @@ def load_checkpoint(path: PathLike, num_classes: Optional[int] = None,
                     map_location: Union[str, torch.device] = "cpu") -> tuple[DeepLab, dict]:
     """Rebuild the model saved by ``save_checkpoint`` and load its weights.
 
-    Returns ``(model, checkpoint)``; ``checkpoint`` holds the extras saved with it.
+    Returns ``(model, checkpoint)``; ``checkpoint`` holds the extras saved with it
+    (``datasets.spec_from_checkpoint(checkpoint)`` gives its classes and colours).
     With ``num_classes`` different from the checkpoint's, the classifier layers are
     re-initialised (with a warning) and every other weight is loaded: fine-tuning
-    on a new label set.
+    on a new label set. The model's ``mean``/``std`` are the checkpoint's normalisation
+    (checkpoints older than that field: the backbone's pretrained_cfg).
     """
+    ckpt = _segtrain_checkpoint(path, map_location)
+    model = model_from_state_dict(ckpt["model_config"], ckpt["model"], num_classes, source=str(path))
+    _set_normalization(model, ckpt, str(path))
+    return model.to(map_location), ckpt
+
+
+def _segtrain_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> dict:
     ckpt = torch_load(path, map_location)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         found = sorted(map(str, ckpt))[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
@@ -390,8 +407,49 @@ def load_checkpoint(path: PathLike, num_classes: Optional[int] = None,
     if "model_config" not in ckpt:
         raise CheckpointError(f"{path}: checkpoint has no 'model_config', so the model cannot be rebuilt; "
                               "convert VainF/torchvision weights with tools/convert_checkpoint.py")
-    model = model_from_state_dict(ckpt["model_config"], ckpt["model"], num_classes, source=str(path))
-    return model.to(map_location), ckpt
+    return ckpt
+
+
+def _set_normalization(model: DeepLab, ckpt: Mapping[str, Any], source: str) -> None:
+    norm = ckpt.get("normalization")
+    if norm is None:
+        return
+    try:
+        mean, std = tuple(float(v) for v in norm["mean"]), tuple(float(v) for v in norm["std"])
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{source}: 'normalization' must hold 3 'mean' and 3 'std' numbers") from None
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise CheckpointError(f"{source}: 'normalization' must hold 3 'mean' and 3 positive 'std' numbers")
+    model.mean, model.std = mean, std
+
+
+def init_from_checkpoint(model: DeepLab, path: PathLike) -> list[str]:
+    """Fine-tuning start: load a segtrain checkpoint's backbone and head into ``model``.
+
+    ``path`` is a segtrain checkpoint (best.pt, final.pt, or VainF/torchvision weights
+    converted with tools/convert_checkpoint.py). Arch, backbone family and separable
+    convs must match. When the class counts differ, the final classifier convs keep
+    their fresh initialisation; an auxiliary head the checkpoint lacks stays fresh too,
+    and one the model lacks is dropped. The model adopts the checkpoint's normalisation.
+    Returns what was left at its initialisation (state-dict keys), for the log.
+    """
+    ckpt = _segtrain_checkpoint(path)
+    source, own = ckpt["model_config"], model.model_config
+    for key, same in (("arch", source.get("arch") == own["arch"]),
+                      ("backbone", str(source.get("backbone")).split(".")[0] == own["backbone"].split(".")[0]),
+                      ("separable", bool(source.get("separable")) == own["separable"])):
+        if not same:
+            raise CheckpointError(f"{path}: --init-from needs the same {key}: the checkpoint has "
+                                  f"{source.get(key)!r}, this run {own[key]!r}")
+    state = dict(ckpt["model"])
+    if model.aux_head is None:
+        state = {k: v for k, v in state.items() if not k.startswith("aux_head.")}
+    fresh = set(model.classifier_keys()) if source.get("num_classes") != own["num_classes"] else set()
+    if model.aux_head is not None and not source.get("aux_head"):
+        fresh |= {k for k in model.state_dict() if k.startswith("aux_head.")}
+    load_weights(model, {k: v for k, v in state.items() if k not in fresh}, str(path), skip=fresh)
+    _set_normalization(model, ckpt, str(path))
+    return sorted(fresh)
 
 
 def model_from_state_dict(model_config: Mapping[str, Any], state: Mapping[str, Any],

@@ -1,13 +1,17 @@
-"""Train DeepLabV3 / DeepLabV3+ on PASCAL VOC with Hugging Face Accelerate.
+"""Train DeepLabV3 / DeepLabV3+ on packed data (VOC, Cityscapes, ADE20K, your own folder)
+with Hugging Face Accelerate.
 
 One process:        python segtrain/train.py --data shards/voc-train.json
+Fine-tune:          ... --data shards/mine-train.json --init-from runs/voc/best.pt
 One or more GPUs:   accelerate launch --config_file accelerate_configs/multi_gpu.yaml segtrain/train.py ...
 Resume exactly:     ... --run-dir runs/X --resume latest
 
 Config: segtrain/config.py (defaults = the reference recipe; --config YAML and
 --key value flags override). The loop below is the whole training procedure:
 data -> model -> optimizer -> [step: lr, forward, backward, clip, update, log,
-checkpoint, validate] -> best.pt. Everything a run writes lives in RUN_DIR:
+checkpoint, validate] -> best.pt. The class count, names and colours come from the
+data's dataset spec and are stored, with the input normalisation, in best.pt and
+final.pt. Everything a run writes lives in RUN_DIR:
 config.yaml, metrics.jsonl, checkpoints/step_*/, best.pt, final.pt, wandb/.
 """
 from __future__ import annotations
@@ -47,9 +51,9 @@ from segtrain.evaluate import evaluate, loader_protocol
 from segtrain.io import ConfigError, atomic_write_bytes, checkpoint_dirs, read_manifest, read_metrics_log
 from segtrain.losses import build_loss
 from segtrain.metrics import to_jsonable
-from segtrain.model import PretrainedWeightsUnavailable, build_model, save_checkpoint
+from segtrain.model import PretrainedWeightsUnavailable, build_model, init_from_checkpoint, save_checkpoint
 from segtrain.transforms import denormalize, normalize
-from segtrain.voc import CLASSES, NUM_CLASSES, read_split
+from segtrain.voc import read_split
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -220,14 +224,15 @@ def wandb_init_kwargs(cfg: TrainConfig, run_dir: Path) -> dict:
                       "resume": "allow"}}
 
 
-def log_val_media(accelerator: Accelerator, step: int, metrics: dict, examples: list[dict]) -> None:
+def log_val_media(accelerator: Accelerator, step: int, metrics: dict, examples: list[dict],
+                  class_names: tuple[str, ...]) -> None:
     """Per-class IoU table and GT/prediction mask overlays for the wandb dashboard."""
     run = accelerator.get_tracker("wandb", unwrap=True)
     import wandb
 
-    labels = {i: name for i, name in enumerate(CLASSES)} | {255: "ignore"}
+    labels = {i: name for i, name in enumerate(class_names)} | {255: "ignore"}
     table = wandb.Table(columns=["class", "iou"],
-                        data=[[n, None if math.isnan(v) else v] for n, v in zip(CLASSES, metrics["iou"])])
+                        data=[[n, None if math.isnan(v) else v] for n, v in zip(class_names, metrics["iou"])])
     images = [wandb.Image(ex["image"], caption=ex["id"], masks={
         "predictions": {"mask_data": ex["pred"], "class_labels": labels},
         "ground_truth": {"mask_data": ex["mask"], "class_labels": labels}}) for ex in examples]
@@ -303,23 +308,36 @@ def train(cfg: TrainConfig) -> TrainResult:
     steps_per_epoch = batches_per_epoch // cfg.grad_accum
     val_data = cfg.val_data or cfg.data  # a train manifest stands for its voc-val.json sibling
     train_source = shards.resolve_data(cfg.data, cfg.train_split)
-    check_disjoint(train_source, shards.resolve_data(val_data, cfg.val_split))
+    val_source = shards.resolve_data(val_data, cfg.val_split)
+    check_disjoint(train_source, val_source)
     train_manifest = train_source.manifest
-    data_classes = len(train_manifest["class_names"]) if train_manifest else NUM_CLASSES
-    if cfg.num_classes < data_classes:
-        raise ConfigError(f"num_classes: {cfg.num_classes}, but the labels of {cfg.data} go up to "
-                          f"{data_classes - 1}")
+    # The data says what the classes are (its manifest's dataset spec; VOC without one).
+    spec = train_source.spec
+    num_classes = spec.num_classes
+    if cfg.num_classes is not None and cfg.num_classes != num_classes:
+        raise ConfigError(f"num_classes: {cfg.num_classes}, but the labels of {cfg.data} have {num_classes} "
+                          f"classes ({spec.name}: {', '.join(spec.classes[:5])}"
+                          f"{', ...' if num_classes > 5 else ''}); drop --num-classes to take it from the data")
+    if val_source.spec.classes != spec.classes:
+        raise ConfigError(f"val_data: {val_source.location} is {val_source.spec.name} with "
+                          f"{val_source.spec.num_classes} classes, but the training data {train_source.location} "
+                          f"is {spec.name} with {num_classes}; validate on the same label set")
 
     # Model, loss, optimizer.
     try:
-        model = build_model(cfg.arch, cfg.backbone, cfg.num_classes, cfg.output_stride, cfg.pretrained,
+        model = build_model(cfg.arch, cfg.backbone, num_classes, cfg.output_stride, cfg.pretrained,
                             cfg.backbone_weights, cfg.separable, aux_head=cfg.aux_loss_weight > 0)
-        criterion = build_loss(cfg.loss, cfg.num_classes,
+        if cfg.init_from and not cfg.resume:
+            fresh = init_from_checkpoint(model, cfg.init_from)
+            say(f"initialised from {cfg.init_from}" + (f"; kept fresh: {', '.join(fresh)}" if fresh else ""))
+        criterion = build_loss(cfg.loss, num_classes,
                                class_pixel_counts=train_manifest["class_pixel_counts"] if train_manifest else None,
                                weighting=cfg.class_weighting, focal_gamma=cfg.focal_gamma,
                                ohem_thresh=cfg.ohem_thresh, ohem_min_kept=cfg.ohem_min_kept)
     except (ValueError, FileNotFoundError, PretrainedWeightsUnavailable) as e:  # bad backbone/loss/weights
         raise ConfigError(str(e)) from None
+    # The model's input normalisation (its backbone's pretrained_cfg, or the --init-from checkpoint's).
+    mean, std = model.mean, model.std
     if cfg.sync_bn and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg.channels_last:
@@ -358,15 +376,15 @@ def train(cfg: TrainConfig) -> TrainResult:
             # A few val images of the main process for the dashboard's mask overlays.
             for i in range(len(ids)):
                 if len(examples) < cfg.num_val_images:
-                    examples.append({"id": ids[i], "image": denormalize(images[i]),
+                    examples.append({"id": ids[i], "image": denormalize(images[i], mean, std),
                                      "mask": masks[i].cpu().numpy().astype("uint8"),
                                      "pred": preds[i].cpu().numpy().astype("uint8")})
 
         loader = shards.val_loader(val_data, split=cfg.val_split, num_workers=min(workers, 2),
                                    protocol=loader_protocol(cfg.val_protocol), crop_size=cfg.crop_size,
-                                   rank=accelerator.process_index, world_size=world)
-        metrics = evaluate(accelerator.unwrap_model(model), loader, device, num_classes=cfg.num_classes,
-                           protocol=cfg.val_protocol,
+                                   rank=accelerator.process_index, world_size=world, mean=mean, std=std)
+        metrics = evaluate(accelerator.unwrap_model(model), loader, device, num_classes=num_classes,
+                           protocol=cfg.val_protocol, class_names=spec.classes,
                            autocast_dtype=eval_autocast_dtype,
                            accelerator=accelerator, on_batch=keep_examples if main else None)
         record = {"step": step, "epoch": step / steps_per_epoch, "val/miou": metrics["miou"],
@@ -375,12 +393,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         log.write(record | {"val/iou": metrics["iou"]})
         accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
         if cfg.tracker == "wandb" and main:
-            log_val_media(accelerator, step, metrics, examples)
+            log_val_media(accelerator, step, metrics, examples, spec.classes)
         if metrics["miou"] > state.best_miou:
             state.best_miou = metrics["miou"]
             if main:
-                save_checkpoint(run_dir / "best.pt", accelerator.unwrap_model(model),
-                                config=config_to_dict(cfg), step=step, metrics=summary(metrics))
+                save_checkpoint(run_dir / "best.pt", accelerator.unwrap_model(model), config=config_to_dict(cfg),
+                                step=step, metrics=summary(metrics), dataset=spec.to_dict())
         say(f"step {step}: val mIoU {metrics['miou']:.4f}, pixel acc {metrics['pixel_acc']:.4f} "
             f"(best {state.best_miou:.4f})")
         model.train()
@@ -408,7 +426,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             for micro in range(cfg.grad_accum):
                 images, masks, _ = next(batches)
                 # The loader ships uint8 (a quarter of the bytes to copy): normalise on the device.
-                images = normalize(images.to(device, non_blocking=True))
+                images = normalize(images.to(device, non_blocking=True), mean, std)
                 masks = masks.to(device, non_blocking=True).long()
                 if cfg.channels_last:
                     images = images.contiguous(memory_format=torch.channels_last)
@@ -457,7 +475,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     sync_buffers(model, accelerator)
     if main:
         save_checkpoint(run_dir / "final.pt", accelerator.unwrap_model(model), config=config_to_dict(cfg),
-                        step=step, metrics=summary(metrics))
+                        step=step, metrics=summary(metrics), dataset=spec.to_dict())
     accelerator.end_training()
     if main and cfg.tracker == "wandb" and os.environ.get("WANDB_MODE") == "offline":
         offline = sorted((run_dir / "wandb").glob("offline-run-*"))
