@@ -30,7 +30,6 @@ import torch
 from segtrain.model import (OUTPUT_STRIDES, CheckpointError, DeepLab, PathLike, model_from_state_dict,
                             save_checkpoint, torch_load)
 from segtrain.cli import user_errors
-from segtrain.io import DataError
 
 SOURCES = ("vainf", "torchvision")
 DEFAULT_VAINF_OUTPUT_STRIDE = 16  # VainF's training default

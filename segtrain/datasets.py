@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from . import voc
 from .io import DataError, PathLike, atomic_write_bytes

@@ -48,7 +48,7 @@ from segtrain.shards import iter_samples
 from segtrain.visualize import covering_ids, overlay
 from segtrain.cli import user_errors
 from segtrain.datasets import IGNORE_INDEX, VOC, DatasetSpec, check_same_classes, decode_target, spec_from_checkpoint
-from segtrain.io import DataError, PathLike, atomic_write_bytes, save_image
+from segtrain.io import PathLike, atomic_write_bytes, save_image
 from segtrain.shards import resolve_data
 
 __all__ = [

@@ -15,7 +15,7 @@ from segtrain import datasets, evaluate, predict, report
 from segtrain.datasets import (ADE20K, CITYSCAPES, DATASETS, VOC, DatasetSpec, decode_label, folder_spec,
                                spec_from_checkpoint, spec_from_manifest)
 from segtrain.io import DataError, read_manifest
-from segtrain.model import build_model, init_from_checkpoint, load_checkpoint, save_checkpoint
+from segtrain.model import build_model, init_from_checkpoint, load_checkpoint
 from segtrain.pack import pack_split
 from segtrain.synthetic import FOLDER_CLASSES, generate_layout
 from segtrain.train import train
@@ -239,3 +239,25 @@ def test_num_classes_other_than_the_data_is_refused(runs, tmp_path, capsys):
               "--num-classes", "5", "--backbone", "resnet18", "--pretrained", "false", "--tracker", "none"])
     err = capsys.readouterr().err.strip()
     assert "num_classes: 5, but the labels of" in err and "have 4 classes" in err and "\n" not in err
+
+
+def test_normalisation_comes_from_the_backbone_travels_in_the_checkpoint_and_is_used(tmp_path):
+    assert build_model("deeplabv3", "resnetv2_50x1_bit.goog_in21k", num_classes=2).mean == (0.5, 0.5, 0.5)
+    model = build_model("deeplabv3plus", "resnet18", num_classes=3).eval()
+    assert model.mean == (0.485, 0.456, 0.406)  # ImageNet for torchvision-style weights
+    model.mean, model.std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    from segtrain.model import save_checkpoint
+    save_checkpoint(tmp_path / "m.pt", model, dataset=folder_spec_for(tmp_path).to_dict())
+    loaded, _ = load_checkpoint(tmp_path / "m.pt")
+    assert (loaded.mean, loaded.std) == (model.mean, model.std)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (33, 41, 3), dtype=np.uint8))
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255
+    manual = (pixels - torch.tensor(model.mean).view(3, 1, 1)) / torch.tensor(model.std).view(3, 1, 1)
+    with torch.inference_mode():
+        expected = loaded.eval()(manual[None])["out"][0].argmax(0).numpy()
+    np.testing.assert_array_equal(predict.predict_mask(loaded, image, torch.device("cpu")), expected)
+
+
+def folder_spec_for(root: Path) -> DatasetSpec:
+    (root / "classes.txt").write_text("background\na\nb\n")
+    return folder_spec(root)
