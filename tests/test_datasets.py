@@ -261,3 +261,12 @@ def test_normalisation_comes_from_the_backbone_travels_in_the_checkpoint_and_is_
 def folder_spec_for(root: Path) -> DatasetSpec:
     (root / "classes.txt").write_text("background\na\nb\n")
     return folder_spec(root)
+
+
+def test_voc_manifest_carries_the_voc_spec_and_voc_members(packed_shards):
+    manifest = read_manifest(packed_shards["val"])
+    assert manifest["dataset"] == VOC.to_dict() and spec_from_manifest(manifest) == VOC
+    import tarfile
+    with tarfile.open(packed_shards["dir"] / manifest["shards"][0]["file"]) as tar:
+        assert {Path(n).suffix for n in tar.getnames()} == {".jpg", ".png"}
+        assert not any(n.endswith(".label.png") for n in tar.getnames())
