@@ -316,12 +316,13 @@ def model_step_rows(ctx: Context, modes: tuple[str, ...]) -> None:
                     import torch              # with a dynamic batch dimension (other kernels)
                     torch._dynamo.reset()
                 start = time.perf_counter()
-                seconds, gib = model_bench.bench("deeplabv3plus", p.backbone, mode, p.crop, batch, steps,
-                                                 p.step_warmup, dev)
+                seconds, fastest, gib, compile_s = model_bench.bench("deeplabv3plus", p.backbone, mode, p.crop,
+                                                                     batch, steps, p.step_warmup, dev)
                 total = time.perf_counter() - start
                 seconds_per_image[mode] = seconds_per_image["last"] = seconds / batch
-                row = {"steps": steps, "s_per_step": seconds, "images_per_s": batch / seconds,
-                       "peak_mem_mb": gib * 1024, "setup_warmup_s": total - steps * seconds}
+                row = {"steps": steps, "s_per_step": seconds, "fastest_s": fastest, "images_per_s": batch / seconds,
+                       "peak_mem_mb": gib * 1024, "setup_warmup_s": total - steps * seconds,
+                       "compile_s": compile_s}
                 if flops:
                     row |= {"gflop_per_image": flops / batch / 1e9, "tflop_s": flops / seconds / 1e12}
                     if peak:
@@ -365,8 +366,8 @@ def section_train(ctx: Context) -> None:
     def loop(batch: int, precision: Optional[str]) -> dict:
         run_dir = ctx.work / "runs" / f"train_b{batch}_{precision}"
         reset_peak()  # train() never resets it: without this a run would report the one before's peak
-        images_per_s, peak = train_bench.segtrain_loop(ctx.manifest, run_dir, bench_args(ctx, batch, str(precision)),
-                                                       dev)
+        images_per_s, peak, _setting = train_bench.segtrain_loop(ctx.manifest, run_dir,
+                                                                 bench_args(ctx, batch, str(precision)), dev)
         resolved[batch] = AcceleratorState().mixed_precision  # what Accelerate ran with
         timed = [r for r in read_metrics_log(run_dir / "metrics.jsonl")
                  if "images_per_s" in r and r["step"] > p.train_warmup]

@@ -18,12 +18,12 @@ from segtrain import stats
 from segtrain.hardware import describe
 from segtrain.config import parse_config
 from segtrain.metrics import subset_miou
-from segtrain.pack import pack_split, read_manifest
+from segtrain.io import read_manifest
+from segtrain.pack import pack_split
 from segtrain.report import build_report
 from segtrain.synthetic import generate
 from segtrain.io import read_metrics_log
 from segtrain.train import train
-from segtrain.voc import CLASSES
 
 
 def main() -> None:
@@ -43,7 +43,9 @@ def main() -> None:
         for split in ("train", "val"):
             pack_split(root, split, data / "shards", shard_size=64, workers=2, progress=False)
     manifest_path = data / "shards" / "voc-train.json"
-    rare = stats.rarest_classes(read_manifest(manifest_path), args.rare)
+    manifest = read_manifest(manifest_path)
+    class_names = manifest["class_names"]  # the data's classes, not an import
+    rare = stats.rarest_classes(manifest, args.rare)
 
     results = {}
     for loss in args.losses:
@@ -65,8 +67,8 @@ def main() -> None:
     print("\n" + describe())
     print(f"DeepLabV3+ {args.backbone}, random init, {args.iterations} steps, batch 8, crop 129, precision auto, "
           f"seed {args.seed}; val: 150 synthetic images; weighting for weighted_ce: {args.class_weighting}")
-    print(f"rarest classes (train pixel share): {', '.join(CLASSES[c] for c in rare)}\n")
-    print("| loss | mIoU | rare-class mIoU | " + " | ".join(CLASSES[c] for c in rare) + " |")
+    print(f"rarest classes (train pixel share): {', '.join(class_names[c] for c in rare)}\n")
+    print("| loss | mIoU | rare-class mIoU | " + " | ".join(class_names[c] for c in rare) + " |")
     print("|---|---|---|" + "---|" * len(rare))
     for loss, r in results.items():
         iou = r["val/iou"]

@@ -61,8 +61,9 @@ def loss_option(name: str) -> Any:
 @dataclass
 class TrainConfig:
     # data
-    data: str = setting("shards/voc-train.json", "a manifest (shards/voc-train.json), a shard pattern, "
-                        "or a VOCdevkit root")
+    data: str = setting("shards/voc-train.json", "a manifest (shards/voc-train.json, "
+                        "shards/cityscapes-train.json, ...), a shard pattern, or a VOCdevkit root; the classes "
+                        "come from the data (the manifest's dataset spec)")
     val_data: Optional[str] = setting(None, "validation data; default: `data` (voc-train.json stands for "
                                       "its voc-val.json)")
     train_split: Optional[str] = setting(None, "default: the split of the manifest --data names, else train")
@@ -84,7 +85,10 @@ class TrainConfig:
     separable: bool = setting(False, "depthwise-separable 3x3 convs in the head (VainF's option)")
     aux_loss_weight: float = setting(0.0, "> 0 adds torchvision's auxiliary FCN head with this loss weight",
                                      minimum=0)
-    num_classes: int = setting(21, "classes the model predicts", minimum=1)
+    num_classes: Optional[int] = setting(None, "classes the model predicts; default: the data's class count "
+                                         "(another value is refused)", minimum=1)
+    init_from: Optional[str] = setting(None, "segtrain checkpoint to start from (backbone and head; the "
+                                       "classifier is re-initialised when the class count differs)")
     channels_last: bool = setting(True, "NHWC memory format: faster on CUDA (tensor cores), measured faster or "
                                   "equal on CPUs with and without native bf16 (docs/BENCHMARKS.md#memory-format)")
     # optimisation (iterations count optimizer steps, whatever the number of processes)

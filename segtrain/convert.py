@@ -29,7 +29,7 @@ import torch
 
 from segtrain.model import (HEADS, OUTPUT_STRIDES, CheckpointError, DeepLab, PathLike, model_from_state_dict,
                             save_checkpoint, torch_load)
-from segtrain.io import DataError
+from segtrain.cli import user_errors
 
 SOURCES = ("vainf", "torchvision")
 DEFAULT_VAINF_OUTPUT_STRIDE = 16  # VainF's training default
@@ -154,13 +154,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                              f"file name, else {DEFAULT_VAINF_OUTPUT_STRIDE}); torchvision: always 8")
     args = parser.parse_args(argv)
 
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            model = convert_checkpoint(args.source, args.src, args.out, args.num_classes, args.output_stride)
-    except (DataError, FileNotFoundError, ValueError) as e:
-        print(f"convert_checkpoint: error: {e}", file=sys.stderr)
-        return 1
+    with user_errors(ValueError), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = convert_checkpoint(args.source, args.src, args.out, args.num_classes, args.output_stride)
     for warning in caught:
         print(f"convert_checkpoint: note: {warning.message}", file=sys.stderr)
     c = model.model_config

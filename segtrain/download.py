@@ -34,6 +34,7 @@ from typing import Optional, Sequence
 
 from tqdm import tqdm
 
+from segtrain.cli import user_errors
 from segtrain.io import DataError, PathLike, atomic_write_bytes
 
 USER_AGENT = "segtrain-download/1 (+urllib)"
@@ -345,9 +346,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help="only download and verify the archives")
     args = parser.parse_args(argv)
     try:
-        voc_root = download_voc(args.root, sbd=args.sbd, urls=args.urls, extract_archives=args.extract)
-    except (DownloadError, DataError) as e:
-        parser.exit(1, f"error: {e}\n")
+        # A failed download exits 2 with one line (what to do next in it); the partial
+        # file stays, so the same command resumes. An interrupt exits 130, as shells expect.
+        with user_errors(DownloadError):
+            voc_root = download_voc(args.root, sbd=args.sbd, urls=args.urls, extract_archives=args.extract)
     except KeyboardInterrupt:
         parser.exit(130, "interrupted; run again to resume the download\n")
     print(voc_root if args.extract else f"archives verified in {args.root}")

@@ -1,4 +1,7 @@
-"""Evaluate a checkpoint on a VOC split: mIoU, pixel accuracy, per-class IoU, ...
+"""Evaluate a checkpoint on a packed split: mIoU, pixel accuracy, per-class IoU, ...
+
+Class names come from the checkpoint's dataset spec, and the data must have the same
+classes; images are normalised with the checkpoint's mean/std.
 
     python -m segtrain.evaluate --checkpoint runs/x/best.pt --data shards/voc-val.json
     python -m segtrain.evaluate ... --protocol ms-flip --out runs/x/eval_ms_flip.json
@@ -58,9 +61,9 @@ from segtrain import hardware, integrity
 from segtrain.cli import ArgumentParser, OtherProcessFailed, check_launch, rank_specific, user_errors
 from segtrain.io import DataError, atomic_write_bytes
 from segtrain.metrics import ConfusionMatrix, format_metrics_table, to_jsonable
+from segtrain.datasets import IGNORE_INDEX, spec_from_checkpoint
 from segtrain.model import check_fits_data, load_checkpoint
 from segtrain.shards import class_names, resolve_data, val_loader
-from segtrain.voc import CLASSES, IGNORE_INDEX
 
 PROTOCOLS = {  # --protocol here, --val-protocol in training (see the module docstring)
     "whole": "each image at its own size (standard VOC)",
@@ -171,11 +174,11 @@ def predict_logits(model: nn.Module, images: torch.Tensor, protocol: str = "whol
 
 
 def class_names_for(num_classes: int) -> tuple[str, ...]:
-    """VOC's class names for a 21-class model, ``class_0, class_1, ...`` otherwise."""
-    return CLASSES if num_classes == len(CLASSES) else tuple(f"class_{i}" for i in range(num_classes))
+    """Placeholder names ``class_0, class_1, ...`` for a model evaluated without a dataset spec."""
+    return tuple(f"class_{i}" for i in range(num_classes))
 
 
-def evaluate(model: nn.Module, loader, device: Union[torch.device, str], num_classes: int = len(CLASSES),
+def evaluate(model: nn.Module, loader, device: Union[torch.device, str], num_classes: Optional[int] = None,
              protocol: str = "whole", autocast_dtype: Optional[torch.dtype] = None,
              accelerator: Optional[Accelerator] = None, on_batch: Optional[OnBatch] = None,
              class_names: Optional[Sequence[str]] = None, threads: Optional[int] = None) -> dict[str, Any]:
@@ -194,6 +197,8 @@ def evaluate(model: nn.Module, loader, device: Union[torch.device, str], num_cla
 
     ``threads``: CPU threads (torch intra-op) for the forward passes, restored afterwards;
     None keeps the process's count. Equal counts make 1 and N processes bit-identical.
+    ``num_classes`` defaults to the model's; ``class_names`` (for the per-class table)
+    to ``class_0, class_1, ...``: pass the dataset spec's.
 
     Returns ``metrics.segmentation_metrics`` (miou, pixel_acc, mean_class_acc, fwiou,
     iou, class_acc, num_pixels, per_class) plus ``num_images``, ``cpu_threads`` and
@@ -201,6 +206,8 @@ def evaluate(model: nn.Module, loader, device: Union[torch.device, str], num_cla
     """
     check_protocol(protocol)
     device = torch.device(device)
+    if num_classes is None:
+        num_classes = model.model_config["num_classes"]
     threads_before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -311,16 +318,17 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
     integrity.verify_source(source, args.verify_shards)
     model, ckpt = load_checkpoint(args.checkpoint)
     check_fits_data(ckpt, args.checkpoint, class_names(source), source.location)
+    spec = spec_from_checkpoint(ckpt, str(args.checkpoint))  # class names for the table and the JSON
     model.to(accelerator.device)
     precision, reason = hardware.choose_precision(args.mixed_precision, accelerator.device)
     accelerator.print(hardware.precision_line(precision, reason))
     if args.compile:
         hardware.compile_model(model, accelerator.print)
-    num_classes = model.model_config["num_classes"]
+    num_classes = spec.num_classes
     loader = val_loader(args.data, split=args.split, num_workers=args.workers,
                         protocol=loader_protocol(args.protocol),
                         crop_size=args.crop_size, rank=accelerator.process_index,
-                        world_size=accelerator.num_processes)
+                        world_size=accelerator.num_processes, mean=model.mean, std=model.std)
     if args.batch_size > 1:
         loader = same_size_batches(loader, args.batch_size)
     # The bar counts the main process's images; its share of the total is only known alone.
@@ -330,13 +338,13 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
         metrics = evaluate(model, loader, accelerator.device, num_classes, args.protocol,
                            autocast_dtype=hardware.autocast_dtype(precision, accelerator.device),
                            accelerator=accelerator, on_batch=lambda *batch: bar.update(len(batch[-1])),
-                           threads=args.threads)
+                           threads=args.threads, class_names=spec.classes)
     confusion = metrics.pop("confusion_matrix")
     result = {"checkpoint": str(args.checkpoint), "data": str(args.data), "split": args.split,
               "protocol": args.protocol, "mixed_precision": precision,
               "precision_reason": reason,
               "num_processes": accelerator.num_processes, **metrics,
-              "class_names": list(class_names_for(num_classes))}
+              "dataset": spec.name, "class_names": list(spec.classes)}
     if args.confusion_matrix:
         result["confusion_matrix"] = confusion.tolist()
     if accelerator.is_main_process:

@@ -29,6 +29,7 @@ from torch import nn
 from torchvision.models.segmentation.fcn import FCNHead
 
 from segtrain.io import DataError, atomic_write_bytes
+from segtrain.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 PathLike = Union[str, os.PathLike]
 
@@ -43,6 +44,7 @@ __all__ = [
     "ASPPConv", "ASPPPooling", "ASPP", "Head", "HEADS", "DeepLabHead", "DeepLabHeadV3Plus", "FCNHead", "DeepLab",
     "CheckpointError", "build_model", "load_weights", "model_from_state_dict", "torch_load",
     "save_checkpoint", "load_checkpoint", "read_checkpoint", "checkpoint_class_names", "check_fits_data",
+    "init_from_checkpoint",
 ]
 
 
@@ -209,6 +211,8 @@ class DeepLab(nn.Module):
     each (N, num_classes, H, W) at the input's size, as torchvision's models do.
     ``backbone``, ``head`` and ``aux_head`` are separate attributes so training can
     give the backbone its own learning rate. ``model_config`` rebuilds the model.
+    ``mean`` and ``std`` are the input normalisation the backbone expects (its timm
+    ``pretrained_cfg``; ImageNet's for torchvision-style weights); checkpoints store them.
     """
 
     def __init__(self, arch: str = "deeplabv3plus", backbone: str = "resnet50", num_classes: int = 21,
@@ -220,6 +224,9 @@ class DeepLab(nn.Module):
             separable=separable, aux_head=aux_head)
         # Every feature level is returned (the head picks the ones it reads); the extra maps cost no compute.
         self.backbone = create_backbone(backbone, output_stride, pretrained)
+        pretrained_cfg = getattr(self.backbone, "pretrained_cfg", None) or {}
+        self.mean: tuple[float, ...] = tuple(float(v) for v in pretrained_cfg.get("mean", IMAGENET_MEAN))
+        self.std: tuple[float, ...] = tuple(float(v) for v in pretrained_cfg.get("std", IMAGENET_STD))
         info = self.backbone.feature_info
         if info.reduction()[-1] != output_stride:
             raise ValueError(f"backbone {backbone!r} ends at stride {info.reduction()[-1]}, not the requested "
@@ -394,18 +401,20 @@ def _unsafe_globals(path: PathLike) -> list[str]:
 
 
 def save_checkpoint(path: PathLike, model: DeepLab, **extra: Any) -> None:
-    """Write ``{"model": state_dict, "model_config": ..., **extra}`` atomically.
+    """Write ``{"model": state_dict, "model_config": ..., "normalization": {"mean", "std"}, **extra}``
+    atomically.
 
     ``extra`` must be loadable with ``weights_only=True`` (tensors, numbers, strings, lists, dicts).
     """
     if not isinstance(model, DeepLab):
         raise TypeError(f"save_checkpoint needs the bare DeepLab model, got {type(model).__name__} "
                         "(unwrap it first, e.g. accelerator.unwrap_model(model))")
-    clash = {"model", "model_config"} & extra.keys()
+    clash = {"model", "model_config", "normalization"} & extra.keys()
     if clash:
         raise ValueError(f"save_checkpoint: extra keys {sorted(clash)} are reserved")
     buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "model_config": dict(model.model_config), **extra}, buffer)
+    torch.save({"model": model.state_dict(), "model_config": dict(model.model_config),
+                "normalization": {"mean": list(model.mean), "std": list(model.std)}, **extra}, buffer)
     atomic_write_bytes(path, buffer.getvalue())
 
 
@@ -413,13 +422,16 @@ def load_checkpoint(path: PathLike, num_classes: Optional[int] = None,
                     map_location: Union[str, torch.device] = "cpu") -> tuple[DeepLab, dict]:
     """Rebuild the model saved by ``save_checkpoint`` and load its weights.
 
-    Returns ``(model, checkpoint)``; ``checkpoint`` holds the extras saved with it.
+    Returns ``(model, checkpoint)``; ``checkpoint`` holds the extras saved with it
+    (``datasets.spec_from_checkpoint(checkpoint)`` gives its classes and colours).
     With ``num_classes`` different from the checkpoint's, the classifier layers are
     re-initialised (with a warning) and every other weight is loaded: fine-tuning
-    on a new label set.
+    on a new label set. The model's ``mean``/``std`` are the checkpoint's normalisation
+    (checkpoints older than that field: the backbone's pretrained_cfg).
     """
     ckpt = read_checkpoint(path, map_location)
     model = model_from_state_dict(ckpt["model_config"], ckpt["model"], num_classes, source=str(path))
+    _set_normalization(model, ckpt, str(path))
     return model.to(map_location), ckpt
 
 
@@ -467,6 +479,46 @@ def check_fits_data(ckpt: Mapping[str, Any], path: PathLike, data_class_names: O
         i = next(i for i, (a, b) in enumerate(zip(names, data_class_names)) if a != b)
         raise CheckpointError(f"{path}: checkpoint class {i} is {names[i]!r}, but {data_where} calls it "
                               f"{data_class_names[i]!r}: trained on other classes{fix}")
+def _set_normalization(model: DeepLab, ckpt: Mapping[str, Any], source: str) -> None:
+    norm = ckpt.get("normalization")
+    if norm is None:
+        return
+    try:
+        mean, std = tuple(float(v) for v in norm["mean"]), tuple(float(v) for v in norm["std"])
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{source}: 'normalization' must hold 3 'mean' and 3 'std' numbers") from None
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise CheckpointError(f"{source}: 'normalization' must hold 3 'mean' and 3 positive 'std' numbers")
+    model.mean, model.std = mean, std
+
+
+def init_from_checkpoint(model: DeepLab, path: PathLike) -> list[str]:
+    """Fine-tuning start: load a segtrain checkpoint's backbone and head into ``model``.
+
+    ``path`` is a segtrain checkpoint (best.pt, final.pt, or VainF/torchvision weights
+    converted with tools/convert_checkpoint.py). Arch, backbone family and separable
+    convs must match. When the class counts differ, the final classifier convs keep
+    their fresh initialisation; an auxiliary head the checkpoint lacks stays fresh too,
+    and one the model lacks is dropped. The model adopts the checkpoint's normalisation.
+    Returns what was left at its initialisation (state-dict keys), for the log.
+    """
+    ckpt = read_checkpoint(path)
+    source, own = ckpt["model_config"], model.model_config
+    for key, same in (("arch", source.get("arch") == own["arch"]),
+                      ("backbone", str(source.get("backbone")).split(".")[0] == own["backbone"].split(".")[0]),
+                      ("separable", bool(source.get("separable")) == own["separable"])):
+        if not same:
+            raise CheckpointError(f"{path}: --init-from needs the same {key}: the checkpoint has "
+                                  f"{source.get(key)!r}, this run {own[key]!r}")
+    state = dict(ckpt["model"])
+    if model.aux_head is None:
+        state = {k: v for k, v in state.items() if not k.startswith("aux_head.")}
+    fresh = set(model.classifier_keys()) if source.get("num_classes") != own["num_classes"] else set()
+    if model.aux_head is not None and not source.get("aux_head"):
+        fresh |= {k for k in model.state_dict() if k.startswith("aux_head.")}
+    load_weights(model, {k: v for k, v in state.items() if k not in fresh}, str(path), skip=fresh)
+    _set_normalization(model, ckpt, str(path))
+    return sorted(fresh)
 
 
 def model_from_state_dict(model_config: Mapping[str, Any], state: Mapping[str, Any],

@@ -1,64 +1,80 @@
-"""Pack a VOC split into webdataset tar shards plus a JSON manifest.
+"""Pack a dataset split into webdataset tar shards plus a JSON manifest.
 
-    python tools/pack.py --voc-root datasets/data/VOCdevkit/VOC2012 --split train --out shards/
-    python tools/pack.py --voc-root ... --split train_aug          # SBD, SegmentationClassAug labels
+    python tools/pack.py --dataset voc --root datasets/data/VOCdevkit/VOC2012 --split train --out shards/
+    python tools/pack.py --voc-root datasets/data/VOCdevkit/VOC2012 --split train_aug   # SBD labels
+    python tools/pack.py --dataset cityscapes --root data/cityscapes --split train
+    python tools/pack.py --dataset ade20k --root data/ADEChallengeData2016 --split val
+    python tools/pack.py --dataset folder --root data/mine --split train   # images/ masks/ classes.txt
     (``python -m segtrain.pack`` is the same command)
 
-Each sample's key is its VOC id and carries the ORIGINAL JPEG and label PNG
-bytes (no re-encoding). Every pair is decoded and checked first (missing or
-corrupt JPEG, missing label, non-index label, values outside 0..20 and 255,
-image/label size mismatch): a bad pair stops the run with an error naming the id,
-or with --skip-bad is skipped and listed in the manifest.
+Each sample's key is its id and carries the ORIGINAL image and label bytes (no
+re-encoding): a JPEG image under ``jpg`` with its label under ``png`` (VOC, ADE20K),
+a PNG image under ``png`` with its label under ``label.png`` (Cityscapes). Every pair
+is decoded and checked first (missing or corrupt image, missing label, non-index
+label, values that are neither a class nor ignore after the dataset's label map,
+image/label size mismatch): a bad pair stops the run with an error naming the sample,
+or with --skip-bad is skipped and listed in the manifest. The manifest carries the
+dataset spec (segtrain/datasets.py: classes, palette, ignore index, label map) and
+per-class counts of the MAPPED labels.
 
 Shards are written under temporary names and renamed when complete, the manifest
-``voc-{split}.json`` last; a previous manifest is removed first. So an
-interrupted run leaves no half-written shard and no manifest that looks
-finished, and a rerun produces byte-identical shards (fixed tar metadata).
+``{name}-{split}.json`` (``voc-{split}.json`` for VOC) last; a previous manifest is
+removed first. So an interrupted run leaves no half-written shard and no manifest
+that looks finished, and a rerun produces byte-identical shards (fixed tar metadata).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import multiprocessing as mp
 import os
+import re
 import sys
-import warnings
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 from tqdm import tqdm
 
 from . import integrity
-from .io import (MANIFEST_FORMAT, DataError, atomic_write_bytes, check_manifest, naming_write_errors, read_bytes,
-                 read_manifest, sha256_file)
-from .voc import CLASSES, IGNORE_INDEX, NUM_CLASSES, VOCSegmentation, default_label_dir, load_pair
+from .cli import user_errors
+from .datasets import DATASETS, IGNORE_INDEX, DatasetSpec, dataset_spec, load_pair
+from .io import MANIFEST_FORMAT, DataError, atomic_write_bytes, naming_write_errors, read_bytes, sha256_file
+from .voc import default_label_dir
 
-# First bytes of the image formats PIL reads, and the file suffix (webdataset key) of each.
-_IMAGE_MAGIC = ((b"\xff\xd8\xff", "jpg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"BM", "bmp"), (b"GIF8", "gif"),
-                (b"II*\x00", "tif"), (b"MM\x00*", "tif"))
-
-
-def image_key(data: bytes) -> Optional[str]:
-    """The file suffix (webdataset key) of an encoded image's real format, from its first bytes;
-    None when it is none of the known ones."""
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    return next((key for magic, key in _IMAGE_MAGIC if data.startswith(magic)), None)
+# Sample ids become tar member names (webdataset groups members by the text before the
+# first dot) and output file names: letters, digits, '_' and '-' only.
+PLAIN_ID = re.compile(r"[A-Za-z0-9_-]+")
+PNG_MAGIC, JPEG_MAGIC = b"\x89PNG\r\n\x1a\n", b"\xff\xd8"
 
 
-def check_sample(args: tuple[str, Path, Path]) -> dict:
+def image_key(data: bytes) -> str:
+    """The webdataset key an image is stored under: its real type, ``jpg`` or ``png``."""
+    return "png" if data.startswith(PNG_MAGIC) else "jpg"
+
+
+def label_key(image: str) -> str:
+    """``png`` beside a JPEG (VOC's layout); ``label.png`` beside a PNG image."""
+    return "png" if image == "jpg" else "label.png"
+
+
+def check_sample(job: tuple[str, Path, Path], spec: DatasetSpec) -> dict:
     """Read and validate one pair. Returns the raw bytes and label statistics, or the error."""
-    sid, img_path, lbl_path = args
+    sid, img_path, lbl_path = job
     try:
-        jpg, png = read_bytes(img_path, "image"), read_bytes(lbl_path, "label")
-        image, label = load_pair(jpg, png, sid)
+        if not PLAIN_ID.fullmatch(sid):
+            raise DataError(f"{img_path}: id {sid!r} is not a plain name (letters, digits, '_', '-'); rename it")
+        image_bytes, png = read_bytes(img_path, "image"), read_bytes(lbl_path, "label")
+        if not image_bytes.startswith((PNG_MAGIC, JPEG_MAGIC)):
+            raise DataError(f"{img_path}: not a JPEG or PNG image")
+        image, label = load_pair(image_bytes, png, sid, spec, files=(img_path, lbl_path))
     except DataError as e:
         return {"id": sid, "error": str(e)}
     counts = np.bincount(label.ravel(), minlength=256)
-    return {"id": sid, "jpg": jpg, "png": png, "width": image.size[0], "height": image.size[1],
-            "class_pixels": counts[:NUM_CLASSES].tolist(), "ignore_pixels": int(counts[IGNORE_INDEX])}
+    return {"id": sid, "image": image_bytes, "png": png, "width": image.size[0], "height": image.size[1],
+            "class_pixels": counts[:spec.num_classes].tolist(), "ignore_pixels": int(counts[IGNORE_INDEX])}
 
 
 class ShardWriter:
@@ -71,14 +87,14 @@ class ShardWriter:
         self._tmp: Optional[Path] = None
         self._ids: list[str] = []
 
-    def write(self, sid: str, jpg: bytes, png: bytes) -> None:
+    def write(self, sid: str, image: bytes, png: bytes) -> None:
         with naming_write_errors(self.out_dir / self._next_name()):  # a full disk: one line, no temp file
-            self._write(sid, jpg, png)
+            self._write(sid, image, png)
 
     def _next_name(self) -> str:
         return f"{self.prefix}-{len(self.shards):06d}.tar"
 
-    def _write(self, sid: str, jpg: bytes, png: bytes) -> None:
+    def _write(self, sid: str, image: bytes, png: bytes) -> None:
         if self._writer is None:
             name = self._next_name()
             self._tmp = self.out_dir / f".{name}.tmp"
@@ -88,7 +104,8 @@ class ShardWriter:
             self._writer = wds.TarWriter(open(self._tmp, "wb"), encoder=False, mtime=0,
                                          user="segtrain", group="segtrain")
             self._name = name
-        self._writer.write({"__key__": sid, "jpg": jpg, "png": png})
+        kind = image_key(image)
+        self._writer.write({"__key__": sid, kind: image, label_key(kind): png})
         self._ids.append(sid)
         if len(self._ids) == self.shard_size:
             self._close_shard()
@@ -129,45 +146,51 @@ def _size_stats(values: list[int]) -> dict:
     return {"min": int(min(values)), "max": int(max(values)), "mean": round(float(np.mean(values)), 2)}
 
 
-def pack_split(voc_root: os.PathLike | str, split: str, out_dir: os.PathLike | str,
+def shard_prefix(spec: DatasetSpec, split: str) -> str:
+    """``voc-{split}`` for VOC (as before specs existed), ``{name}-{split}`` for the others."""
+    return f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', spec.name)}-{split}"
+
+
+def pack_split(root: os.PathLike | str, split: str, out_dir: os.PathLike | str,
                shard_size: int = 256, workers: int = 1, skip_bad: bool = False,
-               label_dir: Optional[str] = None, progress: bool = True) -> dict:
-    """Pack one split; returns the manifest (also written to ``out_dir/voc-{split}.json``)."""
+               label_dir: Optional[str] = None, progress: bool = True,
+               dataset: Union[str, DatasetSpec] = "voc") -> dict:
+    """Pack one split of ``dataset`` (a DATASETS name or a spec) found under ``root``.
+
+    Returns the manifest (also written to ``out_dir/{prefix}.json``, see ``shard_prefix``).
+    """
     if shard_size < 1:
         raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
-    dataset = VOCSegmentation(voc_root, split, label_dir=label_dir or default_label_dir(split))
-    if not (dataset.root / dataset.label_dir).is_dir():
-        raise DataError(f"{dataset.root / dataset.label_dir}: label folder not found "
-                        f"(use --label-dir; SBD's train_aug needs SegmentationClassAug)")
+    spec = dataset_spec(dataset, root) if isinstance(dataset, str) else dataset.at(root)
+    if spec.layout == "voc":
+        label_dir = label_dir or default_label_dir(split)
+    jobs = spec.list_pairs(root, split, label_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    prefix = f"voc-{split}"
+    prefix = shard_prefix(spec, split)
     manifest_path = out / f"{prefix}.json"
     manifest_path.unlink(missing_ok=True)  # no stale manifest may vouch for half-new shards
     for stale in out.glob(f".{prefix}-*.tar.tmp"):
         stale.unlink()
 
-    jobs = [(sid, *dataset.paths(i)) for i, sid in enumerate(dataset.ids)]
     writer = ShardWriter(out, prefix, shard_size)
-    class_pixels = np.zeros(NUM_CLASSES, np.int64)
-    class_images = np.zeros(NUM_CLASSES, np.int64)
+    class_pixels = np.zeros(spec.num_classes, np.int64)
+    class_images = np.zeros(spec.num_classes, np.int64)
     ignore_pixels = 0
     widths, heights, skipped = [], [], []
     image_classes: dict[str, list[int]] = {}
-    misnamed: list[str] = []  # images whose bytes are not the JPEG their .jpg name says
     # The default start method (fork on Linux) avoids re-importing torch in every worker.
     pool = mp.Pool(workers) if workers > 1 else None
     try:
-        results = pool.imap(check_sample, jobs, chunksize=8) if pool else map(check_sample, jobs)
+        check = functools.partial(check_sample, spec=spec)
+        results = pool.imap(check, jobs, chunksize=8) if pool else map(check, jobs)
         for r in tqdm(results, total=len(jobs), desc=f"pack {split}", unit="img", disable=not progress):
             if "error" in r:
                 if not skip_bad:
                     raise DataError(f"{r['error']} (rerun with --skip-bad to skip and list bad pairs)")
                 skipped.append({"id": r["id"], "error": r["error"]})
                 continue
-            writer.write(r["id"], r["jpg"], r["png"])
-            if image_key(r["jpg"]) != "jpg":
-                misnamed.append(f"{r['id']} ({image_key(r['jpg']) or 'unknown format'})")
+            writer.write(r["id"], r["image"], r["png"])
             pixels = np.asarray(r["class_pixels"], np.int64)
             class_pixels += pixels
             class_images += pixels > 0
@@ -183,11 +206,7 @@ def pack_split(voc_root: os.PathLike | str, split: str, out_dir: os.PathLike | s
         if pool:
             pool.terminate()
     if not writer.shards:
-        raise DataError(f"{dataset.root}: split {split!r} has no valid samples")
-    if misnamed:
-        warnings.warn(f"{dataset.root}: {len(misnamed)} image(s) named .jpg hold another format, packed "
-                      f"unchanged under the 'jpg' key (decoding reads the real format): {', '.join(misnamed[:5])}"
-                      + (" ..." if len(misnamed) > 5 else ""), stacklevel=2)
+        raise DataError(f"{root}: split {split!r} has no valid samples")
     # Shards beyond this run's count (an older run with a smaller --shard-size) are not ours any more.
     keep = {s["file"] for s in writer.shards}
     for old in out.glob(f"{prefix}-[0-9]*.tar"):
@@ -200,16 +219,17 @@ def pack_split(voc_root: os.PathLike | str, split: str, out_dir: os.PathLike | s
         "num_samples": sum(s["samples"] for s in writer.shards),
         "num_shards": len(writer.shards),
         "shards": writer.shards,
-        "class_names": list(CLASSES),
+        "class_names": list(spec.classes),
         "class_pixel_counts": class_pixels.tolist(),
         "class_image_counts": class_images.tolist(),
         "ignore_pixel_count": int(ignore_pixels),
         "labelled_pixel_count": int(class_pixels.sum()),
         "image_size": {"height": _size_stats(heights), "width": _size_stats(widths)},
         "image_classes": image_classes,
-        "source_root": str(Path(voc_root).resolve()),
-        "label_dir": dataset.label_dir,
+        "source_root": str(Path(root).resolve()),
+        "label_dir": label_dir,
         "skipped": skipped,
+        "dataset": spec.to_dict(),
     }
     atomic_write_bytes(manifest_path, (json.dumps(manifest, indent=1) + "\n").encode())
     return manifest
@@ -223,23 +243,28 @@ def main(argv: Optional[list[str]] = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--verify", metavar="MANIFEST",
                     help="instead of packing: check every shard of MANIFEST (sha256, sample count); exit 0 or 2")
-    ap.add_argument("--voc-root", required=True, help="the VOCdevkit/VOC2012 folder")
-    ap.add_argument("--split", required=True, help="train, val, trainval or train_aug")
+    ap.add_argument("--dataset", choices=list(DATASETS), default="voc",
+                    help="layout and classes of --root (segtrain/datasets.py; default: voc)")
+    where = ap.add_mutually_exclusive_group(required=True)
+    where.add_argument("--root", help="the dataset folder (VOCdevkit/VOC2012, the Cityscapes root, "
+                                      "ADEChallengeData2016, or your folder with images/ masks/ classes.txt)")
+    where.add_argument("--voc-root", help="the VOCdevkit/VOC2012 folder (same as --dataset voc --root)")
+    ap.add_argument("--split", required=True, help="voc: train, val, trainval or train_aug; others: train or val")
     ap.add_argument("--out", default="shards", help="output folder (default: shards/)")
     ap.add_argument("--label-dir", default=None,
-                    help="label folder (default: SegmentationClassAug for train_aug, else SegmentationClass)")
+                    help="label folder (voc default: SegmentationClassAug for train_aug, else SegmentationClass)")
     ap.add_argument("--shard-size", type=int, default=256, help="samples per shard")
     ap.add_argument("--workers", type=int, default=1, help="processes that decode and check pairs")
     ap.add_argument("--skip-bad", action="store_true", help="skip bad pairs and list them in the manifest")
     args = ap.parse_args(argv)
-    try:
-        m = pack_split(args.voc_root, args.split, args.out, args.shard_size, args.workers,
-                       args.skip_bad, args.label_dir)
-    except DataError as e:
-        print(f"pack.py: error: {e}", file=sys.stderr)
-        return 1
-    print(f"packed {m['num_samples']} samples into {m['num_shards']} shards "
-          f"-> {Path(args.out) / ('voc-' + args.split + '.json')}"
+    if args.voc_root and args.dataset != "voc":
+        ap.error("--voc-root is for --dataset voc; use --root")
+    with user_errors():
+        m = pack_split(args.root or args.voc_root, args.split, args.out, args.shard_size, args.workers,
+                       args.skip_bad, args.label_dir, dataset=args.dataset)
+    name = shard_prefix(DatasetSpec.from_dict(m["dataset"]), args.split) + ".json"
+    print(f"packed {m['num_samples']} samples ({len(m['class_names'])} classes) into {m['num_shards']} shards "
+          f"-> {Path(args.out) / name}"
           + (f" ({len(m['skipped'])} bad pairs skipped, listed in the manifest)" if m["skipped"] else ""))
     return 0
 

@@ -27,7 +27,8 @@ from segtrain.config import TrainConfig
 from segtrain.evaluate import loader_protocol
 from segtrain.io import ConfigError, checkpoint_dirs, read_manifest
 from segtrain.losses import LOSS_OPTIONS
-from segtrain.voc import NUM_CLASSES, read_split
+from segtrain.datasets import DatasetSpec
+from segtrain.voc import read_split
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class RunPlan:
     class_pixel_counts: Optional[list[int]]  # for weighted_ce, from the train manifest
     eval_autocast_dtype: Optional[torch.dtype]  # validation runs under the training precision
     runtime: dict[str, Any]           # what "auto" settings became here (saved in config.yaml, checkpoints)
+    spec: DatasetSpec                 # what the data is (classes, palette, ...): into the checkpoints
     notes: tuple[str, ...] = ()       # warnings for the user (the run can go on)
 
     @property
@@ -104,14 +106,15 @@ def plan_run(cfg: TrainConfig, world_size: int = 1, device_type: str = "cpu",
         raise ConfigError(f"grad_accum: an epoch has only {batches} batches of {per_process_batch} "
                           f"per process, fewer than grad_accum={cfg.grad_accum}")
     manifest = train_source.manifest
-    check_classes(cfg, len(manifest["class_names"]) if manifest else NUM_CLASSES)
+    spec = check_classes(cfg, train_source, val_source)
+    cfg = dataclasses.replace(cfg, num_classes=spec.num_classes)
 
     return RunPlan(cfg=cfg, run_dir=run_dir, resume_from=resume_from, world_size=world_size,
                    per_process_batch=per_process_batch, steps_per_epoch=batches // cfg.grad_accum,
                    train_loader=train_loader, val_loader=val_loader,
                    loss_options={name: getattr(cfg, name) for name in LOSS_OPTIONS},
                    class_pixel_counts=manifest["class_pixel_counts"] if manifest else None,
-                   eval_autocast_dtype=hardware.autocast_dtype(runtime["mixed_precision"], device_type),
+                   eval_autocast_dtype=hardware.autocast_dtype(runtime["mixed_precision"], device_type), spec=spec,
                    runtime=runtime, notes=notes)
 
 
@@ -135,11 +138,20 @@ def check_batch(cfg: TrainConfig, world_size: int, device_type: str) -> tuple[in
     return per_process_batch, ()
 
 
-def check_classes(cfg: TrainConfig, data_classes: int) -> None:
-    """The model must have an output for every class the labels use."""
-    if cfg.num_classes < data_classes:
-        raise ConfigError(f"num_classes: {cfg.num_classes}, but the labels of {cfg.data} go up to "
-                          f"{data_classes - 1}")
+def check_classes(cfg: TrainConfig, train_source: shards.DataSource,
+                  val_source: shards.DataSource) -> DatasetSpec:
+    """The data says what the classes are (its manifest's dataset spec; VOC without one): a
+    --num-classes that differs, or validation data with another label set, is refused."""
+    spec = train_source.spec
+    if cfg.num_classes is not None and cfg.num_classes != spec.num_classes:
+        raise ConfigError(f"num_classes: {cfg.num_classes}, but the labels of {cfg.data} have {spec.num_classes} "
+                          f"classes ({spec.name}: {', '.join(spec.classes[:5])}"
+                          f"{', ...' if spec.num_classes > 5 else ''}); drop --num-classes to take it from the data")
+    if val_source.spec.classes != spec.classes:
+        raise ConfigError(f"val_data: {val_source.location} is {val_source.spec.name} with "
+                          f"{val_source.spec.num_classes} classes, but the training data {train_source.location} "
+                          f"is {spec.name} with {spec.num_classes}; validate on the same label set")
+    return spec
 
 
 def resolve_resume(resume: str, run_dir: Path) -> Path:

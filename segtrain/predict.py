@@ -1,10 +1,10 @@
-"""Segment images with a checkpoint: VOC palette index PNGs plus colour overlays.
+"""Segment images with a checkpoint: palette index PNGs plus colour overlays.
 
     python -m segtrain.predict --checkpoint runs/x/best.pt --input photo.jpg --out preds/
     python -m segtrain.predict --checkpoint runs/x/best.pt --input images/ --out preds/ --protocol ms-flip
 
-For each image ``ID.jpg`` it writes ``preds/ID.png`` (class indices, VOC palette: it
-opens as a coloured mask and ``np.array(Image.open(...))`` gives the indices back) and
+For each image ``ID.jpg`` it writes ``preds/ID.png`` (class indices, in the palette of the
+checkpoint's dataset spec, VOC's for checkpoints without one: it opens as a coloured mask and ``np.array(Image.open(...))`` gives the indices back) and
 ``preds/ID_overlay.jpg`` (the prediction blended over the photo). A folder is read
 non-recursively (jpg, jpeg, png, bmp, sorted by name); unreadable images are reported
 and skipped. The exit status is nonzero only when nothing could be written.
@@ -25,12 +25,14 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from segtrain import hardware
+from segtrain.cli import user_errors
+from segtrain.datasets import save_label_png, spec_from_checkpoint
 from segtrain.evaluate import predict_logits
+from segtrain.io import DataError, save_image
 from segtrain.model import load_checkpoint
 from segtrain.transforms import normalize
 from segtrain.visualize import overlay
-from segtrain.io import DataError, save_image
-from segtrain.voc import decode_image, save_label_png
+from segtrain.voc import decode_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 PROTOCOLS = ("whole", "ms-flip")
@@ -51,8 +53,10 @@ def predict_mask(model: nn.Module, image: PIL.Image.Image, device: torch.device,
                  protocol: str = "whole", autocast_dtype: Optional[torch.dtype] = None) -> np.ndarray:
     """(H, W) uint8 class indices for one image (``model`` in eval mode, on ``device``;
     ``autocast_dtype`` from ``hardware.inference_autocast``, None = fp32)."""
-    # The loaders' normalisation, so the model sees what it saw in training and evaluation.
-    batch = normalize(TF.pil_to_tensor(image.convert("RGB"))).unsqueeze(0).to(device)
+    # The model's own normalisation (from its checkpoint), as in training and evaluation.
+    mean, std = getattr(model, "mean", None), getattr(model, "std", None)
+    pixels = TF.pil_to_tensor(image.convert("RGB"))
+    batch = (normalize(pixels, mean, std) if mean is not None else normalize(pixels)).unsqueeze(0).to(device)
     with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype,
                                                 enabled=autocast_dtype is not None):
         return predict_logits(model, batch, protocol)[0].argmax(dim=0).to(torch.uint8).cpu().numpy()
@@ -60,7 +64,7 @@ def predict_mask(model: nn.Module, image: PIL.Image.Image, device: torch.device,
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m segtrain.predict",
-                                     description="Segment images: VOC palette index PNGs and overlays.")
+                                     description="Segment images: palette index PNGs and overlays.")
     parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint file, e.g. runs/x/best.pt")
     parser.add_argument("--input", required=True, type=Path, help="an image, or a folder of images")
     parser.add_argument("--out", required=True, type=Path, help="output folder")
@@ -78,17 +82,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
-    try:
+    with user_errors():
         paths = list_images(args.input)
         if not paths:
             raise DataError(f"{args.input}: no {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} images in this folder")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model, _ = load_checkpoint(args.checkpoint)
+        model, ckpt = load_checkpoint(args.checkpoint)
         model.to(device).eval()
         amp = hardware.inference_autocast(args.mixed_precision, device)
-    except (DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        spec = spec_from_checkpoint(ckpt, str(args.checkpoint))
 
     written, skipped = 0, []
     seen: dict[str, Path] = {}
@@ -108,8 +110,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             skipped.append(path)
             continue
         mask = predict_mask(model, image, device, args.protocol, amp)
-        save_label_png(mask, args.out / f"{sid}.png")
-        blended = PIL.Image.fromarray(overlay(np.asarray(image), mask, args.alpha))
+        save_label_png(mask, args.out / f"{sid}.png", spec)
+        blended = PIL.Image.fromarray(overlay(np.asarray(image), mask, args.alpha, spec))
         save_image(blended, args.out / f"{sid}_overlay.{args.overlay_format}")
         written += 1
 

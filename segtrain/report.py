@@ -12,13 +12,14 @@ Writes into --out:
   summary.json       the table's numbers
 
 It reads only what every run directory holds: config.yaml, metrics.jsonl and best.pt.
+Class names and colours come from the first run's best.pt (its dataset spec); every
+run must have the same classes.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -28,11 +29,14 @@ import torch
 import yaml
 
 from segtrain import hardware, shards, stats, visualize
+from segtrain.cli import user_errors
+from segtrain.datasets import DatasetSpec, decode_target, spec_from_checkpoint
 from segtrain.metrics import subset_miou
 from segtrain.model import check_fits_data, load_checkpoint, read_checkpoint
 from segtrain.io import DataError, atomic_write_bytes, read_metrics_log
+from segtrain.metrics import subset_miou
+from segtrain.model import load_checkpoint, torch_load
 from segtrain.predict import predict_mask
-from segtrain.voc import CLASSES, decode_target
 
 
 @dataclass
@@ -111,13 +115,16 @@ def plot_curves(runs: list[Run], out: Path) -> Path:
 PREDICTION_TILE_INCHES = 3.2  # a VOC image (500 px) readable at 100 dpi
 
 
-def plot_predictions(rows: list[list[np.ndarray]], columns: Sequence[str], ids: Sequence[str], out: Path) -> Path:
+def plot_predictions(rows: list[list[np.ndarray]], columns: Sequence[str], ids: Sequence[str], out: Path,
+                     spec: DatasetSpec, legend_classes: Optional[Sequence[int]] = None) -> Path:
     """The prediction grid: large tiles shaped like the images (VOC's are mostly 4:3, not
-    square), thin gaps between them."""
-    fig = visualize.image_grid(rows, col_titles=columns, row_titles=ids, tile_inches=PREDICTION_TILE_INCHES)
+    square), thin gaps between them, ``spec``'s colours (``legend_classes``, default all) below."""
+    fig = visualize.image_grid(rows, col_titles=columns, row_titles=ids, tile_inches=PREDICTION_TILE_INCHES,
+                               spec=spec, legend_classes=legend_classes)
     aspect = float(np.clip(np.median([t.shape[0] / t.shape[1] for row in rows for t in row if t is not None]),
                            0.5, 1.5))
-    title_inches, legend_inches = 0.25, 0.5
+    title_inches = 0.25
+    legend_inches = visualize.legend_inches(spec.num_classes if legend_classes is None else len(legend_classes))
     width = PREDICTION_TILE_INCHES * len(columns)
     height = PREDICTION_TILE_INCHES * aspect * len(rows) + title_inches + legend_inches
     fig.set_size_inches(width, height)
@@ -136,13 +143,30 @@ def _fmt(value: Optional[float]) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
 
 
-def results_table(runs: list[Run], rare: Sequence[int] = ()) -> tuple[str, list[dict]]:
+def best_checkpoint(run: Run) -> Path:
+    best = run.path / "best.pt"
+    if not best.is_file():
+        raise DataError(f"{run.path}: no best.pt (did the run validate at least once?)")
+    return best
+
+
+def run_spec(run: Run) -> DatasetSpec:
+    """The classes and colours a run was trained on (its best.pt's dataset spec)."""
+    best = best_checkpoint(run)
+    return spec_from_checkpoint(torch_load(best), str(best))
+
+
+def results_table(runs: list[Run], rare: Sequence[int] = (),
+                  class_names: Optional[Sequence[str]] = None) -> tuple[str, list[dict]]:
     """Markdown: one row per run (best mIoU, its pixel accuracy, mIoU over the ``rare``
-    classes, per-class IoU), and the rows as data."""
+    classes, per-class IoU), and the rows as data. ``class_names`` default to the
+    first run's (its best.pt's dataset spec)."""
+    if class_names is None:
+        class_names = run_spec(runs[0]).classes
     rows = []
     for run in runs:
         best = run.best or {}
-        iou = best.get("val/iou", [None] * len(CLASSES))
+        iou = best.get("val/iou", [None] * len(class_names))
         rows.append({"run": run.name, "loss": run.config.get("loss"), "best_step": best.get("step"),
                      "miou": best.get("val/miou"), "pixel_acc": best.get("val/pixel_acc"),
                      "mean_class_acc": best.get("val/mean_class_acc"),
@@ -153,26 +177,28 @@ def results_table(runs: list[Run], rare: Sequence[int] = ()) -> tuple[str, list[
     body = "".join(f"| {r['run']} | {r['loss']} | {r['best_step']} | {_fmt(r['miou'])} | {_fmt(r['rare_miou'])} | "
                    f"{_fmt(r['pixel_acc'])} | {_fmt(r['mean_class_acc'])} |\n" for r in rows)
     if rare:
-        body += "\nRarest classes by training pixel share: " + ", ".join(CLASSES[c] for c in rare) + "\n"
+        body += "\nRarest classes by training pixel share: " + ", ".join(class_names[c] for c in rare) + "\n"
     per_class = ("| class | " + " | ".join(r["run"] for r in rows) + " |\n|---|"
                  + "---|" * len(rows) + "\n"
                  + "".join(f"| {name} | " + " | ".join(_fmt(r["iou"][c]) for r in rows) + " |\n"
-                           for c, name in enumerate(CLASSES)))
+                           for c, name in enumerate(class_names)))
     return head + body + "\n**Per-class IoU (%) at each run's best step**\n\n" + per_class, rows
 
 
 def prediction_rows(runs: list[Run], data: str, split: str, ids: Sequence[str],
                     device: torch.device, autocast_dtype: Optional[torch.dtype] = None) -> tuple[list[list[np.ndarray]], list[np.ndarray], list[np.ndarray]]:
     """Grid rows | RGB | GT | run... |, plus the images and labels (for optional SAM columns)."""
+    spec = shards.resolve_data(data, split).spec
     samples = {sid: (img, lbl) for sid, img, lbl in shards.iter_samples(data, split, ids=ids)}
     images = [np.asarray(samples[sid][0]) for sid in ids]
     labels = [samples[sid][1] for sid in ids]
-    rows = [[img, decode_target(lbl)] for img, lbl in zip(images, labels)]
+    rows = [[img, decode_target(lbl, spec)] for img, lbl in zip(images, labels)]
     for run in runs:
         model, _ = load_checkpoint(run.path / "best.pt", map_location=device)  # checked by check_runs_fit
         model.eval()
         for row, sid in zip(rows, ids):
-            row.append(decode_target(predict_mask(model, samples[sid][0], device, autocast_dtype=autocast_dtype)))
+            row.append(decode_target(predict_mask(model, samples[sid][0], device, autocast_dtype=autocast_dtype),
+                                     spec))
         del model
     return rows, images, labels
 
@@ -181,9 +207,7 @@ def check_runs_fit(runs: list[Run], data: str, split: str) -> None:
     """Every run has a best.pt whose classes are the data's."""
     source = shards.resolve_data(data, split)
     for run in runs:
-        best = run.path / "best.pt"
-        if not best.is_file():
-            raise DataError(f"{run.path}: no best.pt (did the run validate at least once?)")
+        best = best_checkpoint(run)
         check_fits_data(read_checkpoint(best), best, shards.class_names(source), source.location)
 
 
@@ -204,9 +228,10 @@ def build_report(run_dirs: Sequence[Path], out: Path, data: Optional[str] = None
 
     check_runs_fit(runs, val_data, split)  # before any figure is written
     manifest = shards.resolve_data(train_data, runs[0].config.get("train_split") or "train").manifest
+    spec = run_spec(runs[0])
     plot_curves(runs, out / "curves.png")
-    table, rows = results_table(runs, stats.rarest_classes(manifest) if manifest else ())
-    sections = ["# segtrain run comparison\n",
+    table, rows = results_table(runs, stats.rarest_classes(manifest) if manifest else (), spec.classes)
+    sections = [f"# segtrain run comparison ({spec.name}, {spec.num_classes} classes)\n",
                 "Runs: " + ", ".join(f"`{r.path}`" for r in runs) + "\n",
                 "## Validation mIoU and training loss\n", "![curves](curves.png)\n",
                 *(f"`{r.name}` validated once (epoch {r.vals[0]['epoch']:.3g}): its mIoU is one point, "
@@ -234,7 +259,9 @@ def build_report(run_dirs: Sequence[Path], out: Path, data: Optional[str] = None
         for row, extra in zip(grid_rows, sam_cols["images"]):
             row.extend(extra)
         columns += sam_cols["titles"]
-    plot_predictions(grid_rows, columns, chosen, out / "predictions.png")
+    shown = sorted({int(c) for lbl in labels for c in np.unique(lbl) if c < spec.num_classes})
+    plot_predictions(grid_rows, columns, chosen, out / "predictions.png", spec,
+                     legend_classes=None if spec.num_classes <= 33 else shown)
     sections += ["## Predictions on validation images\n",
                  markdown_header(columns), "![predictions](predictions.png)\n",
                  "Images: " + ", ".join(f"`{sid}`" for sid in chosen) + "\n"]
@@ -263,13 +290,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--mixed-precision", choices=hardware.PRECISIONS, default="auto",
                     help=f"of the runs' predictions: {hardware.PRECISION_HELP}")
     args = ap.parse_args(argv)
-    try:
+    with user_errors():
         report = build_report(args.runs, args.out, args.data, args.split, args.ids, args.num_images,
                               args.sam_checkpoint, args.sam_model_type, args.sam_points_per_side, args.device,
                               args.mixed_precision)
-    except DataError as e:
-        print(f"segtrain.report: error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(f"report written to {report}")
 
 

@@ -42,13 +42,14 @@ from torch import nn
 from tqdm import tqdm
 
 from segtrain import hardware
+from segtrain.cli import user_errors
+from segtrain.datasets import IGNORE_INDEX, VOC, DatasetSpec, decode_target, spec_from_checkpoint
+from segtrain.io import PathLike, atomic_write_bytes, save_image
 from segtrain.metrics import confusion_matrix, segmentation_metrics, to_jsonable
 from segtrain.model import CheckpointError, check_fits_data, load_checkpoint, load_weights, torch_load
 from segtrain.predict import predict_mask
 from segtrain.shards import class_names, iter_samples, resolve_data
 from segtrain.visualize import covering_ids, overlay
-from segtrain.io import DataError, PathLike, atomic_write_bytes, save_image
-from segtrain.voc import CLASSES, decode_target
 
 __all__ = [
     "MODEL_TYPES", "CHECKPOINT_HELP", "METHODS", "load_sam", "sam_model_type", "resolve_device",
@@ -294,8 +295,15 @@ class SamMaps:
     sam_boxes: Optional[np.ndarray] = None
 
 
+def fill_class(spec: DatasetSpec) -> int:
+    """What SAM-refined (boxes) paints outside the boxes: the background class, or ignore (255)
+    for datasets without one (every class is then prompted)."""
+    return spec.background if spec.background is not None else IGNORE_INDEX
+
+
 def segment_with_sam(generator: SamAutomaticMaskGenerator, image: np.ndarray,
-                     semantic: Optional[np.ndarray] = None, min_box_area: int = MIN_BOX_AREA) -> SamMaps:
+                     semantic: Optional[np.ndarray] = None, min_box_area: int = MIN_BOX_AREA,
+                     background: int = BACKGROUND) -> SamMaps:
     """Run the automatic generator on ``image`` and, with ``semantic``, both refinements.
 
     The box prompts reuse the generator's predictor, so the image is encoded once.
@@ -304,7 +312,7 @@ def segment_with_sam(generator: SamAutomaticMaskGenerator, image: np.ndarray,
     masks = [r["segmentation"] for r in sam_masks(generator, image)]
     if semantic is None:
         return SamMaps(masks, time.perf_counter() - start)
-    boxes = refine_with_boxes(generator.predictor, image, semantic, min_box_area)
+    boxes = refine_with_boxes(generator.predictor, image, semantic, min_box_area, background)
     return SamMaps(masks, time.perf_counter() - start, semantic, assign_majority(masks, semantic), boxes)
 
 
@@ -318,20 +326,24 @@ def report_columns(sam_checkpoint: PathLike, model_type: str, images: Sequence[n
 
     ``images``: (H, W, 3) uint8 RGB arrays. Returns ``{"titles": [...], "images": rows}``
     with one row per image: SAM's masks drawn over the image and, with a ``semantic``
-    checkpoint, the two SAM-refined class maps in VOC colours.
+    checkpoint, the two SAM-refined class maps in its dataset's colours.
     """
     sam = load_sam(sam_checkpoint, model_type, device)
     generator = mask_generator(sam, points_per_side)
-    model = None if semantic is None else load_checkpoint(semantic, map_location=sam.device)[0].eval()
+    model, spec = None, VOC
+    if semantic is not None:
+        model, ckpt = load_checkpoint(semantic, map_location=sam.device)
+        model.eval()
+        spec = spec_from_checkpoint(ckpt, str(semantic))
     titles = ["SAM masks"] + ([] if model is None else [METHODS["sam_majority"], METHODS["sam_boxes"]])
     rows = []
     for image in tqdm(images, desc="SAM", unit="img", disable=not progress):
         semantic_map = None if model is None else predict_mask(model, PIL.Image.fromarray(image), sam.device,
                                                                autocast_dtype=semantic_autocast)
-        maps = segment_with_sam(generator, image, semantic_map, min_box_area)
+        maps = segment_with_sam(generator, image, semantic_map, min_box_area, fill_class(spec))
         row = [draw_sam_masks(image, maps.masks)]
         if model is not None:
-            row += [decode_target(maps.sam_majority), decode_target(maps.sam_boxes)]
+            row += [decode_target(maps.sam_majority, spec), decode_target(maps.sam_boxes, spec)]
         rows.append(row)
     return {"titles": titles, "images": rows}
 
@@ -339,18 +351,21 @@ def report_columns(sam_checkpoint: PathLike, model_type: str, images: Sequence[n
 def run_sam_comparison(sam: Sam, data: PathLike, split: str, ids: Sequence[str], out_dir: PathLike,
                        semantic_model: Optional[nn.Module] = None, points_per_side: int = 32,
                        min_box_area: int = MIN_BOX_AREA, progress: bool = True,
-                       semantic_autocast: Optional[torch.dtype] = None) -> dict[str, Any]:
+                       semantic_autocast: Optional[torch.dtype] = None,
+                       spec: Optional[DatasetSpec] = None) -> dict[str, Any]:
     """SAM on ``ids``: overlays in ``out_dir`` and, with ``semantic_model``, metrics of the
     semantic map and both SAM refinements against the ground truth.
 
     Writes ``ID_sam.png`` per image, plus ``ID_semantic.png``, ``ID_sam_majority.png`` and
     ``ID_sam_boxes.png`` with a semantic model, and ``sam_metrics.json`` (returned too).
+    ``spec`` (class names, colours; default: the data's) must be the semantic model's.
     """
     out_dir = Path(out_dir)
     generator = mask_generator(sam, points_per_side)
     if semantic_model is not None:
         semantic_model = semantic_model.to(sam.device).eval()
-    num_classes = len(CLASSES)
+    spec = spec or resolve_data(data, split).spec
+    num_classes = spec.num_classes
     confusion = {m: torch.zeros(num_classes, num_classes, dtype=torch.int64) for m in METHODS}
     per_image = {}
     samples = iter_samples(data, split, ids)
@@ -358,7 +373,7 @@ def run_sam_comparison(sam: Sam, data: PathLike, split: str, ids: Sequence[str],
         image = np.asarray(pil_image)
         semantic = None if semantic_model is None else predict_mask(semantic_model, pil_image, sam.device,
                                                                     autocast_dtype=semantic_autocast)
-        maps = segment_with_sam(generator, image, semantic, min_box_area)
+        maps = segment_with_sam(generator, image, semantic, min_box_area, fill_class(spec))
         save_image(PIL.Image.fromarray(draw_sam_masks(image, maps.masks)), out_dir / f"{sid}_sam.png")
         per_image[sid] = {"num_masks": len(maps.masks), "sam_seconds": maps.seconds}
         if semantic is None:
@@ -366,7 +381,7 @@ def run_sam_comparison(sam: Sam, data: PathLike, split: str, ids: Sequence[str],
         target = torch.from_numpy(label)
         for method in METHODS:
             prediction = getattr(maps, method)
-            save_image(PIL.Image.fromarray(overlay(image, prediction)), out_dir / f"{sid}_{method}.png")
+            save_image(PIL.Image.fromarray(overlay(image, prediction, spec=spec)), out_dir / f"{sid}_{method}.png")
             cm = confusion_matrix(torch.from_numpy(prediction), target, num_classes)
             confusion[method] += cm
             per_image[sid][method] = segmentation_metrics(cm)["miou"]
@@ -376,7 +391,7 @@ def run_sam_comparison(sam: Sam, data: PathLike, split: str, ids: Sequence[str],
     }
     if semantic_model is not None:
         result["min_box_area"] = min_box_area
-        result["metrics"] = {m: segmentation_metrics(confusion[m], CLASSES) for m in METHODS}
+        result["metrics"] = {m: segmentation_metrics(confusion[m], spec.classes) for m in METHODS}
     atomic_write_bytes(out_dir / "sam_metrics.json", json.dumps(to_jsonable(result), indent=2).encode())
     return result
 
@@ -421,24 +436,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    try:
+    with user_errors(ValueError):
         if args.num < 1 or args.points_per_side < 1:
             raise ValueError("--num and --points-per-side must be at least 1")
         device = resolve_device(args.device)
         ids = args.ids or covering_ids(str(args.data), args.split, args.num)
-        semantic_model = None
+        semantic_model, spec = None, None
         if args.semantic:
             semantic_model, ckpt = load_checkpoint(args.semantic)
             source = resolve_data(args.data, args.split)
             check_fits_data(ckpt, args.semantic, class_names(source), source.location)
+            spec = source.spec
         print(f"SAM {args.model_type} from {args.sam_checkpoint} on {device}; images: {', '.join(ids)}")
         amp = hardware.inference_autocast(args.mixed_precision, device) if semantic_model is not None else None
         sam = load_sam(args.sam_checkpoint, args.model_type, device)
         result = run_sam_comparison(sam, args.data, args.split, ids, args.out, semantic_model,
-                                    args.points_per_side, args.min_box_area, semantic_autocast=amp)
-    except (DataError, FileNotFoundError, ValueError) as e:
-        print(f"segtrain.sam: error: {e}", file=sys.stderr)
-        return 2
+                                    args.points_per_side, args.min_box_area, semantic_autocast=amp, spec=spec)
     if "metrics" in result:
         print(format_comparison(result["metrics"]))
     print(f"wrote overlays of {len(result['ids'])} images and sam_metrics.json to {args.out}")

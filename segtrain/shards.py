@@ -4,11 +4,15 @@
 
 * a shard manifest ``.../voc-train.json`` written by ``tools/pack.py`` (asking it for
   another split uses the sibling manifest, e.g. ``voc-val.json``, so one ``--data``
-  serves training and evaluation), or a folder holding ``voc-{split}.json``;
+  serves training and evaluation), or a folder holding one ``*-{split}.json``;
 * a shard pattern: anything webdataset opens (``shards/voc-train-{000000..000005}.tar``,
   a URL, ``pipe:curl ...``); its sample count is counted once by reading the shards;
 * a VOC folder: ``VOCdevkit/VOC2012`` itself, or a folder holding ``VOCdevkit/VOC2012``
   or ``VOC2012``.
+
+What the labels mean (classes, colours, the label lookup table) is the manifest's
+dataset spec (``segtrain.datasets``); the loaders map every label through it. A VOC
+folder and a bare shard pattern carry no spec: they are read as VOC.
 
 Training (``train_loader``) gives every rank exactly ``steps_per_epoch`` batches of
 exactly ``batch_size`` samples, whatever the shard count, and is a pure function of
@@ -58,9 +62,9 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, default_colla
 from torchvision.transforms.v2 import functional as F
 
 from . import integrity, voc
+from .datasets import IGNORE_INDEX, VOC, DatasetSpec, decode_label, load_pair, spec_from_manifest
 from .io import DataError, read_manifest
-from .transforms import PairTransform, normalize, train_transforms, val_transforms
-from .voc import IGNORE_INDEX
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, PairTransform, normalize, train_transforms, val_transforms
 
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
 
@@ -84,6 +88,7 @@ class DataSource:
     manifest: Optional[dict] = None
     num_samples: Optional[int] = None  # None: a bare shard pattern, counted on demand
     shard_sizes: Optional[tuple[int, ...]] = None  # samples per shard, from the manifest
+    spec: DatasetSpec = VOC          # what the labels mean (the manifest's; VOC without one)
 
 
 def _looks_like_shards(data: str) -> bool:
@@ -113,7 +118,8 @@ def _manifest_source(path: Path, split: str) -> DataSource:
     _check_local_shards(urls, str(path))
     return DataSource("shards", split, str(path), urls=urls, manifest=manifest,
                       num_samples=int(manifest["num_samples"]),
-                      shard_sizes=tuple(shard["samples"] for shard in manifest["shards"]))
+                      shard_sizes=tuple(shard["samples"] for shard in manifest["shards"]),
+                      spec=spec_from_manifest(manifest, str(path)))
 
 
 def _check_local_shards(urls: Iterable[str], where: str) -> None:
@@ -133,10 +139,14 @@ def resolve_data(data: str | Path, split: str) -> DataSource:
         if root is not None:
             num = len(voc.read_split(root, split))
             return DataSource("folder", split, str(root), voc_root=root, num_samples=num)
-        if (path / f"voc-{split}.json").is_file():
-            return _manifest_source(path / f"voc-{split}.json", split)
+        manifests = sorted(path.glob(f"*-{split}.json"))
+        if len(manifests) == 1:
+            return _manifest_source(manifests[0], split)
+        if len(manifests) > 1:
+            raise DataError(f"{path}: several shard manifests for split {split!r} "
+                            f"({', '.join(m.name for m in manifests)}); pass one of them")
         raise DataError(f"{path}: folder holds neither VOCdevkit/VOC2012 (with JPEGImages) "
-                        f"nor a shard manifest voc-{split}.json")
+                        f"nor a shard manifest NAME-{split}.json")
     if _looks_like_shards(text):
         urls = tuple(wds.shardlists.expand_urls(text))
         _check_local_shards(urls, text)
@@ -147,10 +157,9 @@ def resolve_data(data: str | Path, split: str) -> DataSource:
 
 
 def class_names(source: DataSource) -> Optional[list[str]]:
-    """The data's class names: the manifest's, VOC's for a VOC folder, None for bare shards (they do not say)."""
-    if source.manifest is not None:
-        return list(source.manifest["class_names"])
-    return list(voc.CLASSES) if source.kind == "folder" else None
+    """The data's class names (its dataset spec's: the manifest's, VOC's for a VOC folder); None for
+    bare shards, which do not say (they are read as VOC, but may hold anything)."""
+    return list(source.spec.classes) if source.manifest is not None or source.kind == "folder" else None
 
 
 @functools.lru_cache(maxsize=None)
@@ -188,14 +197,15 @@ def _mix(*words: int) -> int:
 
 # --------------------------------------------------------------------------- decoding
 
-def decode_sample(jpeg: bytes, png: bytes, name: str) -> tuple[torch.Tensor, np.ndarray]:
-    """JPEG + label PNG bytes -> (uint8 (3, H, W) tensor, uint8 (H, W) class indices), checked.
+def decode_sample(jpeg: bytes, png: bytes, name: str, spec: DatasetSpec = VOC) -> tuple[torch.Tensor, np.ndarray]:
+    """Image (JPEG or PNG) + label PNG bytes -> (uint8 (3, H, W) tensor, uint8 (H, W) class
+    indices mapped through ``spec``'s label table), checked.
 
     PIL decodes the JPEG: torchvision.io.decode_jpeg is ~20% faster on VOC-sized
     images (bench/loader_bench.py) but deprecated since torchvision 0.29, and the
     decode is a small share of a training sample's cost.
     """
-    image, label = voc.load_pair(jpeg, png, name)
+    image, label = load_pair(jpeg, png, name, spec)
     return F.pil_to_tensor(image), label
 
 
@@ -205,15 +215,21 @@ _PLAIN_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 
 
 def _shard_pair(sample: dict) -> tuple[str, bytes, bytes, str]:
-    """(id, jpeg, png, name for messages) from a webdataset sample dict."""
+    """(id, image, label png, name for messages) from a webdataset sample dict.
+
+    A JPEG image and its label are ``jpg`` + ``png``; a PNG image and its label are
+    ``png`` + ``label.png`` (see ``segtrain.pack``)."""
     sid, url = sample["__key__"], sample.get("__url__", "?")
     if not _PLAIN_ID.fullmatch(sid):
         raise DataError(f"shard {url}: sample key {sid!r} is not a plain id "
                         "(letters, digits, '_', '-', '.', not starting with '.')")
     name = f"sample {sid} in shard {url}"
+    if "label.png" in sample and "png" in sample:
+        return sid, sample["png"], sample["label.png"], name
     if "jpg" not in sample or "png" not in sample:
         have = sorted(k for k in sample if not k.startswith("__"))
-        raise DataError(f"{name}: needs {sid}.jpg and {sid}.png members, has {have}")
+        raise DataError(f"{name}: needs {sid}.jpg and {sid}.png (or {sid}.png and {sid}.label.png) "
+                        f"members, has {have}")
     return sid, sample["jpg"], sample["png"], name
 
 
@@ -243,8 +259,9 @@ def _stack(samples: list[tuple[torch.Tensor, torch.Tensor, str]]) -> Batch:
     return images, masks, ids
 
 
-def pad_collate(samples: list[tuple[torch.Tensor, torch.Tensor, str]]) -> Batch:
-    """Normalise and batch uint8 samples of different sizes.
+def pad_collate(samples: list[tuple[torch.Tensor, torch.Tensor, str]],
+                mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> Batch:
+    """Normalise (with the model's ``mean``/``std``) and batch uint8 samples of different sizes.
 
     Pads bottom/right: images with 0 (after normalisation, i.e. the mean colour),
     masks with 255 so padding never counts.
@@ -254,7 +271,7 @@ def pad_collate(samples: list[tuple[torch.Tensor, torch.Tensor, str]]) -> Batch:
     images = torch.zeros(len(samples), 3, height, width)
     masks = torch.full((len(samples), height, width), IGNORE_INDEX, dtype=torch.long)
     for i, (image, mask, _) in enumerate(samples):
-        images[i, :, : image.shape[1], : image.shape[2]] = normalize(image)
+        images[i, :, : image.shape[1], : image.shape[2]] = normalize(image, mean, std)
         masks[i, : mask.shape[0], : mask.shape[1]] = mask
     return images, masks, [sid for _, _, sid in samples]
 
@@ -295,9 +312,9 @@ class _TrainShardStream(IterableDataset):
     batches ``worker, worker + num_workers, ...`` of the epoch's ``steps``."""
 
     def __init__(self, urls: tuple[str, ...], sizes: tuple[int, ...], transform: PairTransform,
-                 batch_size: int, steps: int, seed: int, epoch: int, rank: int):
+                 batch_size: int, steps: int, seed: int, epoch: int, rank: int, spec: DatasetSpec = VOC):
         super().__init__()
-        self.urls, self.sizes, self.transform = urls, sizes, transform
+        self.urls, self.sizes, self.transform, self.spec = urls, sizes, transform, spec
         self.batch_size, self.steps, self.seed, self.epoch, self.rank = batch_size, steps, seed, epoch, rank
 
     def __iter__(self) -> Iterator[Batch]:
@@ -320,7 +337,7 @@ class _TrainShardStream(IterableDataset):
 
     def _augment(self, sample: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor, str]:
         sid, jpeg, png, name = _shard_pair(sample)
-        image, mask = _seeded(self.transform, *decode_sample(jpeg, png, name), seed)
+        image, mask = _seeded(self.transform, *decode_sample(jpeg, png, name, self.spec), seed)
         return image, mask, sid
 
 
@@ -382,7 +399,8 @@ def train_loader(data: str | Path, batch_size: int, crop_size: int, *, split: st
                             num_workers=num_workers, collate_fn=_stack, generator=generator)
         return loader, steps
 
-    stream = _TrainShardStream(source.urls, _shard_sizes(source), transform, batch_size, steps, seed, epoch, rank)
+    stream = _TrainShardStream(source.urls, _shard_sizes(source), transform, batch_size, steps, seed, epoch, rank,
+                               source.spec)
     # batch_size=None: the workers batch (into shared memory) and the DataLoader passes
     # their batches through. A worker beyond `steps` would have no batch to make.
     loader = DataLoader(stream, batch_size=None, num_workers=min(num_workers, steps), generator=generator)
@@ -391,16 +409,18 @@ def train_loader(data: str | Path, batch_size: int, crop_size: int, *, split: st
 
 # --------------------------------------------------------------------------- evaluation
 
-def _decode_val(sample: dict, transform: PairTransform) -> tuple[torch.Tensor, torch.Tensor, str]:
+def _decode_val(sample: dict, transform: PairTransform, spec: DatasetSpec) -> tuple[torch.Tensor, torch.Tensor, str]:
     sid, jpeg, png, name = _shard_pair(sample)
-    image, mask = transform(*decode_sample(jpeg, png, name))
+    image, mask = transform(*decode_sample(jpeg, png, name, spec))
     return image, mask, sid
 
 
 def val_loader(data: str | Path, *, split: str = "val", batch_size: int = 1, num_workers: int = 1,
                protocol: str = "whole", crop_size: int = 513, rank: Optional[int] = None,
-               world_size: Optional[int] = None) -> Iterable[Batch]:
-    """Every sample of ``split`` exactly once across ranks, normalised, un-augmented.
+               world_size: Optional[int] = None, mean: tuple[float, ...] = IMAGENET_MEAN,
+               std: tuple[float, ...] = IMAGENET_STD) -> Iterable[Batch]:
+    """Every sample of ``split`` exactly once across ranks, normalised (the model's ``mean`` and
+    ``std``: ``model.mean``, ``model.std``), un-augmented.
 
     Batches of differently sized images are padded (image 0, mask 255). A rank that
     gets no shard (more ranks than shards) yields nothing.
@@ -409,13 +429,14 @@ def val_loader(data: str | Path, *, split: str = "val", batch_size: int = 1, num
     source = resolve_data(data, split)
     # Workers send single uint8 samples; pad_collate normalises and pads in this process.
     transform = val_transforms(protocol, crop_size, normalize=False)
+    collate = functools.partial(pad_collate, mean=tuple(mean), std=tuple(std))
 
     if source.kind == "folder":
         dataset = voc.VOCSegmentation(source.voc_root, split)
         samples = _FolderSamples(dataset, list(range(rank, len(dataset), world_size)), transform)
         loader = DataLoader(samples, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                             collate_fn=list)
-        return wds.DataPipeline(loader, wds.map(pad_collate))
+        return wds.DataPipeline(loader, wds.map(collate))
 
     my_urls = list(source.urls[rank::world_size])
     if not my_urls:
@@ -424,9 +445,9 @@ def val_loader(data: str | Path, *, split: str = "val", batch_size: int = 1, num
     expected = dict(zip(source.urls, source.shard_sizes)) if source.shard_sizes is not None else None
     samples = wds.DataPipeline(wds.SimpleShardList(my_urls), wds.split_by_worker,
                                functools.partial(_listed_shard_samples, expected=expected),
-                               wds.map(functools.partial(_decode_val, transform=transform)))
+                               wds.map(functools.partial(_decode_val, transform=transform, spec=source.spec)))
     return (wds.WebLoader(samples, batch_size=None, num_workers=min(num_workers, len(my_urls)))
-            .batched(batch_size, collation_fn=pad_collate, partial=True))
+            .batched(batch_size, collation_fn=collate, partial=True))
 
 
 # --------------------------------------------------------------------------- raw access
@@ -457,7 +478,7 @@ def iter_samples(data: str | Path, split: str,
             if sid not in wanted:
                 continue
             wanted.discard(sid)
-        image, label = voc.load_pair(jpeg, png, name)
+        image, label = load_pair(jpeg, png, name, source.spec)
         yield sid, image, label
         if wanted is not None and not wanted:
             return
@@ -480,11 +501,11 @@ def image_classes(data: str | Path, split: str) -> dict[str, list[int]]:
         dataset = voc.VOCSegmentation(source.voc_root, split)
         for index, sid in enumerate(dataset.ids):
             label_path = dataset.paths(index)[1]
-            label = voc.decode_label(voc.read_bytes(label_path, "label (PNG)"), str(label_path))
+            label = decode_label(voc.read_bytes(label_path, "label (PNG)"), str(label_path), source.spec)
             classes[sid] = _present(label)
     else:
         for sid, _, png, name in _raw_pairs(source):
-            classes[sid] = _present(voc.decode_label(png, f"{name} (label)"))
+            classes[sid] = _present(decode_label(png, f"{name} (label)", source.spec))
     return classes
 
 

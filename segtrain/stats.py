@@ -16,9 +16,10 @@ from typing import Optional, Sequence, Union
 
 from matplotlib.figure import Figure
 
-from segtrain.io import DataError, PathLike, check_manifest, read_manifest
+from segtrain.cli import user_errors
+from segtrain.datasets import spec_from_manifest
+from segtrain.io import PathLike, check_manifest, read_manifest
 from segtrain.visualize import save_figure
-from segtrain.voc import COLORMAP
 
 def class_balance(manifest: dict) -> list[dict]:
     """One row per class, in class-index order.
@@ -40,13 +41,15 @@ def class_balance(manifest: dict) -> list[dict]:
 
 
 def rarest_classes(manifest: dict, k: int = 5) -> list[int]:
-    """The ``k`` object classes (background excluded) with the fewest labelled pixels, rarest first.
+    """The ``k`` object classes (a class called background excluded) with the fewest labelled
+    pixels, rarest first.
 
     The classes on which an imbalance-aware loss should make a difference; classes
     with no pixels at all are left out (nothing can be learned or measured there).
     """
     counts = manifest["class_pixel_counts"]
-    present = [c for c in range(1, len(counts)) if counts[c] > 0]
+    background = spec_from_manifest(manifest).background
+    present = [c for c in range(len(counts)) if counts[c] > 0 and c != background]
     return sorted(present, key=lambda c: (counts[c], c))[:k]
 
 
@@ -70,14 +73,20 @@ def plot_class_balance(manifest_or_rows: Union[dict, Sequence[dict]], out_path: 
                        title: Optional[str] = None, image_share: bool = True) -> Path:
     """Bar chart of pixel share per class (log scale), plus image share when ``image_share``.
 
-    Bars use the VOC palette colours, so the chart reads like the label maps.
+    Bars use the dataset's class colours (the manifest's spec; VOC's for a manifest
+    without one, and for bare rows), so the chart reads like the label maps.
     Written atomically; returns ``out_path``. Works on a manifest or on
     ``class_balance`` rows.
     """
-    rows = class_balance(manifest_or_rows) if isinstance(manifest_or_rows, dict) else list(manifest_or_rows)
+    if isinstance(manifest_or_rows, dict):
+        rows = class_balance(manifest_or_rows)
+        colormap = spec_from_manifest(manifest_or_rows).colormap()
+    else:
+        rows = list(manifest_or_rows)
+        colormap = spec_from_manifest({"class_names": [r["name"] for r in rows]}).colormap()
     out_path = Path(out_path)
     names = [r["name"] for r in rows]
-    colours = COLORMAP[: len(rows)] / 255.0
+    colours = colormap[: len(rows)] / 255.0
     positions = range(len(rows))
 
     # A bare Figure renders with Agg and touches no pyplot global state, so
@@ -111,15 +120,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--plot", type=Path, metavar="PNG", help="also write a bar chart here")
     parser.add_argument("--title", help="chart title (default: names the manifest)")
     args = parser.parse_args(argv)
-    try:
+    with user_errors():
         manifest = read_manifest(args.manifest)
-        print(f"{args.manifest} (split {manifest.get('split', '?')!r})")
+        print(f"{args.manifest} (split {manifest.get('split', '?')!r}, dataset "
+              f"{spec_from_manifest(manifest, str(args.manifest)).name})")
         print(format_table(manifest))
         if args.plot:
             title = args.title or f"Class balance of {args.manifest.name}"
             print(f"wrote {plot_class_balance(manifest, args.plot, title)}")
-    except DataError as e:
-        parser.exit(2, f"error: {e}\n")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""A built-in synthetic dataset in the exact VOCdevkit/VOC2012 layout.
+"""A built-in synthetic dataset in the exact VOCdevkit/VOC2012 layout (and in the
+Cityscapes, ADE20K and folder layouts, ``--layout``).
 
 It exists so the demo and the tests run anywhere without downloading VOC. It is
 built to exercise what matters on real VOC:
@@ -15,6 +16,13 @@ built to exercise what matters on real VOC:
   matter.
 
     python -m segtrain.synthetic --out data/synthetic --train 200 --val 50 --seed 0
+    python -m segtrain.synthetic --layout cityscapes --out data/synth_cityscapes
+    python -m segtrain.synthetic --layout folder --out data/mine   # 4 classes, classes.txt
+
+The other layouts draw the same scenes and write their labels as those datasets do:
+Cityscapes labelIds (an object class becomes one of the 19 evaluated labelIds, or the
+ignored "static"; boundaries are "unlabeled" 0), ADE20K indices 1..N with 0 on the
+boundaries, and a 4-class folder dataset (background, vehicle, animal, person).
 """
 from __future__ import annotations
 
@@ -28,6 +36,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from . import datasets
 from .io import atomic_write_bytes
 from .voc import IGNORE_INDEX, NUM_CLASSES, label_to_png_bytes
 
@@ -272,18 +281,106 @@ def generate(out_dir: os.PathLike | str, num_train: int = 200, num_val: int = 50
     return root
 
 
+# --------------------------------------------------------------------------- other layouts
+
+LAYOUTS = ("voc", "cityscapes", "ade20k", "folder")
+# Synthetic object class -> Cityscapes labelId: the 19 evaluated labelIds, then "static" (4, ignored).
+CITYSCAPES_LABEL_IDS = tuple(sorted(k for k, v in enumerate(datasets.CITYSCAPES.label_map)
+                                    if v != IGNORE_INDEX)) + (4,)
+CITYSCAPES_UNLABELED = 0
+FOLDER_CLASSES = ("background", "vehicle", "animal", "person")
+FOLDER_SOURCES = {7: 1, 6: 1, 8: 2, 12: 2, 15: 3}  # synthetic class (car, bus, cat, dog, person) -> folder class
+
+
+def _index_png(label: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(label.astype(np.uint8), mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _png_bytes(img: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _layout_label(layout: str, label: np.ndarray) -> np.ndarray:
+    """A synthetic VOC-index label as the dataset's files store it."""
+    if layout == "cityscapes":
+        table = np.full(256, CITYSCAPES_UNLABELED, np.uint8)
+        table[1:NUM_CLASSES] = CITYSCAPES_LABEL_IDS[: NUM_CLASSES - 1]
+        table[0] = CITYSCAPES_LABEL_IDS[0]  # background is road
+        return table[label]
+    if layout == "ade20k":
+        table = np.zeros(256, np.uint8)  # boundaries -> 0, "other objects" (ignored)
+        table[:NUM_CLASSES] = np.arange(1, NUM_CLASSES + 1)
+        return table[label]
+    table = np.zeros(256, np.uint8)  # folder: unlisted classes never occur (see the plan)
+    for source, target in FOLDER_SOURCES.items():
+        table[source] = target
+    table[IGNORE_INDEX] = IGNORE_INDEX
+    return table[label]
+
+
+def generate_layout(out_dir: os.PathLike | str, layout: str, num_train: int = 20, num_val: int = 8,
+                    seed: int = 0, min_size: int = 160, max_size: int = 400, quality: int = 90) -> Path:
+    """Write a synthetic dataset in ``layout``; returns the folder to pack (``--root``)."""
+    if layout == "voc":
+        return generate(out_dir, num_train, num_val, seed, min_size, max_size, quality)
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; one of {', '.join(LAYOUTS)}")
+    if num_train < 1 or num_val < 1:
+        raise ValueError("num_train and num_val must be >= 1")
+    out = Path(out_dir)
+    root = out / "ADEChallengeData2016" if layout == "ade20k" else out
+    rng = np.random.default_rng(seed)
+    index = 0
+    for split, num in (("train", num_train), ("val", num_val)):
+        if layout == "folder":
+            plan = [[int(c) for c in rng.choice(list(FOLDER_SOURCES), size=int(rng.integers(1, 4)))]
+                    for _ in range(num)]
+        else:
+            plan = _split_plan(num, rng)
+        for classes in plan:
+            index += 1
+            w, h = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
+            image, label = render_sample(w, h, classes, rng)
+            label = _layout_label(layout, label)
+            if layout == "cityscapes":
+                city = ("aachen", "bochum")[index % 2]
+                stem = f"{city}_{index:06d}_000019"
+                atomic_write_bytes(root / "leftImg8bit" / split / city / f"{stem}_leftImg8bit.png", _png_bytes(image))
+                atomic_write_bytes(root / "gtFine" / split / city / f"{stem}_gtFine_labelIds.png", _index_png(label))
+            elif layout == "ade20k":
+                folder = datasets.ADE_SPLIT_DIRS[split]
+                stem = f"ADE_{split}_{index:08d}"
+                atomic_write_bytes(root / "images" / folder / f"{stem}.jpg", _jpeg_bytes(image, quality))
+                atomic_write_bytes(root / "annotations" / folder / f"{stem}.png", _index_png(label))
+            else:  # folder: JPEG and PNG images side by side, as users' folders have
+                stem = f"img_{index:04d}"
+                data = _png_bytes(image) if index % 3 == 0 else _jpeg_bytes(image, quality)
+                suffix = "png" if index % 3 == 0 else "jpg"
+                atomic_write_bytes(root / "images" / split / f"{stem}.{suffix}", data)
+                atomic_write_bytes(root / "masks" / split / f"{stem}.png", _index_png(label))
+    if layout == "folder":
+        atomic_write_bytes(root / datasets.FOLDER_CLASSES, ("\n".join(FOLDER_CLASSES) + "\n").encode())
+    return root
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m segtrain.synthetic", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, help="folder that receives VOCdevkit/VOC2012")
+    ap.add_argument("--out", required=True, help="output folder (voc: receives VOCdevkit/VOC2012)")
+    ap.add_argument("--layout", choices=LAYOUTS, default="voc", help="dataset layout to write (default: voc)")
     ap.add_argument("--train", type=int, default=200, help="number of train images")
     ap.add_argument("--val", type=int, default=50, help="number of val images")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min-size", type=int, default=160)
     ap.add_argument("--max-size", type=int, default=400)
     args = ap.parse_args(argv)
-    root = generate(args.out, args.train, args.val, args.seed, args.min_size, args.max_size)
-    print(f"wrote {args.train} train + {args.val} val images to {root}")
+    root = generate_layout(args.out, args.layout, args.train, args.val, args.seed, args.min_size, args.max_size)
+    print(f"wrote {args.train} train + {args.val} val images to {root}\n"
+          f"pack it: python tools/pack.py --dataset {args.layout} --root {root} --split train --out shards/")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
-"""Train DeepLabV3 / DeepLabV3+ on PASCAL VOC with Hugging Face Accelerate.
+"""Train DeepLabV3 / DeepLabV3+ on packed data (VOC, Cityscapes, ADE20K, your own folder)
+with Hugging Face Accelerate.
 
 One process:        python segtrain/train.py --data shards/voc-train.json
+Fine-tune:          ... --data shards/mine-train.json --init-from runs/voc/best.pt
 One or more GPUs:   accelerate launch --config_file accelerate_configs/multi_gpu.yaml segtrain/train.py ...
 Resume exactly:     ... --run-dir runs/X --resume latest
 
 Config: segtrain/config.py (defaults = the reference recipe; --config YAML and
 --key value flags override). The loop below is the whole training procedure:
 data -> model -> optimizer -> [step: lr, forward, backward, clip, update, log,
-checkpoint, validate] -> best.pt. Everything a run writes lives in RUN_DIR:
+checkpoint, validate] -> best.pt. The class count, names and colours come from the
+data's dataset spec and are stored, with the input normalisation, in best.pt and
+final.pt. Everything a run writes lives in RUN_DIR:
 config.yaml, metrics.jsonl, checkpoints/step_*/, best.pt, final.pt, wandb/.
 """
 from __future__ import annotations
@@ -49,11 +53,10 @@ from segtrain.evaluate import evaluate
 from segtrain.io import ConfigError, atomic_write_bytes, checkpoint_dirs, naming_write_errors, read_metrics_log
 from segtrain.losses import build_loss
 from segtrain.metrics import to_jsonable
-from segtrain.model import PretrainedWeightsUnavailable, build_model, save_checkpoint
+from segtrain.model import PretrainedWeightsUnavailable, build_model, init_from_checkpoint, save_checkpoint
 from segtrain.plan import RunPlan, plan_run
 from segtrain.schedule import lr_factor
 from segtrain.transforms import denormalize, normalize
-from segtrain.voc import CLASSES
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -179,14 +182,15 @@ def wandb_init_kwargs(cfg: TrainConfig, run_dir: Path) -> dict:
                       "resume": "allow"}}
 
 
-def log_val_media(accelerator: Accelerator, step: int, metrics: dict, examples: list[dict]) -> None:
+def log_val_media(accelerator: Accelerator, step: int, metrics: dict, examples: list[dict],
+                  class_names: tuple[str, ...]) -> None:
     """Per-class IoU table and GT/prediction mask overlays for the wandb dashboard."""
     run = accelerator.get_tracker("wandb", unwrap=True)
     import wandb
 
-    labels = {i: name for i, name in enumerate(CLASSES)} | {255: "ignore"}
+    labels = {i: name for i, name in enumerate(class_names)} | {255: "ignore"}
     table = wandb.Table(columns=["class", "iou"],
-                        data=[[n, None if math.isnan(v) else v] for n, v in zip(CLASSES, metrics["iou"])])
+                        data=[[n, None if math.isnan(v) else v] for n, v in zip(class_names, metrics["iou"])])
     images = [wandb.Image(ex["image"], caption=ex["id"], masks={
         "predictions": {"mask_data": ex["pred"], "class_labels": labels},
         "ground_truth": {"mask_data": ex["mask"], "class_labels": labels}}) for ex in examples]
@@ -203,6 +207,9 @@ def build_training(plan: RunPlan, accelerator: Accelerator) -> tuple[torch.nn.Mo
     try:
         model = build_model(cfg.arch, cfg.backbone, cfg.num_classes, cfg.output_stride, cfg.pretrained,
                             cfg.backbone_weights, cfg.separable, aux_head=cfg.aux_loss_weight > 0)
+        if cfg.init_from and plan.resume_from is None:  # a resumed run has its own weights
+            fresh = init_from_checkpoint(model, cfg.init_from)
+            accelerator.print(f"initialised from {cfg.init_from}" + (f"; kept fresh: {', '.join(fresh)}" if fresh else ""))
         criterion = build_loss(cfg.loss, cfg.num_classes, class_pixel_counts=plan.class_pixel_counts,
                                options=plan.loss_options)
     except (ValueError, FileNotFoundError, PretrainedWeightsUnavailable) as e:
@@ -292,12 +299,13 @@ def validate(model: torch.nn.Module, accelerator: Accelerator, plan: RunPlan, lo
     def keep_examples(images, masks, preds, ids):
         # A few val images of the main process for the dashboard's mask overlays.
         for i in range(min(len(ids), cfg.num_val_images - len(examples))):
-            examples.append({"id": ids[i], "image": denormalize(images[i]),
+            examples.append({"id": ids[i], "image": denormalize(images[i], bare.mean, bare.std),
                              "mask": masks[i].cpu().numpy().astype("uint8"),
                              "pred": preds[i].cpu().numpy().astype("uint8")})
 
-    loader = shards.val_loader(**plan.val_loader, rank=accelerator.process_index)
-    metrics = evaluate(accelerator.unwrap_model(model), loader, accelerator.device, num_classes=cfg.num_classes,
+    bare = accelerator.unwrap_model(model)
+    loader = shards.val_loader(**plan.val_loader, rank=accelerator.process_index, mean=bare.mean, std=bare.std)
+    metrics = evaluate(bare, loader, accelerator.device, num_classes=cfg.num_classes, class_names=plan.spec.classes,
                        protocol=cfg.val_protocol, autocast_dtype=plan.eval_autocast_dtype,
                        accelerator=accelerator, on_batch=keep_examples if accelerator.is_main_process else None)
     model.train()
@@ -306,7 +314,7 @@ def validate(model: torch.nn.Module, accelerator: Accelerator, plan: RunPlan, lo
               "val/fwiou": metrics["fwiou"]}
     publish(accelerator, log, record, file_only={"val/iou": metrics["iou"]})
     if cfg.tracker == "wandb" and accelerator.is_main_process:
-        log_val_media(accelerator, step, metrics, examples)
+        log_val_media(accelerator, step, metrics, examples, plan.spec.classes)
     return metrics
 
 
@@ -321,7 +329,7 @@ def save_model(accelerator: Accelerator, model: torch.nn.Module, plan: RunPlan, 
     """RUN_DIR/``name``: the bare model's weights, the config and the metrics (main process)."""
     if accelerator.is_main_process:
         save_checkpoint(plan.run_dir / name, accelerator.unwrap_model(model), config=config_to_dict(plan.cfg),
-                        resolved=plan.runtime, step=step, metrics=summary(metrics))
+                        resolved=plan.runtime, dataset=plan.spec.to_dict(), step=step, metrics=summary(metrics))
 
 
 def say_how_to_sync_wandb(accelerator: Accelerator, plan: RunPlan) -> None:
@@ -360,6 +368,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         warnings.warn(note)
     set_seed(cfg.seed)
     model, optimizer, criterion = build_training(plan, accelerator)
+    bare = accelerator.unwrap_model(model)  # its mean/std normalise the batches
     state, log = start_run(plan, accelerator)
     say(f"run {cfg.name}: {plan.world_size} process(es) on {device.type}, precision "
         f"{runtime['mixed_precision']}, {plan.per_process_batch} images/process x {cfg.grad_accum} "
@@ -381,8 +390,9 @@ def train(cfg: TrainConfig) -> TrainResult:
             with errors_of_rank(accelerator.process_index):  # this rank's share of the data
                 images, masks, _ = next(batches)
             window.data_wait += time.perf_counter() - fetch_start
-            # The loader ships uint8 (a quarter of the bytes to copy): normalise on the device.
-            images = normalize(images.to(device, non_blocking=True))
+            # The loader ships uint8 (a quarter of the bytes to copy): normalise on the device with
+            # the model's own statistics (its backbone's pretrained_cfg, or the --init-from checkpoint's).
+            images = normalize(images.to(device, non_blocking=True), bare.mean, bare.std)
             masks = masks.to(device, non_blocking=True).long()
             if cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)

@@ -12,6 +12,7 @@ in the main process for evaluation batches.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Callable, Union
 
 import numpy as np
@@ -21,8 +22,11 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from .voc import IGNORE_INDEX
+from .datasets import IGNORE_INDEX
 
+# The default normalisation (torchvision's and most timm ImageNet weights'); a model's own
+# comes from its backbone's timm pretrained_cfg and is stored in its checkpoint
+# (``DeepLab.mean`` / ``DeepLab.std``).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -98,12 +102,13 @@ class RandomScaleCrop(v2.Transform):
         return inpt
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (..., 3, H, W) image or batch -> float32, scaled to [0, 1], ImageNet-normalised."""
+def normalize(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
+              std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+    """uint8 (..., 3, H, W) image or batch -> float32, scaled to [0, 1], normalised with
+    ``mean``/``std`` (pass the model's: ``model.mean``, ``model.std``)."""
     # to_dtype makes a fresh float tensor, so normalising it in place is safe and
     # saves one full-size allocation.
-    return F.normalize(F.to_dtype(images, torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD,
-                       inplace=True)
+    return F.normalize(F.to_dtype(images, torch.float32, scale=True), list(mean), list(std), inplace=True)
 
 
 class PairTransformer:
@@ -165,9 +170,10 @@ def val_transforms(protocol: str = "whole", crop_size: int = 513, normalize: boo
     return PairTransformer(v2.Compose(steps), normalize)
 
 
-def denormalize(image: torch.Tensor) -> np.ndarray:
+def denormalize(image: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
+                std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
     """Normalised float (3, H, W) image -> uint8 (H, W, 3) numpy array for figures."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    mean = torch.tensor(mean).view(3, 1, 1)
+    std = torch.tensor(std).view(3, 1, 1)
     rgb = (image.detach().cpu().float() * std + mean).clamp(0, 1)
     return (rgb * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()

@@ -1,5 +1,7 @@
 """Figures: the one home of plotting code (dataset overview now; reports and SAM later).
 
+Class names and colours come from a ``DatasetSpec`` (the manifest's or checkpoint's).
+
 Uses matplotlib's object-oriented API on ``Figure`` objects (Agg canvas, no pyplot
 state), so it runs headless and never leaks figures.
 
@@ -18,25 +20,29 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from .shards import image_classes, iter_samples
+from .cli import user_errors
+from .datasets import IGNORE_INDEX, VOC, DatasetSpec, decode_target
 from .io import DataError
-from .voc import CLASSES, COLORMAP, IGNORE_INDEX, decode_target
-
-OBJECT_CLASSES = range(1, len(CLASSES))  # 1..20: everything but background
+from .shards import image_classes, iter_samples, resolve_data
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blend VOC class colours over an (H, W, 3) uint8 image.
+def object_classes(spec: DatasetSpec) -> list[int]:
+    """Every class but the one called "background" (if the dataset has one)."""
+    return [c for c in range(spec.num_classes) if c != spec.background]
 
-    Background (0) stays transparent so the photo shows; objects and the 255
-    ignore/boundary band (VOC's cream colour) are blended with weight ``alpha``.
+
+def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5, spec: DatasetSpec = VOC) -> np.ndarray:
+    """Blend the dataset's class colours over an (H, W, 3) uint8 image.
+
+    A class called "background" stays transparent so the photo shows; other classes
+    and the 255 ignore band (cream) are blended with weight ``alpha``.
     """
     image = np.asarray(image, dtype=np.uint8)
     mask = np.asarray(mask)
     if image.shape[:2] != mask.shape:
         raise ValueError(f"overlay: image is {image.shape[:2]} but mask is {mask.shape}")
-    colours = decode_target(mask).astype(np.float32)
-    painted = (mask != 0)[..., None]
+    colours = decode_target(mask, spec).astype(np.float32)
+    painted = (mask != spec.background)[..., None] if spec.background is not None else np.ones_like(mask, bool)[..., None]
     blended = np.where(painted, (1 - alpha) * image + alpha * colours, image)
     return np.round(blended).astype(np.uint8)
 
@@ -55,14 +61,15 @@ def save_figure(fig: Figure, path: os.PathLike | str, dpi: int = 100) -> Path:
 
 
 def greedy_class_cover(image_classes: dict[str, list[int]], k: int = 20,
-                       classes: Iterable[int] = OBJECT_CLASSES) -> list[str]:
-    """Up to ``k`` image ids that together show as many of ``classes`` as possible.
+                       classes: Optional[Iterable[int]] = None) -> list[str]:
+    """Up to ``k`` image ids that together show as many of ``classes`` (default: every
+    class that occurs) as possible.
 
     Greedy set cover: take the image adding the most not-yet-shown classes; once
     nothing new can be added, fill up with the images showing the most classes.
     Ties go to the smaller id, so the choice is deterministic.
     """
-    wanted = set(classes)
+    wanted = set(classes) if classes is not None else {c for cls in image_classes.values() for c in cls}
     present = {sid: set(cls) & wanted for sid, cls in image_classes.items()}
     uncovered = set(wanted)
     chosen: list[str] = []
@@ -78,27 +85,39 @@ def greedy_class_cover(image_classes: dict[str, list[int]], k: int = 20,
 
 
 def covering_ids(data: str, split: str, k: int) -> list[str]:
-    """``k`` ids of ``split`` that together show as many classes as possible (figures, report, SAM)."""
-    return greedy_class_cover(image_classes(data, split), k)
+    """``k`` ids of ``split`` that together show as many object classes as possible (figures, report, SAM)."""
+    return greedy_class_cover(image_classes(data, split), k, object_classes(resolve_data(data, split).spec))
 
-def _legend_handles(classes: Iterable[int]) -> list[Patch]:
-    return [Patch(facecolor=COLORMAP[c] / 255, edgecolor="0.5", label=CLASSES[c]) for c in classes] + [
-        Patch(facecolor=COLORMAP[IGNORE_INDEX] / 255, edgecolor="0.5", label="ignore (255)")]
+
+def _legend_handles(spec: DatasetSpec, classes: Iterable[int]) -> list[Patch]:
+    colormap = spec.colormap()
+    return [Patch(facecolor=colormap[c] / 255, edgecolor="0.5", label=spec.classes[c]) for c in classes] + [
+        Patch(facecolor=colormap[IGNORE_INDEX] / 255, edgecolor="0.5", label="ignore (255)")]
+
+
+LEGEND_COLUMNS = 11
+
+
+def legend_inches(num_classes_shown: int) -> float:
+    """Height of the colour legend under a grid: rows of LEGEND_COLUMNS entries (the classes and 255)."""
+    return 0.25 + 0.2 * -(-(num_classes_shown + 1) // LEGEND_COLUMNS)
 
 
 def image_grid(rows: Sequence[Sequence[Optional[np.ndarray]]], col_titles: Optional[Sequence[str]] = None,
                row_titles: Optional[Sequence[str]] = None, out: Optional[os.PathLike | str] = None,
                legend: bool = True, titles: Optional[Sequence[Sequence[str]]] = None,
-               tile_inches: float = 1.8) -> Figure:
+               tile_inches: float = 1.8, spec: DatasetSpec = VOC,
+               legend_classes: Optional[Sequence[int]] = None) -> Figure:
     """A grid of images (RGB uint8 or anything ``imshow`` takes); ``None`` leaves a tile empty.
 
     ``col_titles`` go above the columns, ``row_titles`` left of the rows, ``titles``
-    above single tiles. ``legend`` adds the VOC class colours (all 21 classes and
-    255) under the grid. Saved atomically to ``out`` when given.
+    above single tiles. ``legend`` adds ``spec``'s class colours (``legend_classes``,
+    default all, and 255) under the grid. Saved atomically to ``out`` when given.
     """
     num_rows, num_cols = len(rows), max(len(row) for row in rows)
-    legend_inches = 0.5 if legend else 0.0
-    fig = Figure(figsize=(tile_inches * num_cols, tile_inches * num_rows + legend_inches))
+    shown = list(range(spec.num_classes) if legend_classes is None else legend_classes)
+    legend_height = legend_inches(len(shown)) if legend else 0.0
+    fig = Figure(figsize=(tile_inches * num_cols, tile_inches * num_rows + legend_height))
     axes = fig.subplots(num_rows, num_cols, squeeze=False)
     for r in range(num_rows):
         for c in range(num_cols):
@@ -120,9 +139,9 @@ def image_grid(rows: Sequence[Sequence[Optional[np.ndarray]]], col_titles: Optio
             if c == 0 and row_titles is not None and r < len(row_titles):
                 ax.set_ylabel(row_titles[r], fontsize=8)
     if legend:
-        fig.legend(handles=_legend_handles(range(len(CLASSES))), loc="lower center", ncol=11,
+        fig.legend(handles=_legend_handles(spec, shown), loc="lower center", ncol=LEGEND_COLUMNS,
                    fontsize=7, frameon=False, handlelength=1.2, columnspacing=1.0)
-        fig.subplots_adjust(bottom=legend_inches / fig.get_figheight())
+        fig.subplots_adjust(bottom=legend_height / fig.get_figheight())
     if out is not None:
         save_figure(fig, out)
     return fig
@@ -135,21 +154,26 @@ def dataset_figure(data: str, out: os.PathLike | str, split: str = "train", k: i
     20 images -> 4 rows of 5 (image, label) pairs = 10 columns, with a class legend.
     Returns the chosen ids, in figure order (row by row).
     """
+    spec = resolve_data(data, split).spec
     chosen = covering_ids(data, split, k)
     if not chosen:
         raise DataError(f"{data}: split {split!r} has no images")
     samples = {sid: (np.asarray(image), label) for sid, image, label in iter_samples(data, split, chosen)}
-    rows, titles = [], []
+    rows, titles, present = [], [], set()
     for start in range(0, len(chosen), pairs_per_row):
         row, row_titles = [], []
         for sid in chosen[start:start + pairs_per_row]:
             image, label = samples[sid]
-            names = ", ".join(CLASSES[c] for c in np.unique(label) if c not in (0, IGNORE_INDEX))
-            row += [image, decode_target(label)]
+            classes = [int(c) for c in np.unique(label) if c != IGNORE_INDEX]
+            present.update(classes)
+            names = ", ".join(spec.classes[c] for c in classes if c != spec.background)
+            row += [image, decode_target(label, spec)]
             row_titles += [sid, names]
         rows.append(row)
         titles.append(row_titles)
-    image_grid(rows, out=out, legend=True, titles=titles)
+    # A 21-class legend fits; ADE20K's 150 would not: then only the classes shown.
+    image_grid(rows, out=out, legend=True, titles=titles, spec=spec,
+               legend_classes=None if spec.num_classes <= 33 else sorted(present))
     return chosen
 
 
@@ -157,19 +181,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m segtrain.visualize", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
-    ds = sub.add_parser("dataset", help="images covering all 20 classes beside their ground truth")
+    ds = sub.add_parser("dataset", help="images covering the dataset's classes beside their ground truth")
     ds.add_argument("--data", required=True, help="shard manifest, shard pattern or VOCdevkit folder")
     ds.add_argument("--out", default="figures/dataset.png", help="output image (default: %(default)s)")
     ds.add_argument("--split", default="train")
     ds.add_argument("--k", type=int, default=20, help="number of images (default: %(default)s)")
     args = ap.parse_args(argv)
-    try:
+    with user_errors():
         if args.command == "dataset":
             ids = dataset_figure(args.data, args.out, args.split, args.k)
             print(f"wrote {args.out} ({len(ids)} images: {' '.join(ids)})")
-    except DataError as e:
-        print(f"visualize: error: {e}", file=sys.stderr)
-        return 1
     return 0
 
 

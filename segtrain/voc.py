@@ -102,6 +102,13 @@ def decode_label(data: bytes, name: str) -> np.ndarray:
     Accepts palette ("P") and single-channel ("L") index images, as VOC's
     SegmentationClass and SBD's SegmentationClassAug use. Never converts colour.
     """
+    label = read_index_png(data, name)
+    check_label_values(label, name)
+    return label
+
+
+def read_index_png(data: bytes, name: str) -> np.ndarray:
+    """Index PNG bytes -> (H, W) uint8 raw values (palette "P" or grayscale "L"), unchecked."""
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
@@ -111,9 +118,7 @@ def decode_label(data: bytes, name: str) -> np.ndarray:
         raise DataError(
             f"{name}: label is a {img.mode!r} image, not an index image (palette 'P' or "
             "grayscale 'L'); colourised labels must be converted with segtrain.voc.encode_target")
-    label = np.array(img, dtype=np.uint8)
-    check_label_values(label, name)
-    return label
+    return np.array(img, dtype=np.uint8)
 
 
 def check_label_values(label: np.ndarray, name: str) -> None:

@@ -61,7 +61,8 @@ def test_launch_sh_resolves_paths_against_the_callers_folder(packed_shards, tmp_
                          cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert error_lines(proc) == [
-        "segtrain: error: num_classes: 3, but the labels of shards/voc-train.json go up to 20"], proc.stderr
+        "segtrain: error: num_classes: 3, but the labels of shards/voc-train.json have 21 classes "
+        "(voc: background, aeroplane, bicycle, bird, boat, ...); drop --num-classes to take it from the data"], proc.stderr
 
 
 def test_launch_sh_passes_the_exit_status_through_without_a_traceback(tmp_path):

@@ -49,7 +49,8 @@ def test_torchvision_conversion_gives_the_same_outputs(torchvision_file, tmp_pat
 
 def test_torchvision_rejects_output_stride_16(torchvision_file, tmp_path, capsys):
     _, path = torchvision_file
-    assert main(["--from", "torchvision", str(path), "--out", str(tmp_path / "x.pt"), "--output-stride", "16"]) == 1
+    with pytest.raises(SystemExit, match="2"):
+        main(["--from", "torchvision", str(path), "--out", str(tmp_path / "x.pt"), "--output-stride", "16"])
     assert "output stride 8" in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
 
@@ -213,8 +214,9 @@ def test_vainf_dataparallel_prefix_and_class_change(tmp_path):
 def test_bad_sources_give_clear_errors(tmp_path, torchvision_file, capsys):
     corrupt = tmp_path / "corrupt.pth"
     corrupt.write_bytes(b"\x00garbage" * 100)
-    assert main(["--from", "vainf", str(corrupt), "--out", str(tmp_path / "out.pt")]) == 1
-    assert f"{corrupt}: not a readable PyTorch weights file" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):
+        main(["--from", "vainf", str(corrupt), "--out", str(tmp_path / "out.pt")])
+    assert f"segtrain: error: {corrupt}: not a readable PyTorch weights file" in capsys.readouterr().err
 
     _, tv_path = torchvision_file
     with pytest.raises(CheckpointError, match=r"deeplabv3_resnet50\.pth: not a VainF DeepLabV3/V3\+ checkpoint"):

@@ -259,9 +259,9 @@ def test_cli_reports_checksum_failure_in_one_line(tmp_path, server, monkeypatch,
     url = use_voc_tar(monkeypatch, server, voc_tar, "f" * 32)
     with pytest.raises(SystemExit) as exit_info:
         dl.main(["--root", str(tmp_path), "--url", url])
-    assert exit_info.value.code == 1
+    assert exit_info.value.code == 2
     error_line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error_line.startswith("error: ") and "MD5 mismatch" in error_line
+    assert error_line.startswith("segtrain: error: ") and "MD5 mismatch" in error_line
     assert not (tmp_path / dl.VOC_TRAINVAL.filename).exists()
 
 
@@ -272,9 +272,9 @@ def test_tools_wrapper_runs_from_any_folder(tmp_path, server, voc_tar):
     result = subprocess.run([sys.executable, str(script), "--root", "data", "--no-extract",
                              "--url", server.url("/voc.tar")],
                             cwd=tmp_path, capture_output=True, text=True, timeout=60, env=dict(os.environ))
-    assert result.returncode == 1
+    assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: ") and f"expected {dl.VOC_TRAINVAL.size} bytes" in last
+    assert last.startswith("segtrain: error: ") and f"expected {dl.VOC_TRAINVAL.size} bytes" in last
     assert server.requests[-1]["path"] == "/voc.tar"
     assert not (tmp_path / "data" / dl.VOC_TRAINVAL.filename).exists()
 

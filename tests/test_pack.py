@@ -127,8 +127,8 @@ def test_cli_error_is_one_line(voc_root, tmp_path):
     _break(root, voc.read_split(root, "val")[0], "value out of range")
     r = subprocess.run([sys.executable, str(REPO / "tools" / "pack.py"), "--voc-root", str(root),
                         "--split", "val", "--out", str(tmp_path / "s")], capture_output=True, text=True)
-    assert r.returncode == 1
-    assert "Traceback" not in r.stderr and "pack.py: error:" in r.stderr and "outside 0..20" in r.stderr
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and "segtrain: error:" in r.stderr and "outside 0..20" in r.stderr
 
 
 def test_train_aug_uses_segmentation_class_aug(voc_root, tmp_path):

@@ -88,5 +88,5 @@ def test_nothing_written_or_missing_checkpoint_fail(setup, capsys):
               "--out", str(setup["tmp"] / "o3")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "nope.pt" in err and "\n" not in err
+    assert err.startswith("segtrain: error: ") and "nope.pt" in err and "\n" not in err
 

@@ -376,11 +376,12 @@ def test_report_and_sam_refuse_a_checkpoint_for_another_class_count(five_class_c
     err = capsys.readouterr().err
     assert "checkpoint has 5 classes, data has 21" in err and "Traceback" not in err
     assert not list((tmp_path / "report").glob("*.png"))  # refused before any figure
-    code = sam.main(["--sam-checkpoint", str(tmp_path / "sam.pth"), "--model-type", "vit_b",
-                     "--data", str(packed_shards["val"]), "--semantic", str(five_class_checkpoint),
-                     "--ids", voc.read_split(Path(json.loads(packed_shards["val"].read_text())["source_root"]),
-                                             "val")[0], "--out", str(tmp_path / "sam")])
-    assert code == 2 and "checkpoint has 5 classes, data has 21" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        sam.main(["--sam-checkpoint", str(tmp_path / "sam.pth"), "--model-type", "vit_b",
+                  "--data", str(packed_shards["val"]), "--semantic", str(five_class_checkpoint),
+                  "--ids", voc.read_split(Path(json.loads(packed_shards["val"].read_text())["source_root"]),
+                                          "val")[0], "--out", str(tmp_path / "sam")])
+    assert exit_info.value.code == 2 and "checkpoint has 5 classes, data has 21" in capsys.readouterr().err
 
 
 def test_random_bytes_are_not_a_pytorch_checkpoint(tmp_path, capsys):
@@ -401,8 +402,11 @@ def test_random_bytes_are_not_a_pytorch_checkpoint(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- small items
 
-def test_a_png_named_jpg_is_reported_by_the_packer(synthetic_voc, tmp_path):
+def test_a_png_named_jpg_is_packed_under_its_real_type(synthetic_voc, tmp_path):
+    """The shard names what it holds: a PNG saved as .jpg is stored as ID.png + ID.label.png,
+    and the loaders read it like any other sample."""
     import PIL.Image
+    import tarfile
 
     root = tmp_path / "VOC2012"
     shutil.copytree(synthetic_voc, root)
@@ -411,11 +415,15 @@ def test_a_png_named_jpg_is_reported_by_the_packer(synthetic_voc, tmp_path):
     PIL.Image.open(jpg).save(jpg, format="PNG")
     assert pack.image_key(jpg.read_bytes()) == "png"
     assert pack.image_key((synthetic_voc / "JPEGImages" / f"{sid}.jpg").read_bytes()) == "jpg"
-    with pytest.warns(UserWarning, match=rf"1 image\(s\) named \.jpg hold another format.*{sid} \(png\)"):
-        pack.pack_split(root, "val", tmp_path / "shards", shard_size=8, progress=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        pack.pack_split(synthetic_voc, "val", tmp_path / "clean", shard_size=8, progress=False)
+    manifest = pack.pack_split(root, "val", tmp_path / "shards", shard_size=64, progress=False)
+    with tarfile.open(tmp_path / "shards" / manifest["shards"][0]["file"]) as tar:
+        names = set(tar.getnames())
+    assert {f"{sid}.png", f"{sid}.label.png"} <= names and f"{sid}.jpg" not in names
+    other = voc.read_split(root, "val")[0]
+    assert {f"{other}.jpg", f"{other}.png"} <= names
+    loaded = {s: (img, lbl) for s, img, lbl in iter_samples(tmp_path / "shards" / "voc-val.json", "val",
+                                                                   ids=[sid])}
+    assert loaded[sid][0].size == PIL.Image.open(jpg).size
 
 
 def test_a_missing_data_folder_creates_no_run_directory(tmp_path, capsys):

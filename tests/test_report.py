@@ -7,6 +7,7 @@ from PIL import Image
 
 from segtrain import report, sam, shards, visualize
 from segtrain.config import parse_config
+from segtrain.datasets import VOC
 from segtrain.train import train
 from segtrain.voc import decode_target
 
@@ -111,7 +112,7 @@ def test_a_run_validated_once_is_drawn_as_a_level_and_said_so(tmp_path):
 def test_prediction_grid_tiles_are_large_with_thin_gaps(tmp_path):
     tile = np.zeros((375, 500, 3), np.uint8)
     out = report.plot_predictions([[tile] * 4] * 5, ["RGB", "Ground truth", "a", "b"], list("vwxyz"),
-                                  tmp_path / "grid.png")
+                                  tmp_path / "grid.png", VOC)
     with Image.open(out) as img:
         width, height = img.size
         pixels = np.asarray(img.convert("L"))

@@ -191,9 +191,13 @@ def test_report_columns_titles_and_maps(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- checkpoints and the CLI
 
 def cli(tmp_path, checkpoint, model_type="vit_b", *extra):
-    return main(["--sam-checkpoint", str(checkpoint), "--model-type", model_type,
-                 "--data", str(tmp_path / "unused.json"), "--ids", "x", "--device", "cpu",
-                 "--out", str(tmp_path / "out"), *extra])
+    """main's exit status (user errors exit through cli.user_errors)."""
+    try:
+        return main(["--sam-checkpoint", str(checkpoint), "--model-type", model_type,
+                     "--data", str(tmp_path / "unused.json"), "--ids", "x", "--device", "cpu",
+                     "--out", str(tmp_path / "out"), *extra])
+    except SystemExit as e:
+        return e.code
 
 
 def test_missing_checkpoint_is_one_line_error_naming_official_checkpoints(tmp_path, capsys):

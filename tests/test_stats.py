@@ -115,7 +115,7 @@ def test_cli_error_is_one_line(tmp_path, capsys):
         stats.main([str(tmp_path / "missing.json")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "missing.json" in err and "\n" not in err
+    assert err.startswith("segtrain: error: ") and "missing.json" in err and "\n" not in err
 
 
 def test_manifest_from_the_real_packer(tmp_path, capsys):

@@ -64,6 +64,7 @@ def test_dataset_figure_covers_all_20_classes(packed_shards, synthetic_voc, tmp_
 
 
 def test_cli_reports_bad_data_in_one_line(tmp_path, capsys):
-    assert visualize.main(["dataset", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "x.png")]) == 1
+    with pytest.raises(SystemExit, match="2"):
+        visualize.main(["dataset", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "x.png")])
     err = capsys.readouterr().err
-    assert err.startswith("visualize: error:") and "nope" in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("segtrain: error:") and "nope" in err and len(err.strip().splitlines()) == 1
