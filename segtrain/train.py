@@ -43,7 +43,7 @@ from typing import Any, Optional
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
-from accelerate.utils import set_seed
+from accelerate.utils import parse_flag_from_env, set_seed
 from tqdm import tqdm
 
 from segtrain import hardware, shards
@@ -357,7 +357,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     AcceleratorState._reset_state()
     # The precision follows the hardware (segtrain/hardware.py); the device is
     # known before the Accelerator, which needs the precision.
-    runtime = hardware.resolve_runtime(cfg.mixed_precision, PartialState().device)
+    # cpu= as Accelerator would pass it: a PartialState made without it on a CPU-only
+    # `accelerate launch --multi_gpu` run stays one unconnected process, and Accelerator reuses it.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    runtime = hardware.resolve_runtime(cfg.mixed_precision, state.device)
     accelerator = Accelerator(mixed_precision=hardware.accelerate_precision(runtime["mixed_precision"]),
                               log_with="wandb" if cfg.tracker == "wandb" else None)
     check_launch(accelerator.num_processes)

@@ -1,0 +1,95 @@
+"""How many training steps fit a wall-time budget on this machine.
+
+    python -m segtrain.budget --seconds 150 --max-steps 150 --backbone resnet18 --crop-size 129 --batch-size 8
+
+Prints the number of steps (stdout) and why (stderr). ``./launch.sh demo`` uses it to keep
+its five-minute promise on any CPU: it times a few real training steps of the demo's
+model at the demo's size and precision (``--mixed-precision auto``, as training will
+choose), and trains for as many steps as fit, at most ``--max-steps``. On a fast CPU that
+is the full recipe; on a slow one, fewer steps, said out loud. Timing the model step is
+what varies by two orders of magnitude between CPUs (AVX2 without native bf16, AVX-512,
+AMX); the loader runs beside it and ``--loader-factor`` accounts for it.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Sequence
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from segtrain import hardware
+from segtrain.datasets import IGNORE_INDEX
+from segtrain.model import build_model
+
+
+def seconds_per_step(backbone: str, crop_size: int, batch_size: int, precision: str = "auto",
+                     num_classes: int = 21, warmup: int = 2, steps: int = 3) -> tuple[float, str]:
+    """Mean seconds of a steady training step (forward, backward, SGD) on random data, and the
+    precision it ran in (``hardware.choose_precision`` of ``precision`` on the CPU)."""
+    device = torch.device("cpu")
+    chosen, _ = hardware.choose_precision(precision, device)
+    dtype = hardware.autocast_dtype(chosen, device)
+    torch.manual_seed(0)
+    model = build_model("deeplabv3plus", backbone, num_classes).to(memory_format=torch.channels_last).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    images = torch.randn(batch_size, 3, crop_size, crop_size).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, num_classes, (batch_size, crop_size, crop_size))
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            logits = model(images)["out"]
+        F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX).backward()
+        optimizer.step()
+
+    for _ in range(warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps, chosen
+
+
+def steps_within(budget_seconds: float, step_seconds: float, max_steps: int, min_steps: int = 1,
+                 loader_factor: float = 1.0) -> int:
+    """The most steps of ``step_seconds`` x ``loader_factor`` that fit ``budget_seconds``,
+    between ``min_steps`` and ``max_steps``."""
+    fit = math.floor(budget_seconds / (step_seconds * loader_factor))
+    return max(min_steps, min(max_steps, fit))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m segtrain.budget", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, required=True, help="wall-time budget for the training steps")
+    ap.add_argument("--max-steps", type=int, required=True, help="the full recipe's steps")
+    ap.add_argument("--min-steps", type=int, default=1, help="never fewer (say so when the budget needs fewer)")
+    ap.add_argument("--backbone", default="resnet18")
+    ap.add_argument("--crop-size", type=int, default=129)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--mixed-precision", default="auto", choices=hardware.PRECISIONS)
+    ap.add_argument("--loader-factor", type=float, default=1.3,
+                    help="real step time / model step time (loader workers share the cores; 1.3 measured "
+                         "on 2 cores, docs/BENCHMARKS.md#demo-training)")
+    args = ap.parse_args(argv)
+    seconds, precision = seconds_per_step(args.backbone, args.crop_size, args.batch_size, args.mixed_precision)
+    steps = steps_within(args.seconds, seconds, args.max_steps, args.min_steps, args.loader_factor)
+    why = (f"{seconds:.2f} s per {args.backbone} step (crop {args.crop_size}, batch {args.batch_size}, {precision}) "
+           f"on {hardware.cpu_model()}: ")
+    if steps == args.max_steps:
+        why += f"the full {steps} steps fit in {args.seconds:.0f} s"
+    elif steps * seconds * args.loader_factor <= args.seconds:
+        why += f"{steps} of {args.max_steps} steps fit in {args.seconds:.0f} s"
+    else:
+        why += f"even {steps} steps take longer than {args.seconds:.0f} s on this CPU"
+    print(why, file=sys.stderr)
+    print(steps)
+
+
+if __name__ == "__main__":
+    main()

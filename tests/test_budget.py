@@ -1,0 +1,33 @@
+"""segtrain.budget: the demo's steps are timed on the machine, not assumed."""
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from segtrain import budget, hardware
+
+
+@pytest.mark.parametrize("budget_s, step_s, expected", [
+    (150, 0.5, 150),    # fast CPU: the full recipe
+    (150, 1.5, 76),     # slower: as many as fit (150 / (1.5 * 1.3) = 76.9)
+    (150, 5.0, 60),     # too slow even for the minimum: the minimum, said by main()
+])
+def test_steps_within_fits_the_budget_between_min_and_max(budget_s, step_s, expected):
+    assert budget.steps_within(budget_s, step_s, max_steps=150, min_steps=60, loader_factor=1.3) == expected
+
+
+def test_seconds_per_step_runs_in_the_precision_training_will_choose(monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_bf16_native", lambda: (False, "AVX2"))
+    seconds, precision = budget.seconds_per_step("resnet18", 65, 2, "auto", warmup=1, steps=1)
+    assert seconds > 0 and precision == "fp32"
+    monkeypatch.setattr(hardware, "cpu_bf16_native", lambda: (True, "AVX512_BF16"))
+    assert budget.seconds_per_step("resnet18", 65, 2, "auto", warmup=1, steps=1)[1] == "bf16"
+
+
+def test_command_prints_the_steps_and_why():
+    proc = subprocess.run([sys.executable, "-m", "segtrain.budget", "--seconds", "1e6", "--max-steps", "7",
+                           "--crop-size", "65", "--batch-size", "2"], capture_output=True, text=True,
+                          cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "7" and "the full 7 steps fit" in proc.stderr
