@@ -56,34 +56,40 @@ def seconds_per_step(backbone: str, crop_size: int, batch_size: int, precision: 
 
 
 def steps_within(budget_seconds: float, step_seconds: float, max_steps: int, min_steps: int = 1,
-                 loader_factor: float = 1.0) -> int:
-    """The most steps of ``step_seconds`` x ``loader_factor`` that fit ``budget_seconds``,
-    between ``min_steps`` and ``max_steps``."""
-    fit = math.floor(budget_seconds / (step_seconds * loader_factor))
+                 loader_factor: float = 1.0, reserve_steps: float = 0.0) -> int:
+    """The most steps of ``step_seconds`` x ``loader_factor`` that fit ``budget_seconds`` after
+    ``reserve_steps`` x ``step_seconds`` kept for the work after training, between ``min_steps``
+    and ``max_steps``."""
+    fit = math.floor((budget_seconds - reserve_steps * step_seconds) / (step_seconds * loader_factor))
     return max(min_steps, min(max_steps, fit))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m segtrain.budget", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=float, required=True, help="wall-time budget for the training steps")
+    ap.add_argument("--seconds", type=float, required=True,
+                    help="wall time left for training and what follows it (evaluation, figures, report)")
     ap.add_argument("--max-steps", type=int, required=True, help="the full recipe's steps")
     ap.add_argument("--min-steps", type=int, default=1, help="never fewer (say so when the budget needs fewer)")
     ap.add_argument("--backbone", default="resnet18")
     ap.add_argument("--crop-size", type=int, default=129)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--mixed-precision", default="auto", choices=hardware.PRECISIONS)
-    ap.add_argument("--loader-factor", type=float, default=1.3,
-                    help="real step time / model step time (loader workers share the cores; 1.3 measured "
-                         "on 2 cores, docs/BENCHMARKS.md#demo-training)")
+    ap.add_argument("--loader-factor", type=float, default=1.45,
+                    help="training time per step (loader workers sharing the cores, validation each epoch) / "
+                         "model step time: 1.45 measured for the demo on 2 cores (docs/BENCHMARKS.md#demo-training)")
+    ap.add_argument("--reserve-steps", type=float, default=35,
+                    help="the work after training (evaluate, figures, report) in model-step times: 33 measured "
+                         "for the demo on 2 cores")
     args = ap.parse_args(argv)
     seconds, precision = seconds_per_step(args.backbone, args.crop_size, args.batch_size, args.mixed_precision)
-    steps = steps_within(args.seconds, seconds, args.max_steps, args.min_steps, args.loader_factor)
+    steps = steps_within(args.seconds, seconds, args.max_steps, args.min_steps, args.loader_factor,
+                         args.reserve_steps)
     why = (f"{seconds:.2f} s per {args.backbone} step (crop {args.crop_size}, batch {args.batch_size}, {precision}) "
            f"on {hardware.cpu_model()}: ")
     if steps == args.max_steps:
         why += f"the full {steps} steps fit in {args.seconds:.0f} s"
-    elif steps * seconds * args.loader_factor <= args.seconds:
+    elif (steps * args.loader_factor + args.reserve_steps) * seconds <= args.seconds:
         why += f"{steps} of {args.max_steps} steps fit in {args.seconds:.0f} s"
     else:
         why += f"even {steps} steps take longer than {args.seconds:.0f} s on this CPU"

@@ -9,12 +9,13 @@ from segtrain import budget, hardware
 
 
 @pytest.mark.parametrize("budget_s, step_s, expected", [
-    (150, 0.5, 150),    # fast CPU: the full recipe
-    (150, 1.5, 76),     # slower: as many as fit (150 / (1.5 * 1.3) = 76.9)
-    (150, 5.0, 60),     # too slow even for the minimum: the minimum, said by main()
+    (240, 0.5, 150),    # fast CPU: the full recipe
+    (240, 1.2, 113),    # slower: as many as fit after the reserve ((240 - 35 * 1.2) / (1.2 * 1.45) = 113.8)
+    (240, 5.0, 60),     # too slow even for the minimum: the minimum, said by main()
 ])
 def test_steps_within_fits_the_budget_between_min_and_max(budget_s, step_s, expected):
-    assert budget.steps_within(budget_s, step_s, max_steps=150, min_steps=60, loader_factor=1.3) == expected
+    assert budget.steps_within(budget_s, step_s, max_steps=150, min_steps=60, loader_factor=1.45,
+                               reserve_steps=35) == expected
 
 
 def test_seconds_per_step_runs_in_the_precision_training_will_choose(monkeypatch):
