@@ -23,6 +23,7 @@ def test_seconds_per_step_runs_in_the_precision_training_will_choose(monkeypatch
     seconds, precision = budget.seconds_per_step("resnet18", 65, 2, "auto", warmup=1, steps=1)
     assert seconds > 0 and precision == "fp32"
     monkeypatch.setattr(hardware, "cpu_bf16_native", lambda: (True, "AVX512_BF16"))
+    monkeypatch.setattr(hardware, "cpu_amx_supported", lambda: True)
     assert budget.seconds_per_step("resnet18", 65, 2, "auto", warmup=1, steps=1)[1] == "bf16"
 
 

@@ -16,7 +16,8 @@ def machine(monkeypatch):
     for var in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "ACCELERATE_MIXED_PRECISION"):
         monkeypatch.delenv(var, raising=False)
 
-    def fake(cuda_bf16: bool = True, cpu_native: bool = True, capability: str = "AVX512") -> None:
+    def fake(cuda_bf16: bool = True, cpu_native: bool = True, capability: str = "AVX512", amx: bool = True) -> None:
+        monkeypatch.setattr(hardware, "cpu_amx_supported", lambda: amx)
         monkeypatch.setattr(hardware, "cuda_bf16_supported", lambda: cuda_bf16)
         monkeypatch.setattr(hardware, "mkldnn_bf16_supported", lambda: cpu_native)
         monkeypatch.setattr(hardware, "cpu_capability", lambda: capability)
@@ -35,7 +36,10 @@ def test_auto_on_cuda_is_bf16_where_supported_else_fp16(machine, cuda_bf16, expe
 
 def test_auto_on_cpu_is_bf16_only_with_native_kernels(machine):
     machine(cpu_native=True, capability="AVX512")
-    assert hardware.choose_precision("auto", "cpu") == ("bf16", "CPU with native bf16: AVX512")
+    assert hardware.choose_precision("auto", "cpu") == ("bf16", "CPU with native bf16: AVX512 + AMX")
+    machine(cpu_native=True, capability="AVX512", amx=False)  # AVX-512-BF16 alone: not faster, fp32
+    precision, reason = hardware.choose_precision("auto", "cpu")
+    assert precision == "fp32" and "no AMX" in reason
     machine(cpu_native=False, capability="AVX2")
     precision, reason = hardware.choose_precision("auto", "cpu")
     assert (precision, reason) == ("fp32", "CPU without native bf16: AVX2")
@@ -131,7 +135,7 @@ def test_training_saves_the_chosen_precision_in_config_and_checkpoints(packed_sh
                         "--backbone", "resnet18", "--pretrained", "false", "--crop-size", "65",
                         "--batch-size", "2", "--iterations", "1", "--workers", "0", "--tracker", "none",
                         "--compile", "true"]))
-    reason = "CPU with native bf16: AVX512" if native else "CPU without native bf16: AVX2"
+    reason = "CPU with native bf16: AVX512 + AMX" if native else "CPU without native bf16: AVX2"
     out = capsys.readouterr().out
     assert f"precision: {expected} ({reason})" in out
     assert "compile: torch.compile failed (RuntimeError: no working C++ compiler); running the model eagerly" in out
