@@ -32,8 +32,8 @@ import torch
 
 # Accepted values of --mixed-precision; "no" is Accelerate's spelling of fp32.
 PRECISIONS = ("auto", "no", "fp32", "bf16", "fp16")
-PRECISION_HELP = ("auto (bf16 on CUDA with bf16 and on CPUs with native bf16, fp16 on older CUDA GPUs, "
-                  "fp32 otherwise) | bf16 | fp16 | no (fp32)")
+PRECISION_HELP = ("auto (bf16 on CUDA with bf16 and on CPUs with native bf16 and AMX, fp16 on older CUDA "
+                  "GPUs, fp32 otherwise) | bf16 | fp16 | no (fp32)")
 CPU_FLAGS_SHOWN = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
 # oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) that still include native bf16 instructions.
 _ONEDNN_BF16_ISAS = re.compile(r"BF16|FP16|AMX|AVX10|^ALL$|^DEFAULT$")
