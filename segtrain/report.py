@@ -31,11 +31,9 @@ import yaml
 from segtrain import hardware, shards, stats, visualize
 from segtrain.cli import user_errors
 from segtrain.datasets import DatasetSpec, decode_target, spec_from_checkpoint
-from segtrain.metrics import subset_miou
-from segtrain.model import check_fits_data, load_checkpoint, read_checkpoint
 from segtrain.io import DataError, atomic_write_bytes, read_metrics_log
 from segtrain.metrics import subset_miou
-from segtrain.model import load_checkpoint, torch_load
+from segtrain.model import check_fits_data, load_checkpoint, read_checkpoint
 from segtrain.predict import predict_mask
 
 
@@ -153,7 +151,7 @@ def best_checkpoint(run: Run) -> Path:
 def run_spec(run: Run) -> DatasetSpec:
     """The classes and colours a run was trained on (its best.pt's dataset spec)."""
     best = best_checkpoint(run)
-    return spec_from_checkpoint(torch_load(best), str(best))
+    return spec_from_checkpoint(read_checkpoint(best), str(best))
 
 
 def results_table(runs: list[Run], rare: Sequence[int] = (),

@@ -10,7 +10,6 @@ writes, so no image is decoded here.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
