@@ -3,12 +3,16 @@
 One owner for every hardware-dependent default, so that a default follows the machine
 it runs on, never the machine it was measured on:
 
-* ``choose_precision(requested, device)``: ``auto`` is bf16 on CUDA devices with bf16,
-  fp16 (Accelerate's loss scaling) on CUDA devices without, bf16 on a CPU only when its
+* ``choose_precision(requested, device)``: ``auto`` is bf16 on CUDA GPUs that compute it
+  natively (compute capability >= 8.0: A100, A10, L4, H100, ...), fp16 with Accelerate's
+  loss scaling on older ones (T4, V100), bf16 on a CPU only when its
   kernels are native (AVX-512-BF16 / AMX), fp32 otherwise. On an AVX2-only CPU bf16 is
   emulated: 3.8x slower than fp32 on an AMD EPYC Zen 3, 25x slower with AVX2 kernels
   imitated on a Sapphire Rapids (docs/BENCHMARKS.md#model-step).
-* ``compile_model(model)``: ``torch.compile`` with a one-line fallback to eager.
+* ``compile_model(model)``: ``torch.compile`` with a one-line fallback to eager;
+  ``compile_outcome(model)`` says, after the first call, whether a compiled graph ran.
+* ``check_cuda_arch(device)``: a GPU the installed torch wheel has no kernels for is a
+  one-line ConfigError, not a "no kernel image" traceback at the first convolution.
 * ``describe()``: the lines bench/ scripts print above their tables.
 
 Imitating an older CPU: ``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`` make oneDNN
@@ -30,6 +34,8 @@ from typing import Optional, Union
 
 import torch
 
+from segtrain.io import ConfigError
+
 # Accepted values of --mixed-precision; "no" is Accelerate's spelling of fp32.
 PRECISIONS = ("auto", "no", "fp32", "bf16", "fp16")
 PRECISION_HELP = ("auto (bf16 on CUDA with bf16 and on CPUs with native bf16 and AMX, fp16 on older CUDA "
@@ -43,8 +49,18 @@ Device = Union[torch.device, str]
 
 # ----------------------------------------------------------------------------- probes
 
-def cuda_bf16_supported() -> bool:
-    return torch.cuda.is_bf16_supported()
+def cuda_capability(device: Device) -> tuple[int, int]:
+    """(major, minor) compute capability, e.g. (7, 5) for a T4, (9, 0) for an H100."""
+    return tuple(torch.cuda.get_device_capability(torch.device(device)))
+
+
+def cuda_arch_list() -> list[str]:
+    """The GPU code the torch wheel carries: 'sm_80' (binary kernels), 'compute_90' (PTX)."""
+    return torch.cuda.get_arch_list()
+
+
+def cuda_gpu_name(device: Device) -> str:
+    return torch.cuda.get_device_name(torch.device(device))
 
 
 def mkldnn_bf16_supported() -> bool:
@@ -86,6 +102,35 @@ def cpu_bf16_native() -> tuple[bool, str]:
 
 # ----------------------------------------------------------------------------- decisions
 
+_ARCH = re.compile(r"^(sm|compute)_(\d+)(\d)([a-z]?)$")
+
+
+def _runs_on(arch: str, major: int, minor: int) -> bool:
+    """Whether code built for ``arch`` runs on a GPU of compute capability major.minor: binary
+    sm_XY kernels on the same major with minor >= Y ('a'/'f' variants on exactly XY), PTX
+    compute_XY on any capability >= X.Y (the driver compiles it)."""
+    match = _ARCH.match(arch)
+    if match is None:
+        return False
+    kind, code_major, code_minor, suffix = match[1], int(match[2]), int(match[3]), match[4]
+    if kind == "compute":
+        return (major, minor) >= (code_major, code_minor)
+    if suffix:
+        return (major, minor) == (code_major, code_minor)
+    return major == code_major and minor >= code_minor
+
+
+def check_cuda_arch(device: Device) -> None:
+    """ConfigError naming the GPU and the wheel when the installed torch has no kernels for it
+    (e.g. a V100, sm_70, under a CUDA 13 wheel, which starts at sm_75)."""
+    archs = cuda_arch_list()
+    major, minor = cuda_capability(device)
+    if archs and not any(_runs_on(arch, major, minor) for arch in archs):
+        raise ConfigError(f"{cuda_gpu_name(device)} (compute capability {major}.{minor}, sm_{major}{minor}) is not "
+                          f"supported by the installed torch {torch.__version__} (CUDA {torch.version.cuda} wheel, "
+                          f"built for {' '.join(archs)}); install a torch wheel built for sm_{major}{minor}")
+
+
 def accelerate_precision(precision: str) -> str:
     """The ``Accelerator(mixed_precision=...)`` value of a resolved precision."""
     return "no" if precision == "fp32" else precision
@@ -116,11 +161,14 @@ def choose_precision(requested: Optional[str], device: Device) -> tuple[str, str
     if requested in ("no", "fp32"):
         return "fp32", "requested"
     if kind == "cuda":
+        check_cuda_arch(device)
         if requested != "auto":
             return requested, "requested"
-        if cuda_bf16_supported():
-            return "bf16", "CUDA device with bf16"
-        return "fp16", "CUDA device without bf16; fp16 with loss scaling"
+        # Not torch.cuda.is_bf16_supported(): in torch 2.14 it also counts emulated bf16 (True on a T4).
+        major, minor = cuda_capability(device)
+        if major >= 8:
+            return "bf16", f"CUDA GPU with native bf16: compute capability {major}.{minor}"
+        return "fp16", f"CUDA GPU without native bf16 (compute capability {major}.{minor}); fp16 with loss scaling"
     if kind != "cpu":
         return ("fp32", f"{kind} device: auto picks fp32") if requested == "auto" else (requested, "requested")
     native, evidence = cpu_bf16_native()
