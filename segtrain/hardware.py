@@ -30,6 +30,7 @@ import platform
 import re
 import warnings
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Optional, Union
 
 import torch
@@ -188,22 +189,82 @@ def choose_precision(requested: Optional[str], device: Device) -> tuple[str, str
     return "fp32", f"CPU without native bf16: {evidence}"
 
 
-def compile_model(model: torch.nn.Module, say=print) -> bool:
+def compile_model(model: torch.nn.Module, say=print, dynamic: Optional[bool] = None, backend: str = "inductor") -> bool:
     """``model.compile()`` in place (the module keeps its type and state_dict keys).
 
-    Returns whether it is compiled. When torch.compile is unavailable or fails here,
-    says so in one line and leaves the model eager; errors at the first compiled call
-    also fall back to eager (dynamo's ``suppress_errors``).
+    Returns whether compiling was set up; torch.compile is lazy, so whether a compiled graph
+    actually runs is known only after the first call: ask ``compile_outcome(model)`` then.
+    When torch.compile is unavailable or fails here, says so in one line and leaves the model
+    eager; errors at the first compiled call also fall back to eager (dynamo's
+    ``suppress_errors``), which ``compile_outcome`` reports. ``dynamic=True`` compiles for any
+    input size (evaluation, whose image sizes vary) instead of recompiling per size.
     """
     try:
         import torch._dynamo
         torch._dynamo.config.suppress_errors = True
-        model.compile()
+        before = dynamo_counts()
+        model.compile(dynamic=dynamic, backend=backend)
+        model._segtrain_dynamo_before = before  # a plain attribute: not in the state_dict
         return True
     except Exception as e:  # any failure: running eager is always correct
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         say(f"compile: torch.compile failed ({type(e).__name__}: {first}); running the model eagerly")
         return False
+
+
+def dynamo_counts() -> dict[str, int]:
+    """Process-wide dynamo counters: frames tried / compiled, graphs compiled, graph breaks."""
+    from torch._dynamo.utils import counters
+    return {"frames": counters["frames"]["total"], "frames_ok": counters["frames"]["ok"],
+            "graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values())}
+
+
+def compile_outcome(model: torch.nn.Module) -> tuple[bool, str]:
+    """After the first call of a ``compile_model``-ed module: (whether a compiled graph ran, a line).
+
+    From dynamo's counters since compile_model: a backend that failed (no compiler, an
+    unsupported op) under ``suppress_errors`` leaves frames tried but none compiled, and the
+    model ran eagerly although ``compile_model`` returned True.
+    """
+    before = getattr(model, "_segtrain_dynamo_before", None)
+    if before is None:
+        return False, "compile: the model was not compiled; it runs eagerly"
+    now = dynamo_counts()
+    delta = {k: now[k] - before[k] for k in now}
+    failed = delta["frames"] - delta["frames_ok"]
+    if delta["graphs"] <= 0 or delta["frames_ok"] <= 0:
+        return False, (f"compile: nothing was compiled ({failed} frame(s) failed, see the warnings above); "
+                       "the model runs eagerly")
+    return True, (f"compile: {delta['graphs']} graph(s) compiled, {failed} frame(s) fell back to eager, "
+                  f"{delta['graph_breaks']} graph break(s)")
+
+
+@contextlib.contextmanager
+def evaluation_kernels() -> Iterator[None]:
+    """For validation inside training: compiled modules run eagerly and cuDNN does not autotune.
+
+    Validation images vary in size: a module compiled for the fixed training crop would
+    recompile per size (or hit dynamo's recompile limit), and cudnn.benchmark would time
+    every convolution algorithm again for each new size; both cost more than they save on
+    a pass over the validation set that is a small share of a run. Results are the same.
+    """
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            yield
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+
+
+def take_peak_memory_mb(device: Device) -> Optional[float]:
+    """Peak CUDA memory allocated (MB) since the last call, then reset; None off CUDA."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(device) / 2**20
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
 
 
 def resolve_runtime(precision: Optional[str], device: Device) -> dict:
@@ -270,5 +331,6 @@ def describe() -> str:
 
 
 __all__ = ["PRECISIONS", "PRECISION_HELP", "choose_precision",
-           "cpu_bf16_native", "accelerate_precision", "autocast_dtype", "compile_model", "resolve_runtime",
+           "cpu_bf16_native", "accelerate_precision", "autocast_dtype", "compile_model", "compile_outcome", "resolve_runtime",
+           "check_cuda_arch", "evaluation_kernels", "take_peak_memory_mb",
            "precision_line", "inference_autocast", "describe", "device_name"]
