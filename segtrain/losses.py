@@ -89,6 +89,13 @@ def _safe_div(num: Tensor, den: Tensor) -> Tensor:
     return num / torch.where(den > 0, den, torch.ones_like(den))
 
 
+def _one_hot(target: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
+    """(P,) class indices -> (P, C) 0/1 of ``dtype``. Not ``F.one_hot``: it checks the classes'
+    range with ``.item()`` (min and max) on CPU tensors, where tests/test_syncs.py counts syncs;
+    a comparison reads nothing back on any device."""
+    return (target[:, None] == torch.arange(num_classes, device=target.device)).to(dtype)
+
+
 def _flat_pixels(logits: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
     """(P, C) logits, (P,) targets with ignore pixels set to class 0, and the (P,) float mask of
     labelled pixels, over all P = N*H*W pixels.
@@ -259,7 +266,7 @@ class DiceLoss(SegmentationLoss):
     def compute(self, logits: Tensor, target: Tensor) -> Tensor:
         logits, target, valid = _flat_pixels(logits, target, self.ignore_index)
         probs = logits.softmax(dim=1) * valid[:, None]
-        onehot = F.one_hot(target, self.num_classes).to(probs.dtype) * valid[:, None]
+        onehot = _one_hot(target, self.num_classes, probs.dtype) * valid[:, None]
         intersection = (probs * onehot).sum(0)
         cardinality = probs.sum(0) + onehot.sum(0)
         dice = (2 * intersection + self.smooth) / (cardinality + self.smooth)
@@ -298,7 +305,7 @@ class LovaszSoftmaxLoss(SegmentationLoss):
     def compute(self, logits: Tensor, target: Tensor) -> Tensor:
         logits, target, valid = _flat_pixels(logits, target, self.ignore_index)
         probs = logits.softmax(dim=1)
-        fg = F.one_hot(target, self.num_classes).to(probs.dtype) * valid[:, None]
+        fg = _one_hot(target, self.num_classes, probs.dtype) * valid[:, None]
         errors = (fg - probs).abs() * valid[:, None]
         perm = torch.where(valid[:, None] > 0, errors.detach(), -1.0).sort(dim=0, descending=True).indices
         errors_sorted, fg_sorted = errors.gather(0, perm), fg.gather(0, perm)
