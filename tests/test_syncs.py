@@ -80,11 +80,19 @@ class SyncCounter(TorchDispatchMode):
             self.paused = False
 
 
-def count_syncs_per_step(monkeypatch, cfg) -> dict:
+class Stop(Exception):
+    """Ends train() at the start of a step: the steps before it are all the test needs."""
+
+
+def count_syncs_per_step(monkeypatch, cfg, stop_at=None) -> dict:
+    """{step: Counter of sync ops} of train(cfg), setup ops under "setup"; with ``stop_at``,
+    train() is stopped when step ``stop_at`` starts (no validation or checkpoint: faster)."""
     counter = SyncCounter()
     real_lr_factor, real_batches = train_module.lr_factor, train_module.micro_batches
 
     def lr_factor(step, cfg):
+        if step == stop_at:
+            raise Stop
         counter.step = step
         return real_lr_factor(step, cfg)
 
@@ -101,31 +109,36 @@ def count_syncs_per_step(monkeypatch, cfg) -> dict:
 
     monkeypatch.setattr(train_module, "lr_factor", lr_factor)
     monkeypatch.setattr(train_module, "micro_batches", micro_batches)
-    with counter:
+    with counter, contextlib.suppress(Stop):
         train_module.train(cfg)
     return counter.seen
 
 
-ITERATIONS = 4  # steps 0..2 neither log, validate nor checkpoint; step 3 does all (the last step)
+def train_config(data, run_dir, loss, *extra, iterations=100):
+    # --log-every etc. = iterations: the steps counted neither log, validate nor checkpoint.
+    return parse_config(["--data", str(data), "--run-dir", str(run_dir), "--backbone", "resnet18",
+                         "--pretrained", "false", "--crop-size", "33", "--batch-size", "4", "--workers", "0",
+                         "--tracker", "none", "--mixed-precision", "no", "--iterations", str(iterations),
+                         "--log-every", str(iterations), "--val-every", str(iterations),
+                         "--checkpoint-every", str(iterations), "--loss", loss, *extra])
 
 
-@pytest.mark.parametrize("loss, extra", [
-    ("ce", ()), ("weighted_ce", ()), ("focal", ()), ("dice", ()), ("lovasz", ()), ("ohem", ()),
-    # A sum, with the aux head, accumulation and gradient clipping: the rest of the step's code path.
-    ("ce+0.5*dice", ("--aux-loss-weight", "0.4", "--grad-accum", "2", "--grad-clip", "1.0")),
-])
-def test_no_sync_in_a_training_step_that_does_not_log(packed_shards, tmp_path, monkeypatch, loss, extra):
-    cfg = parse_config(["--data", str(packed_shards["train"]), "--run-dir", str(tmp_path / "run"),
-                        "--backbone", "resnet18", "--pretrained", "false", "--crop-size", "33",
-                        "--batch-size", "4", "--workers", "0", "--tracker", "none", "--mixed-precision", "no",
-                        "--iterations", str(ITERATIONS), "--log-every", str(ITERATIONS),
-                        "--val-every", str(ITERATIONS), "--checkpoint-every", str(ITERATIONS),
-                        "--loss", loss, *extra])
+@pytest.mark.parametrize("loss", ["ce", "weighted_ce", "focal", "dice", "lovasz", "ohem"])
+def test_no_sync_in_a_training_step_that_does_not_log(packed_shards, tmp_path, monkeypatch, loss):
+    seen = count_syncs_per_step(monkeypatch, train_config(packed_shards["train"], tmp_path / "run", loss), stop_at=2)
+    assert set(seen) <= {"setup", 0, 1}
+    assert {step: dict(seen[step]) for step in (0, 1) if seen[step]} == {}
+
+
+def test_no_sync_with_a_sum_aux_head_accumulation_and_clipping_until_the_logging_step(packed_shards, tmp_path,
+                                                                                       monkeypatch):
+    """The rest of the step's code path, to the end of a run; the last step logs and validates."""
+    cfg = train_config(packed_shards["train"], tmp_path / "run", "ce+0.5*dice", "--aux-loss-weight", "0.4",
+                       "--grad-accum", "2", "--grad-clip", "1.0", iterations=3)
     seen = count_syncs_per_step(monkeypatch, cfg)
-    quiet_steps = range(ITERATIONS - 1)
-    assert {step: dict(seen[step]) for step in quiet_steps if seen[step]} == {}
+    assert {step: dict(seen[step]) for step in (0, 1) if seen[step]} == {}
     # The counter sees syncs where they are expected: the logging step reads the loss (.item()).
-    assert any("_local_scalar_dense" in op for op in seen[ITERATIONS - 1])
+    assert any("_local_scalar_dense" in op for op in seen[2])
 
 
 def test_the_counter_sees_what_the_old_code_did(monkeypatch):
