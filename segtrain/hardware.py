@@ -246,7 +246,8 @@ def evaluation_kernels() -> Iterator[None]:
     Validation images vary in size: a module compiled for the fixed training crop would
     recompile per size (or hit dynamo's recompile limit), and cudnn.benchmark would time
     every convolution algorithm again for each new size; both cost more than they save on
-    a pass over the validation set that is a small share of a run. Results are the same.
+    a pass over the validation set that is a small share of a run. It is the same model and
+    function (results equal up to kernel rounding).
     """
     benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = False
