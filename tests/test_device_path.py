@@ -110,3 +110,25 @@ def test_train_records_compiled_false_when_no_compiled_step_ran(packed_shards, t
 
 def test_peak_memory_is_none_off_cuda():
     assert hardware.take_peak_memory_mb("cpu") is None
+
+
+def test_training_peak_memory_leaves_validation_out(monkeypatch):
+    """A fake CUDA peak counter: the log window reports its training steps' peak, not the
+    validation's in between, which validate() takes (and resets) for val/max_memory_mb."""
+    from segtrain.train import LogWindow
+    counter = {"peak": 0.0}
+
+    def take(device):  # torch.cuda.max_memory_allocated, then reset_peak_memory_stats
+        value, counter["peak"] = counter["peak"], 0.0
+        return value
+    monkeypatch.setattr(hardware, "take_peak_memory_mb", take)
+    window = LogWindow(torch.device("cpu"))
+    counter["peak"] = 100.0                  # training steps
+    window.set_peak_aside()                  # the loop, before validate()
+    counter["peak"] = 900.0                  # validation
+    assert hardware.take_peak_memory_mb("cuda") == 900.0  # validate(): val/max_memory_mb
+    counter["peak"] = 50.0                   # training again
+    assert window.peak_memory() == {"max_memory_mb": 100.0}
+    window.take(type("A", (), {"reduce": staticmethod(lambda t, op: t)})(), 4)  # next window starts afresh
+    counter["peak"] = 70.0
+    assert window.peak_memory() == {"max_memory_mb": 70.0}
