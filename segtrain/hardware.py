@@ -29,8 +29,8 @@ import os
 import platform
 import re
 import warnings
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Optional, Union
 
 import torch
@@ -159,10 +159,11 @@ def choose_precision(requested: Optional[str], device: Device) -> tuple[str, str
     if requested not in PRECISIONS:
         raise ValueError(f"mixed_precision: must be one of {', '.join(PRECISIONS)}, got {requested!r}")
     kind = torch.device(device).type
+    if kind == "cuda":  # whatever the precision: without kernels for this GPU nothing runs
+        check_cuda_arch(device)
     if requested in ("no", "fp32"):
         return "fp32", "requested"
     if kind == "cuda":
-        check_cuda_arch(device)
         if requested != "auto":
             return requested, "requested"
         # Not torch.cuda.is_bf16_supported(): in torch 2.14 it also counts emulated bf16 (True on a T4).

@@ -69,6 +69,9 @@ def test_a_gpu_the_wheel_has_no_kernels_for_is_one_line_naming_gpu_and_wheel(mon
     if supported:
         assert hardware.choose_precision("auto", "cuda")[0] in ("bf16", "fp16")
         return
+    for requested in ("no", "bf16"):  # not only auto: no precision runs without kernels
+        with pytest.raises(ConfigError):
+            hardware.choose_precision(requested, "cuda")
     with pytest.raises(ConfigError) as err:
         hardware.choose_precision("auto", "cuda")
     message = str(err.value)
