@@ -15,10 +15,18 @@ that fails, hangs or poisons the CUDA context leaves the others' figures intact:
   train    segtrain's own loop, shards -> loader workers -> Accelerate train() (bench/
            train_bench.py's segtrain_loop), default precision: images/s, peak memory and the
            time spent waiting for batches (metrics.jsonl's data_wait_s); the loader alone
+  syncs    train() steps that do not log, run under torch.cuda.set_sync_debug_mode("error"),
+           with every loss summed: any host-device synchronisation in a step is an error row
   plain    bench/train_bench.py's reference-style fp32 loop, for the speed-up ratio
   eval     segtrain.evaluate, whole and ms-flip protocols, fp32 and bf16
   sam      SAM vit_b with random weights: automatic mask generation, seconds per image
-  compile  the model step in bf16+cl+torch.compile (last: compiling takes the longest)
+  compile  the model step in bf16+cl+torch.compile
+
+Time: each section may run up to its limit, but never into the shares reserved for the
+sections after it (their limits scaled to fit the run's budget): a slow section cannot
+starve the rest, and time a section leaves unused passes on to the next. Loader workers
+pass batches through /dev/shm: when it is under 1 GiB (a container's 64 MB default) the
+workers are lowered, with a message, instead of dying mid-run.
 
 OUT_DIR receives gpu_check.md (header, goals, every table), gpu_check.json (every figure)
 and, from the wrapper, gpu_check.log; both are rewritten after each section, so a run
@@ -87,18 +95,48 @@ GPU = Profile(
     step_range=(5, 60), train_warmup=5, train_steps=30, unique_images=48, train_images=2048, val_images=40,
     image_size=(350, 500), shard_size=16, workers=os.cpu_count() or 4, sam_model="vit_b", sam_points=32,
     sam_images=5, matmul_n=8192, matmul_iters=30, budget_s=450, threads=None,
-    limits={"env": 60, "data": 90, "peak": 45, "model": 150, "train": 150, "plain": 75, "eval": 60,
+    limits={"env": 60, "data": 90, "peak": 45, "model": 150, "train": 150, "syncs": 90, "plain": 75, "eval": 60,
             "sam": 75, "compile": 240})
 CPU = Profile(
     name="cpu", backbone="resnet18", crop=65, batches=(2, 4), step_warmup=1, step_seconds=0.5,
     step_range=(1, 3), train_warmup=1, train_steps=2, unique_images=8, train_images=16, val_images=3,
     image_size=(64, 128), shard_size=8, workers=1, sam_model="tiny", sam_points=2, sam_images=1,
-    matmul_n=512, matmul_iters=5, budget_s=300,
+    matmul_n=512, matmul_iters=5, budget_s=420,
     # One thread: on a small machine shared with other jobs, two spinning OpenMP threads per
     # process made a forward pass 25x slower (1.36 s against 0.053 s).
     threads=1,
-    limits={"env": 60, "data": 60, "peak": 40, "model": 90, "train": 120, "plain": 60, "eval": 60,
+    limits={"env": 60, "data": 60, "peak": 40, "model": 90, "train": 120, "syncs": 90, "plain": 60, "eval": 60,
             "sam": 60, "compile": 30})
+SHM_MIN_BYTES = 2**30      # below this, loader workers are lowered
+SHM_PER_WORKER = 2**28     # /dev/shm room per loader worker (prefetched batches of 16 images at 513 px, twice over)
+
+
+def fit_workers_to_shm(profile: Profile, shm_path: str = "/dev/shm") -> tuple[Profile, Optional[str]]:
+    """The profile with loader workers lowered when /dev/shm is small, and the message saying so.
+
+    DataLoader workers hand batches to the main process through shared memory; a container's
+    64 MB /dev/shm makes them die with "bus error" / "No space left on device" mid-run.
+    Each worker gets SHM_PER_WORKER of it; with less than that for one, loading runs in the
+    main process (0 workers), slower but whole.
+    """
+    try:
+        size = shutil.disk_usage(shm_path).total
+    except OSError:
+        return profile, None
+    if size >= SHM_MIN_BYTES or profile.workers == 0:
+        return profile, None
+    workers = min(profile.workers, size // SHM_PER_WORKER)
+    message = (f"/dev/shm is {size / 2**20:.0f} MiB (< {SHM_MIN_BYTES // 2**20} MiB): loader workers lowered from "
+               f"{profile.workers} to {workers} (each needs ~{SHM_PER_WORKER // 2**20} MiB there; in docker, "
+               "--shm-size=8g or --ipc=host restores them)")
+    return dataclasses.replace(profile, workers=workers), message
+
+
+def section_timeouts(names: list[str], limits: dict, budget: float) -> dict[str, float]:
+    """Each section's reserved share of the budget: its limit, scaled down when the limits add up
+    to more than the budget (see the module docstring)."""
+    scale = min(1.0, budget / max(1.0, sum(limits[n] for n in names)))
+    return {n: limits[n] * scale for n in names}
 
 
 # ----------------------------------------------------------------------------- one section (child process)
@@ -365,7 +403,7 @@ def section_train(ctx: Context) -> None:
 
     def loop(batch: int, precision: Optional[str]) -> dict:
         run_dir = ctx.work / "runs" / f"train_b{batch}_{precision}"
-        reset_peak()  # train() never resets it: without this a run would report the one before's peak
+        reset_peak()  # train() resets it per log window; this also drops what earlier sections left
         images_per_s, peak, _setting = train_bench.segtrain_loop(ctx.manifest, run_dir,
                                                                  bench_args(ctx, batch, str(precision)), dev)
         resolved[batch] = AcceleratorState().mixed_precision  # what Accelerate ran with
@@ -390,6 +428,56 @@ def section_train(ctx: Context) -> None:
                      f"count) -> train(); {p.train_warmup} warm-up + {p.train_steps} timed steps, logged every step "
                      "(each log syncs the GPU, so time waiting for data is time the GPU sat idle); data wait = time "
                      "in next(batches) and loader start-up (metrics.jsonl data_wait_s)")
+
+
+SYNC_LOSS = "ce+weighted_ce+focal+dice+lovasz+ohem"  # every loss in one step
+
+
+def section_syncs(ctx: Context) -> None:
+    """train() with every loss, the aux head and gradient clipping: steps 1 .. n-2 (neither the
+    warm-up step nor the last, which logs, validates and saves) run under
+    torch.cuda.set_sync_debug_mode("error"), so any op that makes the host wait for the GPU
+    raises there, naming itself. On a CPU the steps run without the check (CUDA only;
+    tests/test_syncs.py counts the same ops on a CPU)."""
+    import torch
+    import segtrain.train as train_module
+    from segtrain.config import parse_config
+    p, dev = ctx.profile, device()
+    iterations = 5
+    checked = dev.type == "cuda"
+    real_lr_factor = train_module.lr_factor
+
+    def lr_factor(step: int, cfg) -> float:  # called at the start of every step
+        if checked:
+            torch.cuda.set_sync_debug_mode("error" if 1 <= step <= iterations - 2 else "default")
+        return real_lr_factor(step, cfg)
+
+    def measure() -> dict:
+        run_dir = ctx.work / "runs" / "syncs"
+        flags = ["--data", str(ctx.manifest), "--run-dir", str(run_dir), "--backbone", p.backbone,
+                 "--pretrained", "false", "--crop-size", str(p.crop), "--batch-size", str(p.batches[0]),
+                 "--iterations", str(iterations), "--log-every", str(iterations), "--val-every", str(iterations),
+                 "--checkpoint-every", str(iterations), "--workers", str(p.workers), "--tracker", "none",
+                 "--loss", SYNC_LOSS, "--aux-loss-weight", "0.4", "--grad-clip", "1.0"]
+        train_module.lr_factor = lr_factor
+        try:
+            train_module.train(parse_config(flags))
+        finally:
+            train_module.lr_factor = real_lr_factor
+            if checked:
+                torch.cuda.set_sync_debug_mode("default")
+        precision = yaml_resolved(run_dir)["mixed_precision"]
+        return {"precision": precision, "checked_steps": iterations - 2 if checked else 0,
+                "result": "no sync" if checked else "not checked (no CUDA)"}
+    ctx.attempt({"loss": SYNC_LOSS, "batch": p.batches[0]}, measure)
+    ctx.notes.append("set_sync_debug_mode('error') raises at .item(), nonzero, boolean-mask indexing, "
+                     "blocking device-to-host copies, ...; fp16 runs would add GradScaler's one inf check per step "
+                     "(not run: auto picks bf16 on compute capability >= 8.0)")
+
+
+def yaml_resolved(run_dir: Path) -> dict:
+    import yaml
+    return yaml.safe_load((run_dir / "config.yaml").read_text())["resolved"]
 
 
 def loader_alone(ctx: Context, batch: int) -> dict:
@@ -483,7 +571,7 @@ def section_sam(ctx: Context) -> None:
 
 SECTIONS: dict[str, Callable[[Context], None]] = {
     "env": section_env, "data": section_data, "peak": section_peak, "model": section_model,
-    "train": section_train, "plain": section_plain, "eval": section_eval, "sam": section_sam,
+    "train": section_train, "syncs": section_syncs, "plain": section_plain, "eval": section_eval, "sam": section_sam,
     "compile": section_compile,
 }
 
@@ -552,12 +640,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--cpu", action="store_true", help="toy sizes (ResNet-18, crop 65) that run on a CPU in ~1 minute")
     ap.add_argument("--sections", default=",".join(SECTIONS),
                     help="comma-separated subset to run, e.g. to rerun the failed ones (default: all, in order)")
-    ap.add_argument("--budget", type=float, help="seconds for the whole run (default: 450 on a GPU, 300 with --cpu)")
+    ap.add_argument("--budget", type=float, help="seconds for the whole run (default: 450 on a GPU, 420 with --cpu)")
     ap.add_argument("--work", type=Path, help="scratch folder (data, runs); default a temporary one, removed after")
     ap.add_argument("--section", help=argparse.SUPPRESS)   # internal: run one section in this process
     ap.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    profile = CPU if args.cpu else GPU
+    profile, shm_message = fit_workers_to_shm(CPU if args.cpu else GPU)
     if args.section:
         return run_section(args.section, profile, args.work, args.deadline)
     if args.out is None:
@@ -571,17 +659,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.work or Path(tempfile.mkdtemp(prefix="segtrain-gpu-check-"))
     (work / "results").mkdir(parents=True, exist_ok=True)
+    if shm_message:
+        print(f"warning: {shm_message}", file=sys.stderr)
     started = time.time()
     deadline = started + (args.budget or profile.budget_s)
+    shares = section_timeouts(names, profile.limits, deadline - started)
     results: dict[str, dict] = {}
     try:
-        for name in names:
-            left = deadline - time.time()
+        for i, name in enumerate(names):
+            left = deadline - time.time() - sum(shares[n] for n in names[i + 1:])  # the later ones' shares kept
             if left < 10:
                 results[name] = {"status": "skipped", "error": "out of the run's time budget", "rows": [], "notes": []}
             else:
                 (work / "results" / f"{name}.json").unlink(missing_ok=True)
                 results[name] = run_child(name, args, profile, work, min(profile.limits[name], left))
+            if shm_message and name == "env":
+                results[name].setdefault("notes", []).append(shm_message)
             report(args.out, profile, results, time.time() - started)
     finally:
         if args.work is None:
@@ -606,6 +699,9 @@ COLUMNS = {  # section: (title, [(key, header, format)])
         ("precision", "ran as", "{}"), ("steps", "timed steps", "{}"), ("images_per_s", "images/s", "{:.1f}"),
         ("peak_mem_mb", "peak MB", "{:.0f}"), ("data_wait_pct", "data wait %", "{:.1f}"),
         ("data_wait_ms_per_step", "data wait ms/step", "{:.1f}"), ("startup_s", "loader start s", "{:.2f}")]),
+    "syncs": ("Host-device syncs in training steps", [
+        ("loss", "loss", "{}"), ("batch", "batch", "{}"), ("precision", "precision", "{}"),
+        ("checked_steps", "steps under sync_debug_mode error", "{}"), ("result", "result", "{}")]),
     "plain": ("Plain fp32 reference-style loop", [
         ("loop", "loop", "{}"), ("batch", "batch", "{}"), ("precision", "precision", "{}"),
         ("images_per_s", "images/s", "{:.1f}"), ("peak_mem_mb", "peak MB", "{:.0f}")]),

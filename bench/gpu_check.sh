@@ -5,8 +5,8 @@
 #
 # Writes OUT_DIR/gpu_check.md (tables), OUT_DIR/gpu_check.json (figures) and
 # OUT_DIR/gpu_check.log (everything printed). On a machine without network, the
-# packages the image lacks (webdataset + braceexpand, segment-anything) are installed
-# from bench/wheels/ (made beforehand by bench/gpu_wheels.sh) into a temporary folder.
+# packages the image lacks (webdataset + braceexpand, segment-anything, matplotlib, ...) are
+# installed from bench/wheels/ (made beforehand by bench/gpu_wheels.sh) into a temporary folder.
 # Python: $PYTHON, else the repository's .venv, else python3. See docs/BENCHMARKS.md.
 set -uo pipefail
 if [ $# -lt 1 ] || [[ "$1" == -* ]]; then
@@ -28,16 +28,20 @@ export SEGTRAIN_COMMIT
 
 run() {
   echo "bench/gpu_check.sh: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), python $PY, commit $SEGTRAIN_COMMIT"
-  if ! "$PY" -c "import webdataset, segment_anything" 2>/dev/null; then
+  # What gpu_check imports beyond the image's torch, torchvision, numpy, pillow, timm, accelerate
+  # (bench/gpu_wheels.sh's PACKAGES: the distributions of these modules and their dependencies).
+  missing=$("$PY" -c "
+import importlib.util as u
+print(' '.join(m for m in 'webdataset braceexpand segment_anything matplotlib tqdm yaml'.split() if not u.find_spec(m)))")
+  if [ -n "$missing" ]; then
     if compgen -G "$REPO/bench/wheels/*.whl" >/dev/null; then
       SITE=${TMPDIR:-/tmp}/segtrain-gpu-check-site
-      echo "installing $(cd "$REPO/bench/wheels" && echo *.whl) into $SITE (no network needed)"
+      echo "missing: $missing; installing bench/wheels/*.whl into $SITE, behind the image's packages (no network needed)"
       "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
         "$REPO"/bench/wheels/*.whl && export PYTHONPATH="$PYTHONPATH:$SITE"
     else
-      echo "warning: webdataset / segment-anything are missing and bench/wheels/ holds no wheels" \
-           "(run bench/gpu_wheels.sh where pip works, and carry bench/wheels): data, train, plain, eval" \
-           "and sam will fail" >&2
+      echo "warning: $missing missing and bench/wheels/ holds no wheels (run bench/gpu_wheels.sh where pip" \
+           "works, and carry bench/wheels): the sections that import them will fail" >&2
     fi
   fi
   command -v nvidia-smi >/dev/null && nvidia-smi

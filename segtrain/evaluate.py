@@ -323,7 +323,7 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
     precision, reason = hardware.choose_precision(args.mixed_precision, accelerator.device)
     accelerator.print(hardware.precision_line(precision, reason))
     if args.compile:
-        hardware.compile_model(model, accelerator.print)
+        hardware.compile_model(model, accelerator.print, dynamic=True)  # image sizes vary: no recompile per size
     num_classes = spec.num_classes
     loader = val_loader(args.data, split=args.split, num_workers=args.workers,
                         protocol=loader_protocol(args.protocol),

@@ -3,12 +3,16 @@
 One owner for every hardware-dependent default, so that a default follows the machine
 it runs on, never the machine it was measured on:
 
-* ``choose_precision(requested, device)``: ``auto`` is bf16 on CUDA devices with bf16,
-  fp16 (Accelerate's loss scaling) on CUDA devices without, bf16 on a CPU only when its
+* ``choose_precision(requested, device)``: ``auto`` is bf16 on CUDA GPUs that compute it
+  natively (compute capability >= 8.0: A100, A10, L4, H100, ...), fp16 with Accelerate's
+  loss scaling on older ones (T4, V100), bf16 on a CPU only when its
   kernels are native (AVX-512-BF16 / AMX), fp32 otherwise. On an AVX2-only CPU bf16 is
   emulated: 3.8x slower than fp32 on an AMD EPYC Zen 3, 25x slower with AVX2 kernels
   imitated on a Sapphire Rapids (docs/BENCHMARKS.md#model-step).
-* ``compile_model(model)``: ``torch.compile`` with a one-line fallback to eager.
+* ``compile_model(model)``: ``torch.compile`` with a one-line fallback to eager;
+  ``compile_outcome(model)`` says, after the first call, whether a compiled graph ran.
+* ``check_cuda_arch(device)``: a GPU the installed torch wheel has no kernels for is a
+  one-line ConfigError, not a "no kernel image" traceback at the first convolution.
 * ``describe()``: the lines bench/ scripts print above their tables.
 
 Imitating an older CPU: ``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`` make oneDNN
@@ -25,10 +29,13 @@ import os
 import platform
 import re
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional, Union
 
 import torch
+
+from segtrain.io import ConfigError
 
 # Accepted values of --mixed-precision; "no" is Accelerate's spelling of fp32.
 PRECISIONS = ("auto", "no", "fp32", "bf16", "fp16")
@@ -43,8 +50,18 @@ Device = Union[torch.device, str]
 
 # ----------------------------------------------------------------------------- probes
 
-def cuda_bf16_supported() -> bool:
-    return torch.cuda.is_bf16_supported()
+def cuda_capability(device: Device) -> tuple[int, int]:
+    """(major, minor) compute capability, e.g. (7, 5) for a T4, (9, 0) for an H100."""
+    return tuple(torch.cuda.get_device_capability(torch.device(device)))
+
+
+def cuda_arch_list() -> list[str]:
+    """The GPU code the torch wheel carries: 'sm_80' (binary kernels), 'compute_90' (PTX)."""
+    return torch.cuda.get_arch_list()
+
+
+def cuda_gpu_name(device: Device) -> str:
+    return torch.cuda.get_device_name(torch.device(device))
 
 
 def mkldnn_bf16_supported() -> bool:
@@ -86,6 +103,35 @@ def cpu_bf16_native() -> tuple[bool, str]:
 
 # ----------------------------------------------------------------------------- decisions
 
+_ARCH = re.compile(r"^(sm|compute)_(\d+)(\d)([a-z]?)$")
+
+
+def _runs_on(arch: str, major: int, minor: int) -> bool:
+    """Whether code built for ``arch`` runs on a GPU of compute capability major.minor: binary
+    sm_XY kernels on the same major with minor >= Y ('a'/'f' variants on exactly XY), PTX
+    compute_XY on any capability >= X.Y (the driver compiles it)."""
+    match = _ARCH.match(arch)
+    if match is None:
+        return False
+    kind, code_major, code_minor, suffix = match[1], int(match[2]), int(match[3]), match[4]
+    if kind == "compute":
+        return (major, minor) >= (code_major, code_minor)
+    if suffix:
+        return (major, minor) == (code_major, code_minor)
+    return major == code_major and minor >= code_minor
+
+
+def check_cuda_arch(device: Device) -> None:
+    """ConfigError naming the GPU and the wheel when the installed torch has no kernels for it
+    (e.g. a V100, sm_70, under a CUDA 13 wheel, which starts at sm_75)."""
+    archs = cuda_arch_list()
+    major, minor = cuda_capability(device)
+    if archs and not any(_runs_on(arch, major, minor) for arch in archs):
+        raise ConfigError(f"{cuda_gpu_name(device)} (compute capability {major}.{minor}, sm_{major}{minor}) is not "
+                          f"supported by the installed torch {torch.__version__} (CUDA {torch.version.cuda} wheel, "
+                          f"built for {' '.join(archs)}); install a torch wheel built for sm_{major}{minor}")
+
+
 def accelerate_precision(precision: str) -> str:
     """The ``Accelerator(mixed_precision=...)`` value of a resolved precision."""
     return "no" if precision == "fp32" else precision
@@ -113,14 +159,18 @@ def choose_precision(requested: Optional[str], device: Device) -> tuple[str, str
     if requested not in PRECISIONS:
         raise ValueError(f"mixed_precision: must be one of {', '.join(PRECISIONS)}, got {requested!r}")
     kind = torch.device(device).type
+    if kind == "cuda":  # whatever the precision: without kernels for this GPU nothing runs
+        check_cuda_arch(device)
     if requested in ("no", "fp32"):
         return "fp32", "requested"
     if kind == "cuda":
         if requested != "auto":
             return requested, "requested"
-        if cuda_bf16_supported():
-            return "bf16", "CUDA device with bf16"
-        return "fp16", "CUDA device without bf16; fp16 with loss scaling"
+        # Not torch.cuda.is_bf16_supported(): in torch 2.14 it also counts emulated bf16 (True on a T4).
+        major, minor = cuda_capability(device)
+        if major >= 8:
+            return "bf16", f"CUDA GPU with native bf16: compute capability {major}.{minor}"
+        return "fp16", f"CUDA GPU without native bf16 (compute capability {major}.{minor}); fp16 with loss scaling"
     if kind != "cpu":
         return ("fp32", f"{kind} device: auto picks fp32") if requested == "auto" else (requested, "requested")
     native, evidence = cpu_bf16_native()
@@ -140,22 +190,83 @@ def choose_precision(requested: Optional[str], device: Device) -> tuple[str, str
     return "fp32", f"CPU without native bf16: {evidence}"
 
 
-def compile_model(model: torch.nn.Module, say=print) -> bool:
+def compile_model(model: torch.nn.Module, say=print, dynamic: Optional[bool] = None, backend: str = "inductor") -> bool:
     """``model.compile()`` in place (the module keeps its type and state_dict keys).
 
-    Returns whether it is compiled. When torch.compile is unavailable or fails here,
-    says so in one line and leaves the model eager; errors at the first compiled call
-    also fall back to eager (dynamo's ``suppress_errors``).
+    Returns whether compiling was set up; torch.compile is lazy, so whether a compiled graph
+    actually runs is known only after the first call: ask ``compile_outcome(model)`` then.
+    When torch.compile is unavailable or fails here, says so in one line and leaves the model
+    eager; errors at the first compiled call also fall back to eager (dynamo's
+    ``suppress_errors``), which ``compile_outcome`` reports. ``dynamic=True`` compiles for any
+    input size (evaluation, whose image sizes vary) instead of recompiling per size.
     """
     try:
         import torch._dynamo
         torch._dynamo.config.suppress_errors = True
-        model.compile()
+        before = dynamo_counts()
+        model.compile(dynamic=dynamic, backend=backend)
+        model._segtrain_dynamo_before = before  # a plain attribute: not in the state_dict
         return True
     except Exception as e:  # any failure: running eager is always correct
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         say(f"compile: torch.compile failed ({type(e).__name__}: {first}); running the model eagerly")
         return False
+
+
+def dynamo_counts() -> dict[str, int]:
+    """Process-wide dynamo counters: frames tried / compiled, graphs compiled, graph breaks."""
+    from torch._dynamo.utils import counters
+    return {"frames": counters["frames"]["total"], "frames_ok": counters["frames"]["ok"],
+            "graphs": counters["stats"]["unique_graphs"], "graph_breaks": sum(counters["graph_break"].values())}
+
+
+def compile_outcome(model: torch.nn.Module) -> tuple[bool, str]:
+    """After the first call of a ``compile_model``-ed module: (whether a compiled graph ran, a line).
+
+    From dynamo's counters since compile_model: a backend that failed (no compiler, an
+    unsupported op) under ``suppress_errors`` leaves frames tried but none compiled, and the
+    model ran eagerly although ``compile_model`` returned True.
+    """
+    before = getattr(model, "_segtrain_dynamo_before", None)
+    if before is None:
+        return False, "compile: the model was not compiled; it runs eagerly"
+    now = dynamo_counts()
+    delta = {k: now[k] - before[k] for k in now}
+    failed = delta["frames"] - delta["frames_ok"]
+    if delta["graphs"] <= 0 or delta["frames_ok"] <= 0:
+        return False, (f"compile: nothing was compiled ({failed} frame(s) failed, see the warnings above); "
+                       "the model runs eagerly")
+    return True, (f"compile: {delta['graphs']} graph(s) compiled, {failed} frame(s) fell back to eager, "
+                  f"{delta['graph_breaks']} graph break(s)")
+
+
+@contextlib.contextmanager
+def evaluation_kernels() -> Iterator[None]:
+    """For validation inside training: compiled modules run eagerly and cuDNN does not autotune.
+
+    Validation images vary in size: a module compiled for the fixed training crop would
+    recompile per size (or hit dynamo's recompile limit), and cudnn.benchmark would time
+    every convolution algorithm again for each new size; both cost more than they save on
+    a pass over the validation set that is a small share of a run. It is the same model and
+    function (results equal up to kernel rounding).
+    """
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            yield
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+
+
+def take_peak_memory_mb(device: Device) -> Optional[float]:
+    """Peak CUDA memory allocated (MB) since the last call, then reset; None off CUDA."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(device) / 2**20
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
 
 
 def resolve_runtime(precision: Optional[str], device: Device) -> dict:
@@ -222,5 +333,6 @@ def describe() -> str:
 
 
 __all__ = ["PRECISIONS", "PRECISION_HELP", "choose_precision",
-           "cpu_bf16_native", "accelerate_precision", "autocast_dtype", "compile_model", "resolve_runtime",
+           "cpu_bf16_native", "accelerate_precision", "autocast_dtype", "compile_model", "compile_outcome", "resolve_runtime",
+           "check_cuda_arch", "evaluation_kernels", "take_peak_memory_mb",
            "precision_line", "inference_autocast", "describe", "device_name"]

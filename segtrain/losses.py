@@ -89,14 +89,25 @@ def _safe_div(num: Tensor, den: Tensor) -> Tensor:
     return num / torch.where(den > 0, den, torch.ones_like(den))
 
 
-def _valid_pixels(logits: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
-    """(V, C) logits and (V,) targets of the labelled pixels only.
+def _one_hot(target: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
+    """(P,) class indices -> (P, C) 0/1 of ``dtype``. Not ``F.one_hot``: it checks the classes'
+    range with ``.item()`` (min and max) on CPU tensors, where tests/test_syncs.py counts syncs;
+    a comparison reads nothing back on any device."""
+    return (target[:, None] == torch.arange(num_classes, device=target.device)).to(dtype)
 
-    Indexing (rather than multiplying by a mask) cuts ignore pixels out of the
-    graph, so their gradient is exactly 0 whatever their logits are.
+
+def _flat_pixels(logits: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(P, C) logits, (P,) targets with ignore pixels set to class 0, and the (P,) float mask of
+    labelled pixels, over all P = N*H*W pixels.
+
+    Multiplying by the mask (rather than cutting the ignore pixels out with ``x[valid]``)
+    keeps every shape independent of the data: boolean-mask indexing makes a CUDA device
+    wait for the host to learn the count of labelled pixels. The gradient of an ignore
+    pixel is still exactly 0: its terms are multiplied by 0.
     """
     valid = target != ignore_index
-    return logits.permute(0, 2, 3, 1)[valid], target[valid]
+    flat = logits.permute(0, 2, 3, 1).reshape(-1, logits.shape[1])
+    return flat, target.masked_fill(~valid, 0).reshape(-1), valid.reshape(-1).to(logits.dtype)
 
 
 class SegmentationLoss(nn.Module):
@@ -155,7 +166,8 @@ class CrossEntropyLoss(SegmentationLoss):
         return f"weighted={self.weight is not None}"
 
     def compute(self, logits: Tensor, target: Tensor) -> Tensor:
-        # .to(): losses are rarely moved to the device with the model; this is a no-op when they are.
+        # The training loop moves the loss to the device once; .to() is a no-op then and only
+        # copies (one host-to-device transfer per call) for callers that leave it on the CPU.
         weight = None if self.weight is None else self.weight.to(logits.device)
         # 'sum' / our own denominator instead of 'mean': torch's mean is NaN when every pixel is ignored.
         total = F.cross_entropy(logits, target, weight=weight, ignore_index=self.ignore_index, reduction="sum")
@@ -215,7 +227,8 @@ class FocalLoss(SegmentationLoss):
 
     def compute(self, logits: Tensor, target: Tensor) -> Tensor:
         valid = target != self.ignore_index
-        ce = F.cross_entropy(logits, target, ignore_index=self.ignore_index, reduction="none")[valid]
+        # CE is 0 (with 0 gradient) at ignore pixels; no x[valid]: that would sync a CUDA device.
+        ce = F.cross_entropy(logits, target, ignore_index=self.ignore_index, reduction="none")
         loss = ce
         if self.gamma > 0:
             # 1 - p_y = 1 - exp(-CE), via expm1 for precision near p_y = 1. The clamp keeps the
@@ -223,9 +236,9 @@ class FocalLoss(SegmentationLoss):
             one_minus_p = (-torch.expm1(-ce)).clamp_min(torch.finfo(ce.dtype).eps)
             loss = one_minus_p ** self.gamma * loss
         if self.alpha is not None:
-            alpha = self.alpha.to(logits.device)
-            loss = (alpha[target[valid]] if alpha.dim() == 1 else alpha) * loss
-        return _safe_div(loss.sum(), valid.sum().to(loss.dtype))
+            alpha = self.alpha.to(logits.device)  # a no-op once the loss is on the device
+            loss = (alpha[target.masked_fill(~valid, 0)] if alpha.dim() == 1 else alpha) * loss
+        return _safe_div((loss * valid).sum(), valid.sum().to(loss.dtype))
 
 
 class DiceLoss(SegmentationLoss):
@@ -251,9 +264,9 @@ class DiceLoss(SegmentationLoss):
         return f"smooth={self.smooth}"
 
     def compute(self, logits: Tensor, target: Tensor) -> Tensor:
-        logits, target = _valid_pixels(logits, target, self.ignore_index)
-        probs = logits.softmax(dim=1)
-        onehot = F.one_hot(target, self.num_classes).to(probs.dtype)
+        logits, target, valid = _flat_pixels(logits, target, self.ignore_index)
+        probs = logits.softmax(dim=1) * valid[:, None]
+        onehot = _one_hot(target, self.num_classes, probs.dtype) * valid[:, None]
         intersection = (probs * onehot).sum(0)
         cardinality = probs.sum(0) + onehot.sum(0)
         dice = (2 * intersection + self.smooth) / (cardinality + self.smooth)
@@ -282,16 +295,20 @@ class LovaszSoftmaxLoss(SegmentationLoss):
     A convex surrogate of 1 - IoU per class: errors |g_c - p_c| over all labelled
     pixels of the batch, sorted in decreasing order, dotted with ``lovasz_grad``,
     averaged over classes present in the target. All classes are handled in one
-    sort along the pixel axis instead of a Python loop, so there is no host sync.
+    sort along the pixel axis instead of a Python loop, and ignore pixels are sorted to
+    the end (key -1) instead of being cut out, so every shape is fixed by the input's and
+    nothing waits for the host (no ``.item()``, ``nonzero`` or boolean-mask indexing).
+    At the end they add nothing: their error and foreground are 0, and the terms of the
+    labelled pixels before them depend only on the rows above.
     """
 
     def compute(self, logits: Tensor, target: Tensor) -> Tensor:
-        logits, target = _valid_pixels(logits, target, self.ignore_index)
+        logits, target, valid = _flat_pixels(logits, target, self.ignore_index)
         probs = logits.softmax(dim=1)
-        fg = F.one_hot(target, self.num_classes).to(probs.dtype)
-        errors = (fg - probs).abs()
-        errors_sorted, perm = errors.sort(dim=0, descending=True)
-        fg_sorted = fg.gather(0, perm)
+        fg = _one_hot(target, self.num_classes, probs.dtype) * valid[:, None]
+        errors = (fg - probs).abs() * valid[:, None]
+        perm = torch.where(valid[:, None] > 0, errors.detach(), -1.0).sort(dim=0, descending=True).indices
+        errors_sorted, fg_sorted = errors.gather(0, perm), fg.gather(0, perm)
         per_class = (errors_sorted * lovasz_grad(fg_sorted)).sum(0)
         present = (fg.sum(0) > 0).to(per_class.dtype)
         return _safe_div((per_class * present).sum(), present.sum())
@@ -303,7 +320,9 @@ class OhemCrossEntropyLoss(SegmentationLoss):
     A pixel is hard when its probability of the true class is below ``thresh``;
     if fewer than ``min_kept`` pixels are hard, the ``min_kept`` lowest-probability
     pixels are kept instead (all of them when there are fewer labelled pixels;
-    ties at the cut are kept too). Ignore pixels are never kept.
+    ties at the cut are kept too). Ignore pixels are never kept. The cut is the k-th
+    smallest probability with k fixed by the input's shape and ignore pixels ranked last,
+    so no count of labelled pixels has to reach the host.
     """
 
     options = {"ohem_thresh": LossOption("thresh", "ohem: pixels whose true-class probability is below this are hard"),
@@ -323,12 +342,15 @@ class OhemCrossEntropyLoss(SegmentationLoss):
 
     def compute(self, logits: Tensor, target: Tensor) -> Tensor:
         valid = target != self.ignore_index
-        ce = F.cross_entropy(logits, target, ignore_index=self.ignore_index, reduction="none")[valid]
-        prob = torch.exp(-ce.detach())  # probability of the true class; selection is not differentiated
+        ce = F.cross_entropy(logits, target, ignore_index=self.ignore_index, reduction="none").flatten()
+        valid = valid.flatten()
+        # Probability of the true class (selection is not differentiated); 2 ranks ignore pixels last.
+        prob = torch.where(valid, torch.exp(-ce.detach()), 2.0)
         kept = prob < self.thresh
         k = min(self.min_kept, prob.numel())
-        if k > 0:
+        if k > 0:  # with fewer than k labelled pixels the cut is 2: all of them are kept
             kept |= prob <= prob.kthvalue(k).values
+        kept &= valid
         return _safe_div((ce * kept).sum(), kept.sum().to(ce.dtype))
 
 

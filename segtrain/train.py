@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import timm
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
@@ -56,7 +57,7 @@ from segtrain.metrics import to_jsonable
 from segtrain.model import PretrainedWeightsUnavailable, build_model, init_from_checkpoint, save_checkpoint
 from segtrain.plan import RunPlan, plan_run
 from segtrain.schedule import lr_factor
-from segtrain.transforms import denormalize, normalize
+from segtrain.transforms import denormalize, normalization_tensors, normalize
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -214,16 +215,38 @@ def build_training(plan: RunPlan, accelerator: Accelerator) -> tuple[torch.nn.Mo
                                options=plan.loss_options)
     except (ValueError, FileNotFoundError, PretrainedWeightsUnavailable) as e:
         raise ConfigError(str(e)) from None
-    if cfg.sync_bn and plan.world_size > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    # On the device once: class weights / focal alpha are not copied host-to-device every step.
+    criterion = criterion.to(accelerator.device)
+    if cfg.sync_bn and plan.world_size > 1:  # timm's: keeps BatchNormAct2d's activation (torch's drops it)
+        model = timm.layers.convert_sync_batchnorm(model)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if cfg.compile:  # in place: checkpoints and unwrap_model still see the plain module
-        plan.runtime["compiled"] = hardware.compile_model(model, accelerator.print)
     optimizer = torch.optim.SGD(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if cfg.compile:  # see compile_after_prepare
+        plan.runtime["compiled"] = compile_after_prepare(model, accelerator)
     return model, optimizer, criterion
+
+
+def compile_after_prepare(model: torch.nn.Module, accelerator: Accelerator) -> bool:
+    """Compile the prepared module in place (so checkpoints and unwrap_model see the plain one).
+
+    After DDP wrapping, as torch documents for DDP: dynamo then sees DDP and splits the graph
+    at its gradient buckets (DDPOptimizer), so all-reduces overlap the backward pass; a module
+    compiled inside DDP is one graph whose gradients are all-reduced only after it. Whether a
+    compiled graph really ran is known after the first step (``confirm_compiled``).
+    """
+    return hardware.compile_model(model, accelerator.print)
+
+
+def confirm_compiled(model: torch.nn.Module, plan: RunPlan, accelerator: Accelerator) -> None:
+    """After the first step: 'compiled' in the run's record is what dynamo's counters say ran."""
+    compiled, line = hardware.compile_outcome(model)
+    accelerator.print(line)
+    plan.runtime["compiled"] = compiled
+    if accelerator.is_main_process and plan.resume_from is None:
+        update_saved_config(plan.run_dir / "config.yaml", resolved=plan.runtime)
 
 
 def start_run(plan: RunPlan, accelerator: Accelerator) -> tuple[TrainState, MetricsLog]:
@@ -277,6 +300,17 @@ class LogWindow:
     def reset(self) -> None:
         self.start, self.loss, self.steps = time.perf_counter(), torch.zeros((), device=self.device), 0
         self.data_wait = 0.0
+        self.peak_mb = hardware.take_peak_memory_mb(self.device)  # None off CUDA
+
+    def set_peak_aside(self) -> None:
+        """Before validation: keep the window's training peak, so validation's is measured alone."""
+        if self.peak_mb is not None:
+            self.peak_mb = max(self.peak_mb, hardware.take_peak_memory_mb(self.device))
+
+    def peak_memory(self) -> dict:
+        """{"max_memory_mb": peak CUDA memory of the window's training steps} (empty off CUDA)."""
+        self.set_peak_aside()
+        return {} if self.peak_mb is None else {"max_memory_mb": self.peak_mb}
 
     def take(self, accelerator: Accelerator, images_per_step: int) -> tuple[float, float]:
         """(mean loss over all processes, images/s), and start a new window."""
@@ -305,13 +339,17 @@ def validate(model: torch.nn.Module, accelerator: Accelerator, plan: RunPlan, lo
 
     bare = accelerator.unwrap_model(model)
     loader = shards.val_loader(**plan.val_loader, rank=accelerator.process_index, mean=bare.mean, std=bare.std)
-    metrics = evaluate(bare, loader, accelerator.device, num_classes=cfg.num_classes, class_names=plan.spec.classes,
-                       protocol=cfg.val_protocol, autocast_dtype=plan.eval_autocast_dtype,
-                       accelerator=accelerator, on_batch=keep_examples if accelerator.is_main_process else None)
+    with hardware.evaluation_kernels():  # eager, no cuDNN autotuning: image sizes vary
+        metrics = evaluate(bare, loader, accelerator.device, num_classes=cfg.num_classes,
+                           class_names=plan.spec.classes, protocol=cfg.val_protocol,
+                           autocast_dtype=plan.eval_autocast_dtype, accelerator=accelerator,
+                           on_batch=keep_examples if accelerator.is_main_process else None)
     model.train()
     record = {"step": step, "epoch": step / plan.steps_per_epoch, "val/miou": metrics["miou"],
               "val/pixel_acc": metrics["pixel_acc"], "val/mean_class_acc": metrics["mean_class_acc"],
               "val/fwiou": metrics["fwiou"]}
+    if (peak := hardware.take_peak_memory_mb(accelerator.device)) is not None:
+        record["val/max_memory_mb"] = peak
     publish(accelerator, log, record, file_only={"val/iou": metrics["iou"]})
     if cfg.tracker == "wandb" and accelerator.is_main_process:
         log_val_media(accelerator, step, metrics, examples, plan.spec.classes)
@@ -379,9 +417,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         f"{cfg.iterations} steps -> {plan.run_dir}")
 
     model.train()
-    step = state.step
+    step = first_step = state.step
     metrics: dict[str, Any] = {}
     batches = micro_batches(plan, accelerator.process_index, step)
+    mean, std = normalization_tensors(bare.mean, bare.std, device)  # once: no host-to-device copy per batch
+    # Training crops are one fixed size: cuDNN's autotuning pays off (validation turns it off).
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     window = LogWindow(device)
     progress = tqdm(total=cfg.iterations, initial=step, disable=not accelerator.is_main_process,
                     dynamic_ncols=True, desc="train")
@@ -395,7 +436,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             window.data_wait += time.perf_counter() - fetch_start
             # The loader ships uint8 (a quarter of the bytes to copy): normalise on the device with
             # the model's own statistics (its backbone's pretrained_cfg, or the --init-from checkpoint's).
-            images = normalize(images.to(device, non_blocking=True), bare.mean, bare.std)
+            images = normalize(images.to(device, non_blocking=True), mean, std)
             masks = masks.to(device, non_blocking=True).long()
             if cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -415,20 +456,21 @@ def train(cfg: TrainConfig) -> TrainResult:
         step = state.step = step + 1
         window.steps += 1
         progress.update(1)
+        if cfg.compile and step == first_step + 1:
+            confirm_compiled(model, plan, accelerator)
 
         if plan.logs_at(step):
-            data_wait = window.data_wait
+            data_wait, peak_memory = window.data_wait, window.peak_memory()
             mean_loss, images_per_s = window.take(accelerator, cfg.batch_size)
             record = {"step": step, "epoch": step / plan.steps_per_epoch, "train/loss": mean_loss,
                       "lr/backbone": optimizer.param_groups[0]["lr"], "lr/head": optimizer.param_groups[1]["lr"],
-                      "images_per_s": images_per_s, "data_wait_s": data_wait}
-            if device.type == "cuda":
-                record["max_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+                      "images_per_s": images_per_s, "data_wait_s": data_wait} | peak_memory
             publish(accelerator, log, record)
             progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr/head']:.2e}", img_s=f"{images_per_s:.1f}")
         if plan.validates_at(step):
             progress.clear()
             val_start = time.perf_counter()
+            window.set_peak_aside()  # validation's peak memory is logged on its own
             metrics = validate(model, accelerator, plan, log, step)
             if metrics["miou"] > state.best_miou:
                 state.best_miou = metrics["miou"]

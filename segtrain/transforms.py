@@ -102,13 +102,28 @@ class RandomScaleCrop(v2.Transform):
         return inpt
 
 
-def normalize(images: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
-              std: Sequence[float] = IMAGENET_STD) -> torch.Tensor:
+def normalize(images: torch.Tensor, mean: Union[Sequence[float], torch.Tensor] = IMAGENET_MEAN,
+              std: Union[Sequence[float], torch.Tensor] = IMAGENET_STD) -> torch.Tensor:
     """uint8 (..., 3, H, W) image or batch -> float32, scaled to [0, 1], normalised with
-    ``mean``/``std`` (pass the model's: ``model.mean``, ``model.std``)."""
+    ``mean``/``std`` (pass the model's: ``model.mean``, ``model.std``).
+
+    Lists are turned into tensors on the images' device at every call: on a GPU that is a
+    host-to-device copy the step waits for. Per-batch callers on a GPU pass the tensors of
+    ``normalization_tensors`` instead, made once.
+    """
+    if not isinstance(mean, torch.Tensor):
+        mean, std = list(mean), list(std)
     # to_dtype makes a fresh float tensor, so normalising it in place is safe and
     # saves one full-size allocation.
-    return F.normalize(F.to_dtype(images, torch.float32, scale=True), list(mean), list(std), inplace=True)
+    return F.normalize(F.to_dtype(images, torch.float32, scale=True), mean, std, inplace=True)
+
+
+def normalization_tensors(mean: Sequence[float], std: Sequence[float],
+                          device: Union[torch.device, str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``mean``/``std`` as float32 (3,) tensors on ``device``, for ``normalize`` in a loop:
+    copied to the device once instead of once per batch."""
+    return (torch.tensor(mean, dtype=torch.float32, device=device),
+            torch.tensor(std, dtype=torch.float32, device=device))
 
 
 class PairTransformer:

@@ -1,4 +1,5 @@
 """bench/gpu_check.sh, the one-call GPU check, in its CPU mode: so the script cannot rot between GPU runs."""
+import dataclasses
 import json
 import math
 import os
@@ -39,7 +40,7 @@ def test_cpu_mode_runs_every_section_and_writes_figures(cpu_run):
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.log", "gpu_check.md"]
     report = json.loads((out / "gpu_check.json").read_text())
     sections = report["sections"]
-    assert list(sections) == ["env", "data", "peak", "model", "train", "plain", "eval", "sam", "compile"]
+    assert list(sections) == ["env", "data", "peak", "model", "train", "syncs", "plain", "eval", "sam", "compile"]
     assert {name: s["status"] for name, s in sections.items()} == dict.fromkeys(sections, "ok")
 
     env = sections["env"]["rows"][0]
@@ -73,6 +74,8 @@ def test_cpu_mode_runs_every_section_and_writes_figures(cpu_run):
         positive(row, "seconds")
         assert row["masks"] >= 0
     assert sections["compile"]["rows"][0]["error"].startswith("skipped")
+    syncs = sections["syncs"]["rows"][0]  # the CUDA check itself is off on a CPU; the steps still run
+    assert syncs["loss"] == "ce+weighted_ce+focal+dice+lovasz+ohem" and syncs["result"] == "not checked (no CUDA)"
 
 
 def test_cpu_mode_markdown_has_header_goals_and_every_table(cpu_run):
@@ -80,7 +83,8 @@ def test_cpu_mode_markdown_has_header_goals_and_every_table(cpu_run):
     md = (out / "gpu_check.md").read_text()
     for heading in ("# segtrain GPU check (cpu mode)", "## Goals (issue 12)", "## Matrix-product peak",
                     "## Model step (bench/model_bench.py)", "## Training loop", "## Plain fp32 reference-style loop",
-                    "## Evaluation", "## SAM automatic mask generation", "## Model step, torch.compile"):
+                    "## Evaluation", "## SAM automatic mask generation", "## Model step, torch.compile",
+                    "## Host-device syncs in training steps"):
         assert heading in md
     assert re.search(r"- date: \d{4}-\d\d-\d\d .*whole run \d+ s", md)
     assert re.search(r"- torch \d+\.\d+", md)
@@ -93,6 +97,52 @@ def test_cpu_mode_markdown_has_header_goals_and_every_table(cpu_run):
     assert "=== section compile" in log and "# segtrain GPU check" in log
 
 
+def test_a_small_dev_shm_lowers_loader_workers_with_a_message(monkeypatch):
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    monkeypatch.setattr(gpu_check.shutil, "disk_usage", lambda path: shutil_usage(64 * 2**20))
+    profile, message = gpu_check.fit_workers_to_shm(gpu_check.GPU)
+    assert profile.workers == 0 and "/dev/shm is 64 MiB" in message and "--shm-size" in message
+    monkeypatch.setattr(gpu_check.shutil, "disk_usage", lambda path: shutil_usage(768 * 2**20))
+    assert gpu_check.fit_workers_to_shm(dataclasses.replace(gpu_check.GPU, workers=16))[0].workers == 3
+    monkeypatch.setattr(gpu_check.shutil, "disk_usage", lambda path: shutil_usage(8 * 2**30))
+    assert gpu_check.fit_workers_to_shm(gpu_check.GPU) == (gpu_check.GPU, None)
+
+
+def shutil_usage(total):
+    import shutil
+    return shutil._ntuple_diskusage(total, 0, total)
+
+
+def test_sections_that_use_all_their_time_leave_the_later_ones_their_share(tmp_path, monkeypatch):
+    """Every section runs to its limit (the worst case): the last one (compile) still gets its
+    share of the budget, not the leftovers of the others."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    clock = [1000.0]
+    given = {}
+
+    def run_child(name, args, profile, work, timeout):
+        given[name] = timeout
+        clock[0] += timeout  # uses all of it
+        return {"status": "ok", "rows": [], "notes": [], "seconds": timeout}
+    monkeypatch.setattr(gpu_check, "run_child", run_child)
+    monkeypatch.setattr(gpu_check.time, "time", lambda: clock[0])
+    monkeypatch.setattr(gpu_check, "cuda_present", lambda: True)
+    gpu_check.main(["--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
+    shares = gpu_check.section_timeouts(list(gpu_check.SECTIONS), gpu_check.GPU.limits, gpu_check.GPU.budget_s)
+    assert list(given) == list(gpu_check.SECTIONS)  # none skipped
+    for name, seconds in given.items():
+        assert shares[name] - 1e-6 <= seconds <= gpu_check.GPU.limits[name], name
+    assert sum(given.values()) <= gpu_check.GPU.budget_s + 1e-6
+
+
 def test_a_failing_section_is_one_line_and_the_next_still_runs(tmp_path):
     # No data section first: train fails on its missing shards; peak, listed after it, must still run.
     proc = run_check(tmp_path / "out", "--cpu", "--sections", "train,peak", timeout=300)
@@ -103,3 +153,47 @@ def test_a_failing_section_is_one_line_and_the_next_still_runs(tmp_path):
     assert train["status"] == "error" and "\n" not in train["error"]
     assert all("\n" not in r["error"] and "voc-train.json" in r["error"] for r in train["rows"])
     assert "| train | error |" in (tmp_path / "out" / "gpu_check.md").read_text()
+
+
+def third_party_imports(paths) -> set[str]:
+    """Top-level modules imported anywhere in ``paths`` (function-level imports too), stdlib left out."""
+    import ast
+    local = {"segtrain", "model_bench", "train_bench", "gpu_check"}
+    found = set()
+    for path in paths:
+        for node in ast.walk(ast.parse(Path(path).read_text())):
+            if isinstance(node, ast.Import):
+                found |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module.split(".")[0])
+    return found - local - set(sys.stdlib_module_names)
+
+
+def test_gpu_wheels_package_every_distribution_gpu_check_imports():
+    import importlib.metadata as md
+    from packaging.requirements import Requirement
+    text = (REPO / "bench" / "gpu_wheels.sh").read_text()
+    lists = {name: set(re.search(rf"^{name}=\(([^)]*)\)", text, re.M)[1].split()) for name in ("PACKAGES", "IMAGE_HAS")}
+    paths = [*sorted((REPO / "segtrain").glob("*.py")),
+             *(REPO / "bench" / f for f in ("gpu_check.py", "model_bench.py", "train_bench.py"))]
+    # wandb: imported only for --tracker wandb, which gpu_check never uses.
+    modules = third_party_imports(paths) - {"wandb"}
+    by_module = md.packages_distributions()
+    wanted = {}
+    for module in modules:
+        dists = {d.lower() for d in by_module.get(module, [module])}
+        wanted[module] = dists
+    uncovered = {m: d for m, d in wanted.items() if not d & (lists["PACKAGES"] | lists["IMAGE_HAS"])}
+    assert uncovered == {}, f"add to bench/gpu_wheels.sh's PACKAGES (with their run-time dependencies): {uncovered}"
+    # And every run-time dependency of a packaged distribution is packaged or in the image.
+    for dist in sorted(lists["PACKAGES"]):
+        try:
+            requires = md.requires(dist) or []
+        except md.PackageNotFoundError:  # packaged for the GPU image, not installed here (six, tzdata)
+            continue
+        for text in requires:
+            req = Requirement(text)
+            if req.marker is not None and not req.marker.evaluate({"extra": "", "python_version": "3.12"}):
+                continue  # an extra, or another platform or Python
+            name = req.name.lower().replace("_", "-")
+            assert name in lists["PACKAGES"] | lists["IMAGE_HAS"], (dist, text)

@@ -7,6 +7,7 @@ import yaml
 
 from segtrain import hardware
 from segtrain.config import parse_config, save_config
+from segtrain.io import ConfigError
 from segtrain.train import train
 
 
@@ -18,7 +19,8 @@ def machine(monkeypatch):
 
     def fake(cuda_bf16: bool = True, cpu_native: bool = True, capability: str = "AVX512", amx: bool = True) -> None:
         monkeypatch.setattr(hardware, "cpu_amx_supported", lambda: amx)
-        monkeypatch.setattr(hardware, "cuda_bf16_supported", lambda: cuda_bf16)
+        monkeypatch.setattr(hardware, "cuda_capability", lambda device: (8, 0) if cuda_bf16 else (7, 5))
+        monkeypatch.setattr(hardware, "cuda_arch_list", lambda: ["sm_75", "sm_80", "sm_90"])
         monkeypatch.setattr(hardware, "mkldnn_bf16_supported", lambda: cpu_native)
         monkeypatch.setattr(hardware, "cpu_capability", lambda: capability)
     return fake
@@ -29,9 +31,53 @@ def test_auto_on_cuda_is_bf16_where_supported_else_fp16(machine, cuda_bf16, expe
     machine(cuda_bf16=cuda_bf16)
     precision, reason = hardware.choose_precision("auto", "cuda")
     assert precision == expected
-    assert ("without bf16" in reason) == (not cuda_bf16)
+    assert ("without native bf16" in reason) == (not cuda_bf16)
     assert hardware.accelerate_precision(precision) == expected  # Accelerate adds loss scaling for fp16
     assert hardware.autocast_dtype(precision, "cuda") == {"bf16": torch.bfloat16, "fp16": torch.float16}[expected]
+
+
+# The CUDA 13 wheel of torch 2.14.1 as installed here: no sm_70 (V100) kernels.
+CUDA13_ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]
+
+
+@pytest.mark.parametrize("gpu, capability, expected", [
+    ("Tesla T4", (7, 5), "fp16"), ("NVIDIA A100-SXM4-80GB", (8, 0), "bf16"), ("NVIDIA L4", (8, 9), "bf16"),
+    ("NVIDIA H100 80GB HBM3", (9, 0), "bf16")])
+def test_auto_on_cuda_follows_the_compute_capability_not_emulated_bf16(monkeypatch, gpu, capability, expected):
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.setattr(hardware, "cuda_capability", lambda device: capability)
+    monkeypatch.setattr(hardware, "cuda_arch_list", lambda: CUDA13_ARCHS)
+    monkeypatch.setattr(hardware, "cuda_gpu_name", lambda device: gpu)
+    # What torch 2.14 answers on a T4: True, counting emulation. It must not decide.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    precision, reason = hardware.choose_precision("auto", "cuda:0")
+    assert precision == expected and f"{capability[0]}.{capability[1]}" in reason
+    assert hardware.choose_precision("fp16", "cuda:0") == ("fp16", "requested")  # explicit choices are kept
+
+
+@pytest.mark.parametrize("capability, archs, supported", [
+    ((7, 0), CUDA13_ARCHS, False),                  # V100 on the CUDA 13 wheel
+    ((8, 9), CUDA13_ARCHS, True),                   # L4: sm_86 kernels run on sm_89
+    ((7, 0), ["sm_80", "compute_70"], True),        # PTX the driver compiles
+    ((9, 0), ["sm_80", "sm_90a"], True),            # arch-specific variant, exact match
+    ((10, 3), ["sm_90a", "sm_80"], False)])
+def test_a_gpu_the_wheel_has_no_kernels_for_is_one_line_naming_gpu_and_wheel(monkeypatch, capability, archs,
+                                                                             supported):
+    monkeypatch.setattr(hardware, "cuda_capability", lambda device: capability)
+    monkeypatch.setattr(hardware, "cuda_arch_list", lambda: archs)
+    monkeypatch.setattr(hardware, "cuda_gpu_name", lambda device: "Tesla V100-SXM2-16GB")
+    if supported:
+        assert hardware.choose_precision("auto", "cuda")[0] in ("bf16", "fp16")
+        return
+    for requested in ("no", "bf16"):  # not only auto: no precision runs without kernels
+        with pytest.raises(ConfigError):
+            hardware.choose_precision(requested, "cuda")
+    with pytest.raises(ConfigError) as err:
+        hardware.choose_precision("auto", "cuda")
+    message = str(err.value)
+    assert "\n" not in message and "Tesla V100-SXM2-16GB" in message
+    assert f"sm_{capability[0]}{capability[1]}" in message and torch.__version__ in message
+    assert " ".join(archs) in message
 
 
 def test_auto_on_cpu_is_bf16_only_with_native_kernels(machine):

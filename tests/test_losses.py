@@ -253,3 +253,73 @@ def test_options_reach_the_loss_that_declares_them_and_default_to_its_signature(
     assert LOSS_OPTIONS["ohem_min_kept"].default == OhemCrossEntropyLoss(C).min_kept
     owners = {name: cls for cls in LOSSES.values() for name in cls.options}
     assert set(owners) == set(LOSS_OPTIONS) == {"class_weighting", "focal_gamma", "ohem_thresh", "ohem_min_kept"}
+
+
+# ---------------------------------------------------------------- the sync-free formulation
+
+def _old_valid_pixels(logits, target):
+    valid = target != 255
+    return logits.permute(0, 2, 3, 1)[valid], target[valid]
+
+
+def old_focal(logits, target, gamma, alpha):
+    # The boolean-mask formulation the masked one replaced (segtrain before issue 17).
+    valid = target != 255
+    ce = F.cross_entropy(logits, target, ignore_index=255, reduction="none")[valid]
+    loss = (-torch.expm1(-ce)).clamp_min(torch.finfo(ce.dtype).eps) ** gamma * ce
+    loss = alpha[target[valid]] * loss
+    return loss.sum() / valid.sum().clamp_min(1)
+
+
+def old_dice(logits, target, smooth=1.0):
+    logits, target = _old_valid_pixels(logits, target)
+    probs = logits.softmax(dim=1)
+    onehot = F.one_hot(target, C).to(probs.dtype)
+    dice = (2 * (probs * onehot).sum(0) + smooth) / (probs.sum(0) + onehot.sum(0) + smooth)
+    present = (onehot.sum(0) > 0).to(dice.dtype)
+    return ((1 - dice) * present).sum() / present.sum().clamp_min(1)
+
+
+def old_lovasz(logits, target):
+    from segtrain.losses import lovasz_grad
+    logits, target = _old_valid_pixels(logits, target)
+    probs = logits.softmax(dim=1)
+    fg = F.one_hot(target, C).to(probs.dtype)
+    errors_sorted, perm = (fg - probs).abs().sort(dim=0, descending=True)
+    per_class = (errors_sorted * lovasz_grad(fg.gather(0, perm))).sum(0)
+    present = (fg.sum(0) > 0).to(per_class.dtype)
+    return (per_class * present).sum() / present.sum().clamp_min(1)
+
+
+def old_ohem(logits, target, thresh, min_kept):
+    valid = target != 255
+    ce = F.cross_entropy(logits, target, ignore_index=255, reduction="none")[valid]
+    prob = torch.exp(-ce.detach())
+    kept = prob < thresh
+    k = min(min_kept, prob.numel())
+    if k > 0:
+        kept |= prob <= prob.kthvalue(k).values
+    return (ce * kept).sum() / kept.sum().clamp_min(1)
+
+
+ALPHA = torch.tensor([0.5, 1.0, 1.5, 2.0])
+OLD_AND_NEW = {
+    "focal": (lambda lg, t: old_focal(lg, t, 2.0, ALPHA), FocalLoss(C, alpha=ALPHA.tolist())),
+    "dice": (old_dice, DiceLoss(C)),
+    "lovasz": (old_lovasz, LovaszSoftmaxLoss(C)),
+    "ohem few kept": (lambda lg, t: old_ohem(lg, t, 0.7, 5), OhemCrossEntropyLoss(C, thresh=0.7, min_kept=5)),
+    "ohem min_kept > labelled": (lambda lg, t: old_ohem(lg, t, 0.3, 1000), OhemCrossEntropyLoss(C, thresh=0.3, min_kept=1000)),
+}
+
+
+@pytest.mark.parametrize("name", list(OLD_AND_NEW))
+@pytest.mark.parametrize("ignore_frac", [0.0, 0.3, 1.0])
+def test_masked_losses_equal_the_boolean_mask_formulation(name, ignore_frac):
+    old, new = OLD_AND_NEW[name]
+    for seed in range(3):
+        logits, target = make_batch(seed, n=2, h=9, w=11, ignore_frac=ignore_frac)
+        value, grad = value_and_grad(new, logits, target)
+        old_value, old_grad = value_and_grad(old, logits, target)
+        torch.testing.assert_close(value, old_value, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad, old_grad, rtol=1e-5, atol=1e-6)
+        assert (grad.permute(0, 2, 3, 1)[target == 255] == 0).all()  # ignore pixels: exactly 0
