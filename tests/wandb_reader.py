@@ -41,8 +41,16 @@ def records(path: Path) -> Iterator[wandb_internal_pb2.Record]:
 
 
 def items(entries) -> dict:
-    """``{key: value}`` of history/summary/config items (``nested_key`` joined by '/')."""
-    return {(item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in entries}
+    """``{key: value}`` of history/summary/config items; a ``nested_key`` path (media: an image's
+    fields) becomes nested dicts under its first key."""
+    out: dict = {}
+    for item in entries:
+        path = [item.key] if item.key else list(item.nested_key)
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = json.loads(item.value_json)
+    return out
 
 
 def read_run(path: Path) -> dict:
