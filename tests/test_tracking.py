@@ -223,3 +223,29 @@ def test_four_processes_share_one_wandb_id_and_pick_the_same_overlays(packed_sha
     for images, masks, ids in shards.val_loader(packed_shards["train"], num_workers=0):
         picker(images.float(), masks, masks, ids)
     assert ranks[0]["overlays"] == sorted(picker.kept)
+
+
+def test_evaluate_reads_the_split_its_manifest_names(trained, packed_shards, tmp_path, capsys):
+    from segtrain.evaluate import main as evaluate_main
+    first, _ = trained
+    out = tmp_path / "eval.json"
+    evaluate_main(["--checkpoint", str(first / "best.pt"), "--data", str(packed_shards["train"]),
+                   "--workers", "0", "--mixed-precision", "no", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["split"] == "train" and result["num_images"] == 48
+    assert "evaluating the train split" in capsys.readouterr().out
+
+
+def test_evaluate_adds_its_results_to_the_training_run(trained, packed_shards, tmp_path, offline_env):
+    from segtrain.evaluate import main as evaluate_main
+    first, _ = trained
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    for name in ("best.pt", "config.yaml", "wandb_id"):
+        shutil.copy(first / name, run_dir / name)
+    evaluate_main(["--checkpoint", str(run_dir / "best.pt"), "--data", str(packed_shards["val"]), "--workers", "0",
+                   "--mixed-precision", "no", "--protocol", "ms-flip", "--wandb"])
+    result = json.loads((run_dir / "eval_val_ms-flip.json").read_text())
+    run = the_run(run_dir)  # the training's id: one row in the runs table
+    assert run["summary"]["eval/val/ms-flip/miou"] == pytest.approx(result["miou"])
+    assert run["summary"]["eval/val/ms-flip/num_images"] == 16
