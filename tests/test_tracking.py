@@ -204,10 +204,11 @@ def test_loss_options_only_for_the_losses_that_use_them():
 
 
 @pytest.mark.slow
-def test_four_processes_share_one_wandb_id_and_pick_the_same_overlays(packed_shards, tmp_path):
-    """4-process gloo: only the id decision/broadcast and the overlay gather, not a training."""
+@pytest.mark.parametrize("processes", [2, 4])
+def test_processes_share_one_wandb_id_and_pick_the_same_overlays(packed_shards, tmp_path, processes):
+    """N-process gloo: only the id decision/broadcast and the overlay gather, not a training."""
     from conftest import _free_port
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "4",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()), str(REPO / "tests" / "tracking_worker.py"),
            str(tmp_path), str(packed_shards["train"])]
@@ -215,7 +216,7 @@ def test_four_processes_share_one_wandb_id_and_pick_the_same_overlays(packed_sha
                         "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(processes)]
     written = (tmp_path / "run" / "wandb_id").read_text()
     assert {r["id"] for r in ranks} == {written}
     # the same overlay ids as one process reading the whole split
