@@ -160,10 +160,10 @@ def start(accelerator: "Accelerator", plan: "RunPlan", step: int) -> None:
     the later ones from the resumed training) and best/final summaries from the training that
     wrote best.pt. Why not reuse the id: wandb ignores steps lower than a run's current one
     (the resumed steps would be dropped, the abandoned ones kept). Why not wandb's rewind
-    (``resume_from="id?_step=N"``): offline it only records a branch point that the server
-    applies at sync, and rewind is a private preview that self-hosted servers lack, and it
-    refuses runs with ``define_metric`` step metrics. The crashed attempt stays in the group,
-    without ``final/*``.
+    (``resume_from="id?_step=N"``, tried offline with wandb 0.31): offline it only records a
+    branch point in the run record for the server to apply at sync, and wandb documents rewind
+    as a private preview that self-hosted servers lack, so the history would depend on the
+    server. The crashed attempt stays in the group, without ``final/*``.
     """
     if plan.cfg.tracker != "wandb":
         return
