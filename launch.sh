@@ -95,6 +95,9 @@ compare_losses() {
   # bench/imbalance_bench.py (docs/BENCHMARKS.md#losses-on-imbalanced-data).
   local proposed=focal out="$ROOT/runs/compare-losses"
   if [ "${1:-}" = --proposed ]; then proposed=$2; shift 2; fi
+  # Both runs in one wandb group (offline without credentials), side by side in the dashboard;
+  # --tracker none after the command turns wandb off.
+  local group="compare-losses-$(date +%Y%m%d-%H%M%S)"
   prepare_synthetic
   local runs=()
   for loss in ce "$proposed"; do
@@ -102,7 +105,7 @@ compare_losses() {
     log "training with --loss $loss -> $run"
     rm -rf "$run"
     "$PY" "$ROOT/segtrain/train.py" --data "$SYNTHETIC_SHARDS/voc-train.json" "${CPU_RECIPE[@]}" \
-      --run-dir "$run" --name "compare-$loss" --loss "$loss" --tracker none "$@"
+      --run-dir "$run" --name "compare-$loss" --loss "$loss" --tracker wandb --group "$group" --tags compare-losses "$@"
     runs+=("$run")
   done
   "$PY" -m segtrain.report "${runs[@]}" --out "$out/report"
@@ -125,7 +128,7 @@ demo() {
     --run-dir "$run" --name demo --tracker wandb
   log "4/5 evaluating best.pt on the val split"
   "$PY" -m segtrain.evaluate --checkpoint "$run/best.pt" --data "$shards/voc-val.json" \
-    --out "$run/eval_val.json" --mixed-precision auto
+    --out "$run/eval_val.json" --mixed-precision auto --wandb
   log "5/5 figures and report"
   "$PY" -m segtrain.visualize dataset --data "$shards/voc-train.json" --out "$run/dataset.png"
   "$PY" -m segtrain.report "$run" --out "$run/report"
@@ -140,7 +143,7 @@ demo finished in $((SECONDS - t0)) s. Everything is in $run:
   eval_val.json             val metrics of best.pt (mIoU, pixel acc, per-class IoU)
   best.pt, final.pt         weights + config (torch.load(..., weights_only=True))
   metrics.jsonl, config.yaml, checkpoints/   the run record (resume: --resume latest)
-  wandb/                    offline wandb run (upload: wandb sync $run/wandb/offline-run-*)
+  wandb/                    offline wandb run, training then evaluation (upload: wandb sync $run/wandb/offline-run-*)
 EOT
 }
 

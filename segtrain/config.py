@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import yaml
 
-from segtrain import evaluate, hardware, integrity, losses, model, schedule
+from segtrain import evaluate, hardware, integrity, losses, model, schedule, tracking
 from segtrain.cli import ArgumentParser
 from segtrain.io import ConfigError, atomic_write_bytes
 
@@ -129,6 +129,11 @@ class TrainConfig:
     resume: Optional[str] = setting(None, "latest | PATH to a checkpoints/step_* folder")
     tracker: str = setting("wandb", "experiment tracker", choices=TRACKERS)
     wandb_project: str = setting("segtrain", "wandb project")
+    group: Optional[str] = setting(None, tracking.GROUP_HELP)
+    tags: Optional[str] = setting(None, tracking.TAGS_HELP)
+    notes: Optional[str] = setting(None, tracking.NOTES_HELP)
+    log_model: str = setting(tracking.DEFAULT_LOG_MODEL, "checkpoints sent to wandb as model artifacts",
+                             choices=tracking.LOG_MODEL)
     log_every: int = setting(10, "optimizer steps between log lines", minimum=1)
     num_val_images: int = setting(4, "val images with mask overlays sent to the tracker", minimum=0)
 

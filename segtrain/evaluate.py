@@ -5,6 +5,7 @@ classes; images are normalised with the checkpoint's mean/std.
 
     python -m segtrain.evaluate --checkpoint runs/x/best.pt --data shards/voc-val.json
     python -m segtrain.evaluate ... --protocol ms-flip --out runs/x/eval_ms_flip.json
+    python -m segtrain.evaluate ... --wandb     # also into the training's wandb run (its wandb_id)
     accelerate launch segtrain/evaluate.py --checkpoint ... --data ...     # N processes
 
 Protocols:
@@ -57,9 +58,9 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm import tqdm
 
-from segtrain import hardware, integrity
+from segtrain import hardware, integrity, tracking
 from segtrain.cli import ArgumentParser, OtherProcessFailed, check_launch, rank_specific, user_errors
-from segtrain.io import DataError, atomic_write_bytes
+from segtrain.io import DataError, atomic_write_bytes, read_manifest
 from segtrain.metrics import ConfusionMatrix, format_metrics_table, to_jsonable
 from segtrain.datasets import IGNORE_INDEX, spec_from_checkpoint
 from segtrain.model import check_fits_data, load_checkpoint
@@ -271,7 +272,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint", required=True, type=Path, help="checkpoint file, e.g. runs/x/best.pt")
     parser.add_argument("--data", required=True,
                         help="shard manifest (shards/voc-val.json), shard pattern or VOCdevkit folder")
-    parser.add_argument("--split", default="val")
+    parser.add_argument("--split", help="default: the split the manifest --data names (as training does), "
+                                        "else val")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="whole",
                         help="; ".join(f"{name}: {what}" for name, what in PROTOCOLS.items()))
     parser.add_argument("--crop-size", type=int, default=CROP_SIZE, help="for --protocol center-crop")
@@ -292,6 +294,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int,
                         help="CPU threads per process (default: as started; accelerate launch gives each "
                              "process 1). The same count on 1 and N processes gives bit-identical results")
+    parser.add_argument("--wandb", action="store_true",
+                        help="also add the results to the training's wandb run (RUN_DIR/wandb_id next to the "
+                             "checkpoint) as eval/<split>/<protocol>/* summary keys: one row with best and final")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.workers < 0 or args.crop_size < 1 or (args.threads or 1) < 1:
         parser.error("--batch-size, --crop-size and --threads must be >= 1, --workers >= 0")
@@ -305,16 +310,26 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         check_launch(accelerator.num_processes)
         result = run(args, accelerator)
     if accelerator.is_main_process:
-        out = args.out or args.checkpoint.parent / f"eval_{args.split}_{args.protocol}.json"
+        out = args.out or args.checkpoint.parent / f"eval_{result['split']}_{args.protocol}.json"
         atomic_write_bytes(out, (json.dumps(to_jsonable(result), indent=2) + "\n").encode())
         print(f"wrote {out}")
+        if args.wandb:
+            run_id = tracking.log_evaluation(args.checkpoint.parent, to_jsonable(result))
+            print(f"added to wandb run {run_id}" if run_id else
+                  f"--wandb: no wandb_id in {args.checkpoint.parent}; the results were not sent to wandb")
+
+
+def manifest_split(data: str) -> str:
+    """The split a manifest names (``voc-train.json`` -> train), as training reads --data; else val."""
+    return read_manifest(data)["split"] if str(data).endswith(".json") else "val"
 
 
 def run(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
     """Evaluate as ``args`` say; every process returns the same result dict."""
     # Loaded on the CPU, then moved: torch.load cannot map to the "cpu:0" device that
     # Accelerate reports for multi-process CPU runs.
-    source = resolve_data(args.data, args.split)  # fails early, and identically on every rank
+    split = args.split or manifest_split(args.data)
+    source = resolve_data(args.data, split)  # fails early, and identically on every rank
     integrity.verify_source(source, args.verify_shards)
     model, ckpt = load_checkpoint(args.checkpoint)
     check_fits_data(ckpt, args.checkpoint, class_names(source), source.location)
@@ -325,7 +340,9 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
     if args.compile:
         hardware.compile_model(model, accelerator.print, dynamic=True)  # image sizes vary: no recompile per size
     num_classes = spec.num_classes
-    loader = val_loader(args.data, split=args.split, num_workers=args.workers,
+    accelerator.print(f"evaluating the {split} split of {args.data} ({source.num_samples or '?'} images"
+                      + (", the split the manifest names; --split chooses another)" if not args.split else ")"))
+    loader = val_loader(args.data, split=split, num_workers=args.workers,
                         protocol=loader_protocol(args.protocol),
                         crop_size=args.crop_size, rank=accelerator.process_index,
                         world_size=accelerator.num_processes, mean=model.mean, std=model.std)
@@ -340,7 +357,7 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
                            accelerator=accelerator, on_batch=lambda *batch: bar.update(len(batch[-1])),
                            threads=args.threads, class_names=spec.classes)
     confusion = metrics.pop("confusion_matrix")
-    result = {"checkpoint": str(args.checkpoint), "data": str(args.data), "split": args.split,
+    result = {"checkpoint": str(args.checkpoint), "data": str(args.data), "split": split,
               "protocol": args.protocol, "mixed_precision": precision,
               "precision_reason": reason,
               "num_processes": accelerator.num_processes, **metrics,
@@ -348,7 +365,7 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
     if args.confusion_matrix:
         result["confusion_matrix"] = confusion.tolist()
     if accelerator.is_main_process:
-        print(f"{args.checkpoint} on {args.data} ({args.split}, {metrics['num_images']} images, "
+        print(f"{args.checkpoint} on {args.data} ({split}, {metrics['num_images']} images, "
               f"protocol {args.protocol})")
         print(format_metrics_table(metrics, result["class_names"]))
     return result

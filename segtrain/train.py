@@ -29,11 +29,9 @@ if __name__ == "__main__" and not __package__:
 import contextlib
 import itertools
 import json
-import math
 import os
 import shutil
 import time
-import uuid
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,7 +45,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import parse_flag_from_env, set_seed
 from tqdm import tqdm
 
-from segtrain import hardware, shards
+from segtrain import hardware, shards, tracking
 from segtrain.cli import check_launch, errors_of_rank, user_errors
 from segtrain.config import TrainConfig, config_to_dict, parse_config, save_config, update_saved_config
 from segtrain.evaluate import evaluate
@@ -57,7 +55,7 @@ from segtrain.metrics import to_jsonable
 from segtrain.model import PretrainedWeightsUnavailable, build_model, init_from_checkpoint, save_checkpoint
 from segtrain.plan import RunPlan, plan_run
 from segtrain.schedule import lr_factor
-from segtrain.transforms import denormalize, normalization_tensors, normalize
+from segtrain.transforms import normalization_tensors, normalize
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -164,40 +162,6 @@ def summary(metrics: dict) -> dict:
     return to_jsonable({k: metrics[k] for k in keep if k in metrics})
 
 
-# ----------------------------------------------------------------------------- tracking
-
-def wandb_init_kwargs(cfg: TrainConfig, run_dir: Path) -> dict:
-    """Go offline when no credentials exist, instead of failing after a network timeout.
-
-    The wandb run id lives in RUN_DIR/wandb_id: a resumed run continues its own wandb
-    run, and a new run never merges into an older one that had the same --name.
-    """
-    if not ({"WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"} & os.environ.keys()):
-        netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-        if not (netrc.exists() and "api.wandb.ai" in netrc.read_text()):
-            os.environ["WANDB_MODE"] = "offline"
-    id_file = run_dir / "wandb_id"
-    if not id_file.exists():
-        atomic_write_bytes(id_file, uuid.uuid4().hex[:16].encode())
-    return {"wandb": {"dir": str(run_dir), "name": cfg.name, "id": id_file.read_text().strip(),
-                      "resume": "allow"}}
-
-
-def log_val_media(accelerator: Accelerator, step: int, metrics: dict, examples: list[dict],
-                  class_names: tuple[str, ...]) -> None:
-    """Per-class IoU table and GT/prediction mask overlays for the wandb dashboard."""
-    run = accelerator.get_tracker("wandb", unwrap=True)
-    import wandb
-
-    labels = {i: name for i, name in enumerate(class_names)} | {255: "ignore"}
-    table = wandb.Table(columns=["class", "iou"],
-                        data=[[n, None if math.isnan(v) else v] for n, v in zip(class_names, metrics["iou"])])
-    images = [wandb.Image(ex["image"], caption=ex["id"], masks={
-        "predictions": {"mask_data": ex["pred"], "class_labels": labels},
-        "ground_truth": {"mask_data": ex["mask"], "class_labels": labels}}) for ex in examples]
-    run.log({"val/per_class_iou": table, "val/examples": images}, step=step)
-
-
 # ----------------------------------------------------------------------------- setting up
 
 def build_training(plan: RunPlan, accelerator: Accelerator) -> tuple[torch.nn.Module, torch.optim.Optimizer,
@@ -268,9 +232,7 @@ def start_run(plan: RunPlan, accelerator: Accelerator) -> tuple[TrainState, Metr
             for key, (old, new) in update_saved_config(config_path, iterations=cfg.iterations).items():
                 accelerator.print(f"{config_path}: {key} {old} -> {new}")
         log.truncate_after(state.step)
-    if cfg.tracker == "wandb":
-        accelerator.init_trackers(cfg.wandb_project, config=config_to_dict(cfg) | {"resolved": plan.runtime},
-                                  init_kwargs=wandb_init_kwargs(cfg, run_dir))
+    tracking.start(accelerator, plan, state.step)
     return state, log
 
 
@@ -325,41 +287,33 @@ class LogWindow:
 def validate(model: torch.nn.Module, accelerator: Accelerator, plan: RunPlan, log: MetricsLog,
              step: int) -> dict:
     """Evaluate on the whole validation split (each image once, over all processes), log the
-    metrics (and, to wandb, a few of the main process's images), and return them."""
+    metrics (and, to wandb, per-class scalars and a fixed set of mask overlays), and return them."""
     sync_buffers(model, accelerator)
     cfg = plan.cfg
-    examples: list[dict] = []
-
-    def keep_examples(images, masks, preds, ids):
-        # A few val images of the main process for the dashboard's mask overlays.
-        for i in range(min(len(ids), cfg.num_val_images - len(examples))):
-            examples.append({"id": ids[i], "image": denormalize(images[i], bare.mean, bare.std),
-                             "mask": masks[i].cpu().numpy().astype("uint8"),
-                             "pred": preds[i].cpu().numpy().astype("uint8")})
-
     bare = accelerator.unwrap_model(model)
+    # The dashboard's mask overlays: the same val images (smallest ids) for any process count.
+    overlays = tracking.OverlayPicker(cfg.num_val_images, bare.mean, bare.std)
     loader = shards.val_loader(**plan.val_loader, rank=accelerator.process_index, mean=bare.mean, std=bare.std)
     with hardware.evaluation_kernels():  # eager, no cuDNN autotuning: image sizes vary
         metrics = evaluate(bare, loader, accelerator.device, num_classes=cfg.num_classes,
                            class_names=plan.spec.classes, protocol=cfg.val_protocol,
                            autocast_dtype=plan.eval_autocast_dtype, accelerator=accelerator,
-                           on_batch=keep_examples if accelerator.is_main_process else None)
+                           on_batch=overlays if cfg.tracker == "wandb" else None)
     model.train()
     record = {"step": step, "epoch": step / plan.steps_per_epoch, "val/miou": metrics["miou"],
               "val/pixel_acc": metrics["pixel_acc"], "val/mean_class_acc": metrics["mean_class_acc"],
               "val/fwiou": metrics["fwiou"]}
     if (peak := hardware.take_peak_memory_mb(accelerator.device)) is not None:
         record["val/max_memory_mb"] = peak
-    publish(accelerator, log, record, file_only={"val/iou": metrics["iou"]})
-    if cfg.tracker == "wandb" and accelerator.is_main_process:
-        log_val_media(accelerator, step, metrics, examples, plan.spec.classes)
+    publish(accelerator, log, record, file_only={"val/iou": metrics["iou"], "val/class_acc": metrics["class_acc"]})
+    tracking.log_validation(accelerator, plan, step, metrics, overlays)
     return metrics
 
 
 def publish(accelerator: Accelerator, log: MetricsLog, record: dict, file_only: Optional[dict] = None) -> None:
     """One record (with its "step") to metrics.jsonl, plus ``file_only`` fields, and to the tracker."""
     log.write(record | (file_only or {}))
-    accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+    accelerator.log(record, step=record["step"])  # "step" too: the charts' x axis (segtrain.tracking)
 
 
 def save_model(accelerator: Accelerator, model: torch.nn.Module, plan: RunPlan, name: str, step: int,
@@ -368,13 +322,6 @@ def save_model(accelerator: Accelerator, model: torch.nn.Module, plan: RunPlan, 
     if accelerator.is_main_process:
         save_checkpoint(plan.run_dir / name, accelerator.unwrap_model(model), config=config_to_dict(plan.cfg),
                         resolved=plan.runtime, dataset=plan.spec.to_dict(), step=step, metrics=summary(metrics))
-
-
-def say_how_to_sync_wandb(accelerator: Accelerator, plan: RunPlan) -> None:
-    if accelerator.is_main_process and plan.cfg.tracker == "wandb" and os.environ.get("WANDB_MODE") == "offline":
-        offline = sorted((plan.run_dir / "wandb").glob("offline-run-*"))
-        if offline:
-            accelerator.print(f"wandb ran offline; upload this run with:  wandb sync {offline[-1]}")
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -486,8 +433,9 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     sync_buffers(model, accelerator)
     save_model(accelerator, model, plan, "final.pt", step, metrics)
+    tracking.finish(accelerator, plan, step, metrics)
     accelerator.end_training()
-    say_how_to_sync_wandb(accelerator, plan)
+    tracking.say_how_to_sync(accelerator, plan)
     say(f"done: best val mIoU {state.best_miou:.4f}; best.pt, metrics.jsonl and config.yaml in {plan.run_dir}")
     return TrainResult(accelerator.unwrap_model(model), metrics, state.best_miou, plan.run_dir)
 
