@@ -372,12 +372,14 @@ def _stream_range(urls: tuple[str, ...], sizes: tuple[int, ...], order: Iterable
         if offset + size > start:
             skip, stop = max(start - offset, 0), min(end - offset, size)
             count = 0
-            reader = _raw_shard_samples([urls[index]], {urls[index]: size}, digests)
-            for count, sample in enumerate(itertools.islice(reader, stop if stop < size else None), 1):
+            reader = _raw_shard_samples([urls[index]], digests=digests)
+            for count, sample in enumerate(itertools.islice(reader, stop), 1):
                 if count > skip:
                     yield sample
             if count < stop:  # a short shard would leave this rank with fewer batches: DDP hangs
                 raise DataError(f"shard {urls[index]}: ends after {count} samples, expected {size}")
+            if stop == size and digests is not None and next(reader, None) is not None:  # read on: the hash
+                raise DataError(f"shard {urls[index]}: holds more than the {size} samples its manifest says")
         offset += size
 
 

@@ -137,3 +137,48 @@ def test_sigterm_checkpoints_exits_75_and_resume_auto_is_exact(target, uninterru
     b, _ = load_checkpoint(run_dir / "final.pt")
     for x, y in zip(a.state_dict().values(), b.state_dict().values()):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- examples/slurm.sh
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# Stands in for srun: records its arguments, stops with the given status on SIGUSR1 (as the
+# training does after its checkpoint), or ends by itself with status $FAKE_STATUS.
+printf '%s\\n' "$@" > "$FAKE_DIR/srun_args"
+trap 'echo USR1 > "$FAKE_DIR/srun_signal"; exit 75' USR1
+for _ in $(seq "$FAKE_TICKS"); do sleep 0.1; done
+exit "$FAKE_STATUS"
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+if [ "$1" = requeue ]; then echo "$2" >> "$FAKE_DIR/requeued"; else echo node1; fi
+"""
+
+
+@pytest.mark.parametrize("case", ["signalled", "finished"])
+def test_slurm_script_forwards_the_signal_and_requeues_only_a_stopped_run(case, tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = os.environ | {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_DIR": str(tmp_path), "FAKE_STATUS": "0",
+                        "FAKE_TICKS": "200" if case == "signalled" else "5",
+                        "SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_NODELIST": "node1", "SLURM_NNODES": "1",
+                        "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "segtrain"}
+    script = subprocess.Popen(["bash", str(REPO / "examples" / "slurm.sh"), "--run-dir", "runs/x"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while not (tmp_path / "srun_args").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if case == "signalled":  # what `#SBATCH --signal=B:USR1@120` does
+        script.send_signal(signal.SIGUSR1)
+    script.communicate(timeout=30)
+    args = (tmp_path / "srun_args").read_text().split("\n")
+    assert args[args.index("--resume") + 1] == "auto" and args[args.index("--name") + 1] == "segtrain-4242"
+    assert args.index("--resume") < args.index("--run-dir")  # the user's flags come last and win
+    if case == "signalled":
+        assert script.returncode == preempt.PREEMPTED_EXIT
+        assert (tmp_path / "srun_signal").read_text().strip() == "USR1"
+        assert (tmp_path / "requeued").read_text().split() == ["4242"]
+    else:
+        assert script.returncode == 0 and not (tmp_path / "requeued").exists()
