@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from types import FrameType
 from typing import Optional
 
@@ -60,7 +61,9 @@ class StopOnSignal:
     def __init__(self, choice: str, world_size: int) -> None:
         self.signum: Optional[int] = None
         self.stopped = False  # the ranks agreed: stop after this step
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in signals_of(choice)}
+        # Python takes signals only in the main thread (train() run from another thread: none).
+        main_thread = threading.current_thread() is threading.main_thread()
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in signals_of(choice) if main_thread}
         # Its own gloo group: host tensors, whatever the training backend (NCCL on GPUs).
         self.group = dist.new_group(backend="gloo") if world_size > 1 and self.previous else None
         self.pending: Optional[tuple[dist.Work, torch.Tensor]] = None
