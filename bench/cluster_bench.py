@@ -94,10 +94,13 @@ def signal_timing(shard_dir: Path, work: Path, iterations: int, crop: int, targe
     child = {c.environ().get("RANK"): c.pid for c in psutil.Process(launcher.pid).children()}
     signalled = time.monotonic()
     os.kill(child["1"] if target == "one rank" else launcher.pid, signal.SIGTERM)
-    checkpoint_at = None
+    checkpoint_at, ranks_gone = None, {}
     while launcher.poll() is None:
         if checkpoint_at is None and any((run_dir / "checkpoints").glob("step_*")):
             checkpoint_at = time.monotonic()
+        for rank, pid in child.items():
+            if rank not in ranks_gone and not (psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"):
+                ranks_gone[rank] = time.monotonic() - signalled
         time.sleep(0.01)
     exited = time.monotonic()
     done = max(json.loads(line)["step"] for line in log.read_text().splitlines())
@@ -105,7 +108,8 @@ def signal_timing(shard_dir: Path, work: Path, iterations: int, crop: int, targe
     step_s = (step_times[-1][1] - step_times[0][1]) / max(1, step_times[-1][0] - step_times[0][0])
     print(f"SIGTERM to {target} at step 3 (a step takes ~{step_s:.2f} s): exit status {launcher.returncode}, "
           f"stopped after step {done}, checkpoints {saved}, steps lost {done - int(saved[-1][5:])}; "
-          f"signal -> checkpoint in place {checkpoint_at - signalled:.2f} s, -> launcher exit {exited - signalled:.2f} s")
+          f"signal -> checkpoint in place {checkpoint_at - signalled:.2f} s, -> training processes ended "
+          f"{', '.join(f'{t:.2f}' for _, t in sorted(ranks_gone.items()))} s, -> launcher exit {exited - signalled:.2f} s")
 
 
 def main() -> None:
