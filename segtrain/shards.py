@@ -57,6 +57,7 @@ import functools
 import itertools
 import re
 import shlex
+import signal
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,6 +259,14 @@ def _resolve_rank(rank: Optional[int], world_size: Optional[int]) -> tuple[int, 
     if rank is None or world_size is None or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     return rank, world_size
+
+
+def _loader_worker_init(worker_id: int) -> None:
+    """Loader workers ignore the stop signals: those are the training process's to handle
+    (segtrain/preempt.py), and a cluster that signals every process of a job must not kill a
+    worker first. A worker still ends with its loader, or when its parent process dies."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _mix(*words: int) -> int:
@@ -473,14 +482,16 @@ def train_loader(data: str | Path, batch_size: int, crop_size: int, *, split: st
         indices = order[rank:needed:world_size].tolist()
         samples = _FolderSamples(dataset, indices, transform, seed=_mix(seed, epoch, rank))
         loader = DataLoader(samples, batch_size=batch_size, shuffle=False, drop_last=True,
-                            num_workers=num_workers, collate_fn=_stack, generator=generator)
+                            num_workers=num_workers, collate_fn=_stack, generator=generator,
+                            worker_init_fn=_loader_worker_init)
         return loader, steps
 
     stream = _TrainShardStream(source.urls, _shard_sizes(source), transform, batch_size, steps, seed, epoch, rank,
                                source.spec, source.checks())
     # batch_size=None: the workers batch (into shared memory) and the DataLoader passes
     # their batches through. A worker beyond `steps` would have no batch to make.
-    loader = DataLoader(stream, batch_size=None, num_workers=min(num_workers, steps), generator=generator)
+    loader = DataLoader(stream, batch_size=None, num_workers=min(num_workers, steps), generator=generator,
+                        worker_init_fn=_loader_worker_init)
     return loader, steps
 
 
@@ -512,7 +523,7 @@ def val_loader(data: str | Path, *, split: str = "val", batch_size: int = 1, num
         dataset = voc.VOCSegmentation(source.voc_root, split)
         samples = _FolderSamples(dataset, list(range(rank, len(dataset), world_size)), transform)
         loader = DataLoader(samples, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                            collate_fn=list)
+                            collate_fn=list, worker_init_fn=_loader_worker_init)
         return wds.DataPipeline(loader, wds.map(collate))
 
     my_urls = list(source.urls[rank::world_size])
@@ -523,7 +534,8 @@ def val_loader(data: str | Path, *, split: str = "val", batch_size: int = 1, num
     samples = wds.DataPipeline(wds.SimpleShardList(my_urls), wds.split_by_worker,
                                functools.partial(_listed_shard_samples, expected=expected, digests=source.checks()),
                                wds.map(functools.partial(_decode_val, transform=transform, spec=source.spec)))
-    return (wds.WebLoader(samples, batch_size=None, num_workers=min(num_workers, len(my_urls)))
+    return (wds.WebLoader(samples, batch_size=None, num_workers=min(num_workers, len(my_urls)),
+                          worker_init_fn=_loader_worker_init)
             .batched(batch_size, collation_fn=collate, partial=True))
 
 

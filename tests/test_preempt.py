@@ -65,6 +65,22 @@ def test_a_signal_raises_the_flag_and_close_restores_the_handlers():
     untouched.close()
 
 
+def test_sigterm_to_the_whole_process_group_spares_the_loader_workers(packed_shards, tmp_path):
+    """A cluster ending a job signals all of its processes, loader workers included: the run
+    still stops after a whole step, with its checkpoint, and exits 75."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "segtrain.train", *run_args(packed_shards["train"], run_dir)],
+                            cwd=REPO, env=os.environ | {"OMP_NUM_THREADS": "1"}, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(proc, run_dir, 2)
+    assert psutil.Process(proc.pid).children(), "the loader worker should be running"
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == preempt.PREEMPTED_EXIT, err[-3000:]
+    done = max(read_losses(run_dir))
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"step_{done:07d}"]
+
+
 def test_stop_signals_setting_is_checked():
     with pytest.raises(ConfigError, match="stop_signals: must be one of TERM\\+USR1, TERM, USR1, none"):
         parse_config(["--stop-signals", "KILL"])
