@@ -23,7 +23,7 @@ import os
 import signal
 import threading
 from types import FrameType
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -101,7 +101,7 @@ class StopOnSignal:
             signal.signal(sig, handler)
         self.previous = {}
 
-    def exit(self, step: int, run_dir: str, say) -> Preempted:
+    def exit(self, step: int, run_dir: Union[str, os.PathLike], say: Callable[[str], None]) -> Preempted:
         """The exception ``train()`` raises after a stop (all ranks), having said where the checkpoint is."""
         name = signal.Signals(self.signum).name
         say(f"segtrain: stopped by {name} after step {step}; checkpoint in {run_dir}/checkpoints/step_{step:07d}; "
