@@ -15,6 +15,7 @@ import http.server
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +41,12 @@ class Counting(http.server.SimpleHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def serve(folder: Path):
@@ -77,7 +84,7 @@ def signal_timing(shard_dir: Path, work: Path, iterations: int, crop: int, targe
             "--workers", "1", "--log-every", "1", "--checkpoint-every", "1000", "--val-every", "1000",
             "--mixed-precision", "no", "--tracker", "none", "--resume", "auto"]
     cmd = [sys.executable, "-m", "segtrain.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            str(REPO / "segtrain" / "train.py"), *args]
     env = os.environ | {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     launcher = subprocess.Popen(cmd, env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
