@@ -3,7 +3,16 @@
 # starting one process per GPU of its node; together they form one DDP job.
 #
 #   sbatch examples/slurm.sh --data shards/voc-train_aug.json --run-dir /shared/runs/aug
-#   sbatch examples/slurm.sh --config voc_aug.yaml --run-dir /shared/runs/aug --resume latest
+#   sbatch examples/slurm.sh --config voc_aug.yaml --run-dir /shared/runs/aug
+#
+# Time limits and preemption: 120 s before the limit SLURM sends SIGUSR1 to this script, which
+# passes it to srun, srun to the launchers, the launchers to the training processes. They finish
+# their step, save a checkpoint and exit 75 (segtrain/preempt.py); the script then requeues the
+# job, which continues from that checkpoint: training runs with --resume auto (the newest
+# checkpoint of --run-dir, or a fresh start), so the same command serves the first and every
+# later start. A preemption (SIGTERM) stops it the same way, if the cluster's grace time allows
+# a step and a checkpoint. The run is named after the job (name-id, kept by a requeue), so the
+# default --run-dir runs/NAME-ID stays the same; a --run-dir or --name you pass wins.
 #
 # Everything after the script name goes to segtrain/train.py. --run-dir must be on a
 # filesystem every node sees (checkpoints are renamed into place by the main process and
@@ -17,6 +26,9 @@
 #SBATCH --cpus-per-task=32
 #SBATCH --time=24:00:00
 #SBATCH --output=%x-%j.out
+#SBATCH --open-mode=append           # a requeued job appends to the same log
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@120          # B: to this script only (it forwards the signal; see below)
 set -euo pipefail
 
 # sbatch runs a copy of this script from its spool folder: find the checkout from where
@@ -29,6 +41,12 @@ MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)  # read
 MASTER_PORT=${MASTER_PORT:-29500}
 NUM_PROCESSES=$((SLURM_NNODES * GPUS_PER_NODE))
 
+PREEMPTED_EXIT=75  # segtrain.preempt.PREEMPTED_EXIT: stopped by a signal after saving a checkpoint
+# srun runs in the background so that this shell can take SIGUSR1/SIGTERM and pass them on.
+forward() { [ -n "${SRUN_PID:-}" ] && kill -s "$1" "$SRUN_PID" 2>/dev/null || true; }
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+
 # Single quotes: SLURM_NODEID is expanded by each task on its own node (0, 1, ...).
 srun --kill-on-bad-exit=1 bash -c '
   export PYTHONPATH="$5${PYTHONPATH:+:$PYTHONPATH}"
@@ -37,4 +55,17 @@ srun --kill-on-bad-exit=1 bash -c '
     --main_process_ip "$3" --main_process_port "$4" --rdzv_backend static --same_network \
     --mixed_precision "${MIXED_PRECISION:-bf16}" --dynamo_backend no \
     "$5/segtrain/train.py" "${@:6}"
-' "$PY" "$SLURM_NNODES" "$NUM_PROCESSES" "$MASTER_ADDR" "$MASTER_PORT" "$ROOT" "$@"
+' "$PY" "$SLURM_NNODES" "$NUM_PROCESSES" "$MASTER_ADDR" "$MASTER_PORT" "$ROOT" \
+  --resume auto --name "$SLURM_JOB_NAME-$SLURM_JOB_ID" "$@" &
+SRUN_PID=$!
+# `wait` returns early when a trapped signal arrives: wait again until srun has really ended.
+while :; do
+  status=0
+  wait "$SRUN_PID" || status=$?
+  kill -0 "$SRUN_PID" 2>/dev/null || break
+done
+if [ "$status" -eq "$PREEMPTED_EXIT" ]; then  # stopped with a checkpoint before the last step
+  echo "segtrain: stopped with a checkpoint; requeueing job $SLURM_JOB_ID" >&2
+  scontrol requeue "$SLURM_JOB_ID"
+fi
+exit "$status"

@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import yaml
 
-from segtrain import evaluate, hardware, integrity, losses, model, schedule, tracking
+from segtrain import evaluate, hardware, integrity, losses, model, preempt, schedule, tracking
 from segtrain.cli import ArgumentParser
 from segtrain.io import ConfigError, atomic_write_bytes
 
@@ -126,7 +126,9 @@ class TrainConfig:
     val_every: int = setting(0, "optimizer steps between validations; 0 = every epoch", minimum=0)
     checkpoint_every: int = setting(1000, "optimizer steps between resumable checkpoints", minimum=1)
     keep_checkpoints: int = setting(3, "resumable checkpoints kept (the newest)", minimum=1)
-    resume: Optional[str] = setting(None, "latest | PATH to a checkpoints/step_* folder")
+    resume: Optional[str] = setting(None, "auto (the newest checkpoint of RUN_DIR if any, else a fresh start: "
+                                    "for jobs that may be requeued) | latest | PATH to a checkpoints/step_* folder")
+    stop_signals: str = setting("TERM+USR1", preempt.STOP_HELP, choices=preempt.STOP_SIGNALS)
     tracker: str = setting("wandb", "experiment tracker", choices=TRACKERS)
     wandb_project: str = setting("segtrain", "wandb project")
     group: Optional[str] = setting(None, tracking.GROUP_HELP)

@@ -113,10 +113,14 @@ def _stream_samples(url: str, stream: _TrackedStream, expected: Optional[int] = 
                         "re-pack it with tools/pack.py")
 
 
-def shard_samples(urls: Iterable[str], expected: Optional[Mapping[str, int]] = None) -> Iterator[dict]:
+def shard_samples(urls: Iterable[str], expected: Optional[Mapping[str, int]] = None,
+                  digests: Optional[Mapping[str, str]] = None) -> Iterator[dict]:
     """Raw webdataset samples (``__key__``, ``__url__``, one entry per member suffix) of
     ``urls`` in order. With ``expected`` (url -> sample count, from the manifest), a shard
-    holding another number of samples is a DataError too."""
+    holding another number of samples is a DataError too. With ``digests`` (url -> sha256,
+    for shards streamed from a remote manifest), the bytes are hashed as they are read and a
+    shard read to its end with another sha256 is a DataError: verified in the one pass that
+    reads it (a reader that stops early, e.g. at the end of its share, checks nothing)."""
     from webdataset.gopen import gopen
 
     for url in urls:
@@ -124,9 +128,14 @@ def shard_samples(urls: Iterable[str], expected: Optional[Mapping[str, int]] = N
             raw = gopen(url)
         except _READ_ERRORS as e:
             raise DataError(f"shard {url}: cannot open ({_reason(e)})") from None
-        stream = _TrackedStream(raw)
+        want = None if digests is None else digests.get(url)
+        stream = _TrackedStream(raw, hashlib.sha256() if want else None)
         try:
             yield from _stream_samples(url, stream, None if expected is None else expected.get(url))
+            if want and stream.hasher.hexdigest() != want:
+                raise DataError(f"shard {url}: sha256 {stream.hasher.hexdigest()[:12]}... differs from its manifest "
+                                f"({want[:12]}...): the file changed or was damaged in transfer; upload it again "
+                                "or re-pack with tools/pack.py")
         finally:
             try:
                 stream.close()
@@ -249,10 +258,15 @@ def verify_shards(manifest_path: PathLike, manifest: Optional[dict] = None, mode
 
 
 def verify_source(source, mode: str) -> None:
-    """``verify_shards`` for a ``shards.DataSource`` that comes with a manifest; others have
-    nothing to verify against (their counts come from reading the shards)."""
-    if source.manifest is not None:
+    """``verify_shards`` for a ``shards.DataSource`` that comes with a local manifest; others have
+    nothing to verify against (their counts come from reading the shards), or are remote: their
+    shards are checked while they stream in (``shard_samples(digests=...)``), never downloaded twice."""
+    if source.manifest is not None and source.digests is None and _is_local(source.location):
         verify_shards(source.location, source.manifest, mode)
+
+
+def _is_local(location: str) -> bool:
+    return not location.startswith("pipe:") and "://" not in location
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -123,12 +123,19 @@ def read_manifest(path: PathLike) -> dict:
     """Read and check a manifest written by the packer; errors name the file and the problem."""
     path = Path(path)
     try:
-        manifest = json.loads(path.read_text())
+        text = path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"{path}: manifest not found (tools/pack.py writes shards/voc-SPLIT.json)") from None
+    return parse_manifest(text, str(path))
+
+
+def parse_manifest(text: bytes | str, where: str) -> dict:
+    """A manifest's JSON text (read from a file, a URL or a command), checked; errors name ``where``."""
+    try:
+        manifest = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: not a JSON manifest ({e})") from None
-    check_manifest(manifest, str(path))
+        raise DataError(f"{where}: not a JSON manifest ({e})") from None
+    check_manifest(manifest, where)
     return manifest
 
 

@@ -10,10 +10,18 @@ the script's own one-line error (printed once, by rank 0: see segtrain/cli.py) i
 that is shown, and the exit status is the failing process's: 2 for a user error, 128+N
 when it was killed by signal N (the shell's convention). A process that failed without
 a user error gets one line saying which rank ended how.
+
+SIGTERM and SIGUSR1 sent to this launcher (SLURM's srun forwards them to it) go on to the
+training processes, which finish their step, save a checkpoint and exit with
+``preempt.PREEMPTED_EXIT`` (75, see segtrain/preempt.py); this launcher then exits 75 too.
+torch's elastic agent would instead forward only SIGTERM, kill the processes 30 s later
+(``TORCH_ELASTIC_SHUTDOWN_TIMEOUT``) and exit 143 whatever they did.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -24,6 +32,9 @@ from accelerate.commands.launch import launch_command, launch_command_parser
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from segtrain.cli import USER_ERROR_EXIT
+from segtrain.preempt import PREEMPTED_EXIT
+
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def exit_status(code: int) -> int:
@@ -47,19 +58,45 @@ def quiet_elastic_agent() -> None:
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
+def forward_stop_signals() -> None:
+    """Pass SIGTERM/SIGUSR1 on to the training processes (this launcher's children) and keep
+    waiting for them; see the module doc. Before any has started, the signal ends the launcher."""
+    import psutil
+
+    # torch's agent installs its own handlers for the signals it is told to handle: not these.
+    os.environ["PET_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"
+
+    def forward(signum: int, frame) -> None:
+        children = psutil.Process().children()
+        if not children:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.send_signal(signum)
+
+    for sig in FORWARDED_SIGNALS:
+        signal.signal(sig, forward)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = launch_command_parser().parse_args(argv)
     quiet_elastic_agent()
+    forward_stop_signals()
     try:
         launch_command(args)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         code = failure.exitcode
+        # A rank that exits 75 has passed the checkpoint's last barrier: the stop was clean, even if
+        # the agent then killed a slower rank before it could exit on its own.
+        if any(f.exitcode == PREEMPTED_EXIT for f in e.failures.values()):
+            code = PREEMPTED_EXIT
     except subprocess.CalledProcessError as e:  # one process, run by accelerate's simple launcher
         rank, code = 0, e.returncode
     else:
         return
-    if code != USER_ERROR_EXIT:
+    if code not in (USER_ERROR_EXIT, PREEMPTED_EXIT):  # those processes said why themselves
         print(f"segtrain: {describe(rank, code)}", file=sys.stderr)
     sys.exit(exit_status(code))
 

@@ -25,7 +25,7 @@ import torch
 from segtrain import hardware, integrity, shards
 from segtrain.config import TrainConfig
 from segtrain.evaluate import loader_protocol
-from segtrain.io import ConfigError, checkpoint_dirs, read_manifest
+from segtrain.io import ConfigError, checkpoint_dirs
 from segtrain.losses import LOSS_OPTIONS
 from segtrain.datasets import DatasetSpec
 from segtrain.voc import read_split
@@ -78,14 +78,15 @@ def plan_run(cfg: TrainConfig, world_size: int = 1, device_type: str = "cpu",
     runtime = dict(runtime or {"mixed_precision": "fp32", "precision_reason": "requested"})
     if cfg.train_split is None:
         # --data voc-train_aug.json means train_aug: never silently its voc-train.json sibling.
-        named = cfg.data.endswith(".json") and read_manifest(cfg.data)["split"]
+        named = shards.manifest_split(cfg.data)
         cfg = dataclasses.replace(cfg, train_split=named or "train")
     per_process_batch, notes = check_batch(cfg, world_size, device_type)
     run_dir = cfg.resolved_run_dir()
     resume_from = resolve_resume(cfg.resume, run_dir) if cfg.resume else None
-    if resume_from is None and (run_dir / "metrics.jsonl").exists():
-        raise ConfigError(f"run_dir: {run_dir} already holds a run; pass --resume latest to continue it, "
-                          "or choose another --run-dir")
+    # --resume auto and no checkpoint yet: the run stopped before its first one; start it afresh.
+    if resume_from is None and cfg.resume != "auto" and (run_dir / "metrics.jsonl").exists():
+        raise ConfigError(f"run_dir: {run_dir} already holds a run; pass --resume latest (or auto) to continue "
+                          "it, or choose another --run-dir")
 
     # More loader workers than CPUs per process only adds contention.
     workers = min(cfg.workers, max(1, (os.cpu_count() or 1) // world_size)) if cfg.workers else 0
@@ -154,8 +155,12 @@ def check_classes(cfg: TrainConfig, train_source: shards.DataSource,
     return spec
 
 
-def resolve_resume(resume: str, run_dir: Path) -> Path:
-    """The checkpoint folder ``--resume`` names (``latest``: the newest of RUN_DIR)."""
+def resolve_resume(resume: str, run_dir: Path) -> Optional[Path]:
+    """The checkpoint folder ``--resume`` names (``latest``: the newest of RUN_DIR; ``auto``: the
+    newest of RUN_DIR, or None for a fresh start when it has none)."""
+    if resume == "auto":
+        found = checkpoint_dirs(run_dir)
+        return found[-1] if found else None
     if resume == "latest":
         found = checkpoint_dirs(run_dir)
         if not found:

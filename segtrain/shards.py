@@ -5,6 +5,13 @@
 * a shard manifest ``.../voc-train.json`` written by ``tools/pack.py`` (asking it for
   another split uses the sibling manifest, e.g. ``voc-val.json``, so one ``--data``
   serves training and evaluation), or a folder holding one ``*-{split}.json``;
+* a remote manifest: ``https://host/data/voc-train.json``, or a ``pipe:`` command that
+  prints one (``pipe:aws s3 cp s3://bucket/data/voc-train.json -``, ``pipe:gcloud storage
+  cat gs://bucket/data/voc-train.json``). Its shards are read from next to it: the same
+  URL, or the same command, with the shard's file name in place of the manifest's. The
+  sample counts come from the manifest (no shard is read to count them), and each shard's
+  sha256 is checked on the bytes as they stream in (``integrity.shard_samples``): a shard
+  read to its end is checked, without a second download;
 * a shard pattern: anything webdataset opens (``shards/voc-train-{000000..000005}.tar``,
   a URL, ``pipe:curl ...``); its sample count is counted once by reading the shards;
 * a VOC folder: ``VOCdevkit/VOC2012`` itself, or a folder holding ``VOCdevkit/VOC2012``
@@ -49,6 +56,8 @@ from __future__ import annotations
 import functools
 import itertools
 import re
+import shlex
+import signal
 from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +72,7 @@ from torchvision.transforms.v2 import functional as F
 
 from . import integrity, voc
 from .datasets import IGNORE_INDEX, VOC, DatasetSpec, decode_label, load_pair, spec_from_manifest
-from .io import DataError, read_manifest
+from .io import DataError, parse_manifest, read_manifest
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, PairTransform, normalize, train_transforms, val_transforms
 
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
@@ -89,6 +98,11 @@ class DataSource:
     num_samples: Optional[int] = None  # None: a bare shard pattern, counted on demand
     shard_sizes: Optional[tuple[int, ...]] = None  # samples per shard, from the manifest
     spec: DatasetSpec = VOC          # what the labels mean (the manifest's; VOC without one)
+    digests: Optional[tuple[str, ...]] = None  # remote manifests: sha256 per shard, checked while streaming
+
+    def checks(self) -> Optional[dict[str, str]]:
+        """url -> sha256 for ``integrity.shard_samples`` (remote manifests; local shards are verified up front)."""
+        return dict(zip(self.urls, self.digests)) if self.digests is not None else None
 
 
 def _looks_like_shards(data: str) -> bool:
@@ -122,6 +136,61 @@ def _manifest_source(path: Path, split: str) -> DataSource:
                       spec=spec_from_manifest(manifest, str(path)))
 
 
+def _manifest_word(data: str) -> Optional[str]:
+    """The manifest URL in a remote ``--data`` (the URL itself, or the ``pipe:`` command's
+    ``.json`` argument); None when ``data`` names no remote manifest."""
+    if data.startswith("pipe:"):
+        words = [w for w in shlex.split(data[len("pipe:"):]) if w.endswith(".json")]
+        return words[-1] if words else None
+    return data if "://" in data and data.split("?")[0].endswith(".json") else None
+
+
+def _next_to(data: str, name: str) -> str:
+    """The file ``name`` next to the remote manifest of ``data`` (same URL folder, same command)."""
+    word = _manifest_word(data)
+    replaced = word.rsplit("/", 1)[0] + "/" + name if "/" in word else name
+    if data.startswith("pipe:"):  # rebuild the command with the one argument replaced
+        words = shlex.split(data[len("pipe:"):])
+        index = len(words) - 1 - words[::-1].index(word)
+        return "pipe:" + shlex.join(words[:index] + [replaced] + words[index + 1:])
+    return replaced
+
+
+@functools.lru_cache(maxsize=32)
+def _fetch_manifest(data: str) -> dict:
+    """A remote manifest, read once per process (webdataset's gopen: curl for http(s), the shell for pipe:)."""
+    from webdataset.gopen import gopen
+
+    try:
+        with gopen(data) as stream:
+            text = stream.read()
+    except (OSError, ValueError) as e:
+        raise DataError(f"{data}: cannot read the manifest ({str(e).splitlines()[0] if str(e) else e!r})") from None
+    return parse_manifest(text, data)
+
+
+def manifest_split(data: str) -> Optional[str]:
+    """The split of the manifest ``data`` names (local or remote); None for other kinds of data."""
+    if _manifest_word(str(data)) is not None:
+        return _fetch_manifest(str(data))["split"]
+    return read_manifest(data)["split"] if str(data).endswith(".json") else None
+
+
+def _remote_manifest_source(data: str, split: str) -> DataSource:
+    manifest = _fetch_manifest(data)
+    if manifest["split"] != split:  # as for a local manifest: its sibling for the other split
+        name = _manifest_word(data).rsplit("/", 1)[-1]
+        suffix = f"-{manifest['split']}.json"
+        if not name.endswith(suffix):
+            raise DataError(f"{data}: manifest is for split {manifest['split']!r}, not {split!r}")
+        return _remote_manifest_source(_next_to(data, name[: -len(suffix)] + f"-{split}.json"), split)
+    urls = tuple(_next_to(data, shard["file"]) for shard in manifest["shards"])
+    digests = tuple(shard.get("sha256") for shard in manifest["shards"])
+    return DataSource("shards", split, data, urls=urls, manifest=manifest, num_samples=int(manifest["num_samples"]),
+                      shard_sizes=tuple(shard["samples"] for shard in manifest["shards"]),
+                      spec=spec_from_manifest(manifest, data), digests=digests if all(digests) else None)
+
+
 def _check_local_shards(urls: Iterable[str], where: str) -> None:
     for url in urls:
         if not url.startswith("pipe:") and "://" not in url and not Path(url).is_file():
@@ -132,6 +201,8 @@ def resolve_data(data: str | Path, split: str) -> DataSource:
     """Turn a ``--data`` argument (manifest, shard pattern or VOC folder) into a source."""
     text = str(data)
     path = Path(text)
+    if _manifest_word(text) is not None:
+        return _remote_manifest_source(text, split)
     if text.endswith(".json"):
         return _manifest_source(path, split)
     if path.is_dir():
@@ -190,6 +261,14 @@ def _resolve_rank(rank: Optional[int], world_size: Optional[int]) -> tuple[int, 
     return rank, world_size
 
 
+def _loader_worker_init(worker_id: int) -> None:
+    """Loader workers ignore the stop signals: those are the training process's to handle
+    (segtrain/preempt.py), and a cluster that signals every process of a job must not kill a
+    worker first. A worker still ends with its loader, or when its parent process dies."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _mix(*words: int) -> int:
     """A well-mixed 32-bit seed from a few integers (seed, epoch, rank, ...)."""
     return int(np.random.SeedSequence([int(w) for w in words]).generate_state(1)[0])
@@ -233,14 +312,16 @@ def _shard_pair(sample: dict) -> tuple[str, bytes, bytes, str]:
     return sid, sample["jpg"], sample["png"], name
 
 
-def _raw_shard_samples(urls: Iterable[str], expected: Optional[dict[str, int]] = None) -> Iterator[dict]:
+def _raw_shard_samples(urls: Iterable[str], expected: Optional[dict[str, int]] = None,
+                       digests: Optional[dict[str, str]] = None) -> Iterator[dict]:
     # The one shard reader: a truncated or corrupt tar is a DataError naming the shard.
-    return integrity.shard_samples(urls, expected)
+    return integrity.shard_samples(urls, expected, digests)
 
 
-def _listed_shard_samples(shard_list: Iterable[dict], expected: Optional[dict[str, int]]) -> Iterator[dict]:
+def _listed_shard_samples(shard_list: Iterable[dict], expected: Optional[dict[str, int]],
+                          digests: Optional[dict[str, str]] = None) -> Iterator[dict]:
     """A webdataset pipeline stage: ``{"url": ...}`` dicts in, raw samples out."""
-    return _raw_shard_samples((shard["url"] for shard in shard_list), expected)
+    return _raw_shard_samples((shard["url"] for shard in shard_list), expected, digests)
 
 
 def _seeded(transform: PairTransform, image, mask, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,11 +366,12 @@ def _shard_cycle(num_shards: int, seed: int, epoch: int) -> Iterator[int]:
 
 
 def _stream_range(urls: tuple[str, ...], sizes: tuple[int, ...], order: Iterable[int],
-                  start: int, end: int) -> Iterator[dict]:
+                  start: int, end: int, digests: Optional[dict[str, str]] = None) -> Iterator[dict]:
     """Raw samples ``[start, end)`` of the stream that concatenates the shards in ``order``.
 
     Opens only the shards that overlap the range; the samples before ``start`` in the
-    first one are read (a tar stream cannot seek) but never decoded.
+    first one are read (a tar stream cannot seek) but never decoded. A shard needed to its
+    last sample is read to its end, so that its ``digests`` entry (remote shards) is checked.
     """
     offset = 0
     for index in order:
@@ -299,11 +381,14 @@ def _stream_range(urls: tuple[str, ...], sizes: tuple[int, ...], order: Iterable
         if offset + size > start:
             skip, stop = max(start - offset, 0), min(end - offset, size)
             count = 0
-            for count, sample in enumerate(itertools.islice(_raw_shard_samples([urls[index]]), stop), 1):
+            reader = _raw_shard_samples([urls[index]], digests=digests)
+            for count, sample in enumerate(itertools.islice(reader, stop), 1):
                 if count > skip:
                     yield sample
             if count < stop:  # a short shard would leave this rank with fewer batches: DDP hangs
                 raise DataError(f"shard {urls[index]}: ends after {count} samples, expected {size}")
+            if stop == size and digests is not None and next(reader, None) is not None:  # read on: the hash
+                raise DataError(f"shard {urls[index]}: holds more than the {size} samples its manifest says")
         offset += size
 
 
@@ -312,9 +397,10 @@ class _TrainShardStream(IterableDataset):
     batches ``worker, worker + num_workers, ...`` of the epoch's ``steps``."""
 
     def __init__(self, urls: tuple[str, ...], sizes: tuple[int, ...], transform: PairTransform,
-                 batch_size: int, steps: int, seed: int, epoch: int, rank: int, spec: DatasetSpec = VOC):
+                 batch_size: int, steps: int, seed: int, epoch: int, rank: int, spec: DatasetSpec = VOC,
+                 digests: Optional[dict[str, str]] = None):
         super().__init__()
-        self.urls, self.sizes, self.transform, self.spec = urls, sizes, transform, spec
+        self.urls, self.sizes, self.transform, self.spec, self.digests = urls, sizes, transform, spec, digests
         self.batch_size, self.steps, self.seed, self.epoch, self.rank = batch_size, steps, seed, epoch, rank
 
     def __iter__(self) -> Iterator[Batch]:
@@ -328,7 +414,7 @@ class _TrainShardStream(IterableDataset):
         shares = [len(range(w, self.steps, num_workers)) * self.batch_size for w in range(num_workers)]
         start = self.rank * self.steps * self.batch_size + sum(shares[:worker])
         raw = _stream_range(self.urls, self.sizes, _shard_cycle(len(self.urls), self.seed, self.epoch),
-                            start, start + shares[worker])
+                            start, start + shares[worker], self.digests)
         slot_seed = _mix(self.seed, self.epoch, self.rank, worker)
         shuffle = wds.shuffle(RAW_SHUFFLE_BUFFER, RAW_SHUFFLE_BUFFER, seed=slot_seed)
         samples = (self._augment(sample, _mix(slot_seed, n)) for n, sample in enumerate(shuffle(raw)))
@@ -396,14 +482,16 @@ def train_loader(data: str | Path, batch_size: int, crop_size: int, *, split: st
         indices = order[rank:needed:world_size].tolist()
         samples = _FolderSamples(dataset, indices, transform, seed=_mix(seed, epoch, rank))
         loader = DataLoader(samples, batch_size=batch_size, shuffle=False, drop_last=True,
-                            num_workers=num_workers, collate_fn=_stack, generator=generator)
+                            num_workers=num_workers, collate_fn=_stack, generator=generator,
+                            worker_init_fn=_loader_worker_init)
         return loader, steps
 
     stream = _TrainShardStream(source.urls, _shard_sizes(source), transform, batch_size, steps, seed, epoch, rank,
-                               source.spec)
+                               source.spec, source.checks())
     # batch_size=None: the workers batch (into shared memory) and the DataLoader passes
     # their batches through. A worker beyond `steps` would have no batch to make.
-    loader = DataLoader(stream, batch_size=None, num_workers=min(num_workers, steps), generator=generator)
+    loader = DataLoader(stream, batch_size=None, num_workers=min(num_workers, steps), generator=generator,
+                        worker_init_fn=_loader_worker_init)
     return loader, steps
 
 
@@ -435,7 +523,7 @@ def val_loader(data: str | Path, *, split: str = "val", batch_size: int = 1, num
         dataset = voc.VOCSegmentation(source.voc_root, split)
         samples = _FolderSamples(dataset, list(range(rank, len(dataset), world_size)), transform)
         loader = DataLoader(samples, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                            collate_fn=list)
+                            collate_fn=list, worker_init_fn=_loader_worker_init)
         return wds.DataPipeline(loader, wds.map(collate))
 
     my_urls = list(source.urls[rank::world_size])
@@ -444,9 +532,10 @@ def val_loader(data: str | Path, *, split: str = "val", batch_size: int = 1, num
     # A shard that holds fewer samples than its manifest says is an error, as in training.
     expected = dict(zip(source.urls, source.shard_sizes)) if source.shard_sizes is not None else None
     samples = wds.DataPipeline(wds.SimpleShardList(my_urls), wds.split_by_worker,
-                               functools.partial(_listed_shard_samples, expected=expected),
+                               functools.partial(_listed_shard_samples, expected=expected, digests=source.checks()),
                                wds.map(functools.partial(_decode_val, transform=transform, spec=source.spec)))
-    return (wds.WebLoader(samples, batch_size=None, num_workers=min(num_workers, len(my_urls)))
+    return (wds.WebLoader(samples, batch_size=None, num_workers=min(num_workers, len(my_urls)),
+                          worker_init_fn=_loader_worker_init)
             .batched(batch_size, collation_fn=collate, partial=True))
 
 
@@ -460,7 +549,7 @@ def _raw_pairs(source: DataSource, wanted: Optional[set[str]] = None) -> Iterato
             if wanted is None or sid in wanted:
                 yield (sid, *dataset.load_raw(index), f"{sid} in {source.voc_root}")
     else:
-        for sample in _raw_shard_samples(source.urls):
+        for sample in _raw_shard_samples(source.urls, digests=source.checks()):
             yield _shard_pair(sample)
 
 

@@ -45,7 +45,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import parse_flag_from_env, set_seed
 from tqdm import tqdm
 
-from segtrain import hardware, shards, tracking
+from segtrain import hardware, preempt, shards, tracking
 from segtrain.cli import check_launch, errors_of_rank, user_errors
 from segtrain.config import TrainConfig, config_to_dict, parse_config, save_config, update_saved_config
 from segtrain.evaluate import evaluate
@@ -231,7 +231,7 @@ def start_run(plan: RunPlan, accelerator: Accelerator) -> tuple[TrainState, Metr
             config_path = run_dir / "config.yaml"
             for key, (old, new) in update_saved_config(config_path, iterations=cfg.iterations).items():
                 accelerator.print(f"{config_path}: {key} {old} -> {new}")
-        log.truncate_after(state.step)
+    log.truncate_after(state.step)  # also a fresh start of --resume auto over a run stopped before step 1
     tracking.start(accelerator, plan, state.step)
     return state, log
 
@@ -373,7 +373,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     window = LogWindow(device)
     progress = tqdm(total=cfg.iterations, initial=step, disable=not accelerator.is_main_process,
                     dynamic_ncols=True, desc="train")
-    while step < cfg.iterations:
+    stopper = preempt.StopOnSignal(cfg.stop_signals, plan.world_size)  # SIGTERM/USR1: checkpoint, exit 75
+    while step < cfg.iterations and not stopper.stopped:
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_factor(step, cfg)
         for micro in range(cfg.grad_accum):
@@ -425,11 +426,16 @@ def train(cfg: TrainConfig) -> TrainResult:
             say(f"step {step}: val mIoU {metrics['miou']:.4f}, pixel acc {metrics['pixel_acc']:.4f} "
                 f"(best {state.best_miou:.4f})")
             window.start += time.perf_counter() - val_start  # not training throughput
-        # After validation, so the checkpoint carries the best mIoU it just measured.
-        if plan.checkpoints_at(step):
+        # After validation, so the checkpoint carries the best mIoU it just measured. All ranks
+        # skip should_stop() on the same (checkpoint) steps, so its collectives stay matched.
+        if plan.checkpoints_at(step) or stopper.should_stop():
             save_training_state(accelerator, plan.run_dir, step, cfg.keep_checkpoints)
     progress.close()
     batches.close()
+    stopper.close()
+    if stopper.stopped:
+        accelerator.end_training()
+        raise stopper.exit(step, plan.run_dir, say)
 
     sync_buffers(model, accelerator)
     save_model(accelerator, model, plan, "final.pt", step, metrics)

@@ -101,8 +101,8 @@ def test_shard_readers_read_and_decode_exactly_the_epoch(packed_shards, monkeypa
     read, decoded = multiprocessing.Value("i", 0), multiprocessing.Value("i", 0)  # shared with forked workers
     raw_samples, decode = shards._raw_shard_samples, shards.decode_sample
 
-    def counting_raw_samples(urls):
-        for sample in raw_samples(urls):
+    def counting_raw_samples(urls, *args, **kwargs):
+        for sample in raw_samples(urls, *args, **kwargs):
             with read.get_lock():
                 read.value += 1
             yield sample

@@ -1,0 +1,140 @@
+"""Cluster life, measured: (1) a signal during 2-process CPU training: steps lost, seconds from
+the signal to the checkpoint and to the launcher's exit; (2) bytes fetched per epoch from a
+local HTTP server (remote manifest) against the split's size, for 1 and 2 ranks.
+
+    PYTHONPATH=$PWD python bench/cluster_bench.py [--iterations 12] [--crop 33] [--skip-signal]
+
+Prints the figures; name the machine (and any other load on it) when you record them.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import http.server
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from segtrain import shards  # noqa: E402
+from segtrain.pack import pack_split  # noqa: E402
+from segtrain.synthetic import generate  # noqa: E402
+
+
+class Counting(http.server.SimpleHTTPRequestHandler):
+    def copyfile(self, source, outputfile):
+        data = source.read()
+        self.server.sent[self.path] += len(data)
+        outputfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(folder: Path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Counting, directory=str(folder)))
+    server.sent = collections.Counter()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def bytes_per_epoch(shard_dir: Path, batch: int) -> None:
+    server, base = serve(shard_dir)
+    manifest = json.loads((shard_dir / "voc-train.json").read_text())
+    split_bytes = sum(s["bytes"] for s in manifest["shards"])
+    try:
+        for world in (1, 2):
+            server.sent.clear()
+            for rank in range(world):
+                loader, steps = shards.train_loader(f"{base}/voc-train.json", batch, 33, num_workers=1,
+                                                    rank=rank, world_size=world, epoch=0)
+                for _ in loader:
+                    pass
+            tars = {p: n for p, n in server.sent.items() if p.endswith(".tar")}
+            fetched = sum(tars.values())
+            print(f"remote epoch, {world} rank(s) x 1 worker, batch {batch}/rank: fetched {fetched} B of shards "
+                  f"for a split of {split_bytes} B ({fetched / split_bytes:.3f}x), manifest "
+                  f"{server.sent['/voc-train.json']} B")
+    finally:
+        server.shutdown()
+
+
+def signal_timing(shard_dir: Path, work: Path, iterations: int, crop: int, target: str) -> None:
+    run_dir = work / f"run-{target.replace(' ', '-')}"
+    args = ["--data", str(shard_dir / "voc-train.json"), "--run-dir", str(run_dir), "--backbone", "resnet18",
+            "--pretrained", "false", "--crop-size", str(crop), "--batch-size", "4", "--iterations", str(iterations),
+            "--workers", "1", "--log-every", "1", "--checkpoint-every", "1000", "--val-every", "1000",
+            "--mixed-precision", "no", "--tracker", "none", "--resume", "auto"]
+    cmd = [sys.executable, "-m", "segtrain.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           str(REPO / "segtrain" / "train.py"), *args]
+    env = os.environ | {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    launcher = subprocess.Popen(cmd, env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = run_dir / "metrics.jsonl"
+    step_times = []
+    while True:
+        assert launcher.poll() is None, launcher.communicate()[1][-2000:]
+        steps = [json.loads(line)["step"] for line in log.read_text().splitlines()] if log.exists() else []
+        if steps and (not step_times or step_times[-1][0] != steps[-1]):
+            step_times.append((steps[-1], time.monotonic()))
+        if steps and steps[-1] >= 3:
+            break
+        time.sleep(0.01)
+    child = {c.environ().get("RANK"): c.pid for c in psutil.Process(launcher.pid).children()}
+    signalled = time.monotonic()
+    os.kill(child["1"] if target == "one rank" else launcher.pid, signal.SIGTERM)
+    checkpoint_at, ranks_gone = None, {}
+    while launcher.poll() is None:
+        if checkpoint_at is None and any((run_dir / "checkpoints").glob("step_*")):
+            checkpoint_at = time.monotonic()
+        for rank, pid in child.items():
+            if rank not in ranks_gone and not (psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"):
+                ranks_gone[rank] = time.monotonic() - signalled
+        time.sleep(0.01)
+    exited = time.monotonic()
+    done = max(json.loads(line)["step"] for line in log.read_text().splitlines())
+    saved = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    step_s = (step_times[-1][1] - step_times[0][1]) / max(1, step_times[-1][0] - step_times[0][0])
+    print(f"SIGTERM to {target} at step 3 (a step takes ~{step_s:.2f} s): exit status {launcher.returncode}, "
+          f"stopped after step {done}, checkpoints {saved}, steps lost {done - int(saved[-1][5:])}; "
+          f"signal -> checkpoint in place {checkpoint_at - signalled:.2f} s, -> training processes ended "
+          f"{', '.join(f'{t:.2f}' for _, t in sorted(ranks_gone.items()))} s, -> launcher exit {exited - signalled:.2f} s")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--iterations", type=int, default=12)
+    ap.add_argument("--crop", type=int, default=33)
+    ap.add_argument("--skip-signal", action="store_true")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        root = generate(work / "voc", 48, 16, seed=0, min_size=64, max_size=128)
+        for split in ("train", "val"):
+            pack_split(root, split, work / "shards", shard_size=10, progress=False)
+        bytes_per_epoch(work / "shards", batch=4)
+        if not args.skip_signal:
+            for target in ("one rank", "launcher"):
+                signal_timing(work / "shards", work, args.iterations, args.crop, target)
+
+
+if __name__ == "__main__":
+    main()

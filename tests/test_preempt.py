@@ -1,0 +1,200 @@
+"""Preemption: a signal stops training after a whole step with one checkpoint and exit status 75,
+and ``--resume auto`` continues it exactly; ``--resume auto`` without a checkpoint starts afresh."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+
+from conftest import REPO, _free_port
+from segtrain import preempt
+from segtrain.config import parse_config
+from segtrain.io import ConfigError
+from segtrain.model import load_checkpoint
+from segtrain.plan import plan_run, resolve_resume
+
+ITERATIONS = 12
+
+
+def run_args(data, run_dir, *extra):
+    # One epoch of 12 steps (48 images, global batch 4); the only scheduled checkpoint is the last.
+    return ["--data", str(data), "--run-dir", str(run_dir), "--backbone", "resnet18", "--pretrained", "false",
+            "--crop-size", "33", "--batch-size", "4", "--iterations", str(ITERATIONS), "--workers", "1",
+            "--lr-schedule", "step", "--step-size", "4", "--step-gamma", "0.5", "--log-every", "1",
+            "--checkpoint-every", "1000", "--val-every", "1000", "--seed", "3", "--mixed-precision", "no",
+            "--tracker", "none", *extra]
+
+
+def read_losses(run_dir):
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+
+
+# ----------------------------------------------------------------------------- one process, no training
+
+def test_resume_auto_is_the_newest_complete_checkpoint_or_a_fresh_start(tmp_path):
+    assert resolve_resume("auto", tmp_path) is None
+    for name in ("step_0000003", "step_0000010", ".step_0000012.tmp"):  # a save cut short leaves a temp folder
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+    assert resolve_resume("auto", tmp_path) == tmp_path / "checkpoints" / "step_0000010"
+
+
+def test_resume_auto_restarts_a_run_stopped_before_its_first_checkpoint(packed_shards, tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train/loss": 3.0}\n')
+    with pytest.raises(ConfigError, match="already holds a run"):
+        plan_run(parse_config(run_args(packed_shards["train"], tmp_path)))
+    plan = plan_run(parse_config(run_args(packed_shards["train"], tmp_path, "--resume", "auto")))
+    assert plan.resume_from is None
+
+
+def test_a_signal_raises_the_flag_and_close_restores_the_handlers():
+    before = signal.getsignal(signal.SIGUSR1)
+    stopper = preempt.StopOnSignal("TERM+USR1", world_size=1)
+    assert not stopper.should_stop()
+    os.kill(os.getpid(), signal.SIGUSR1)
+    assert stopper.should_stop() and stopper.stopped and stopper.signum == signal.SIGUSR1
+    stopper.close()
+    assert signal.getsignal(signal.SIGUSR1) is before
+    untouched = preempt.StopOnSignal("none", world_size=1)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and not untouched.should_stop()
+    untouched.close()
+
+
+def test_sigterm_to_the_whole_process_group_spares_the_loader_workers(packed_shards, tmp_path):
+    """A cluster ending a job signals all of its processes, loader workers included: the run
+    still stops after a whole step, with its checkpoint, and exits 75."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "segtrain.train", *run_args(packed_shards["train"], run_dir)],
+                            cwd=REPO, env=os.environ | {"OMP_NUM_THREADS": "1"}, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_step(proc, run_dir, 2)
+    assert psutil.Process(proc.pid).children(), "the loader worker should be running"
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == preempt.PREEMPTED_EXIT, err[-3000:]
+    done = max(read_losses(run_dir))
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"step_{done:07d}"]
+
+
+def test_stop_signals_setting_is_checked():
+    with pytest.raises(ConfigError, match="stop_signals: must be one of TERM\\+USR1, TERM, USR1, none"):
+        parse_config(["--stop-signals", "KILL"])
+
+
+# ----------------------------------------------------------------------------- two processes (gloo)
+
+def start_launcher(out_dir, *args):
+    """``python -m segtrain.launch`` (what ./launch.sh train and examples/slurm.sh run) of 2 CPU processes."""
+    cmd = [sys.executable, "-m", "segtrain.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+           str(REPO / "tests" / "ddp_train_worker.py"), str(out_dir), *map(str, args)]
+    env = os.environ | {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def rank_pid(launcher, rank):
+    for child in psutil.Process(launcher.pid).children():
+        if child.environ().get("RANK") == str(rank):
+            return child.pid
+    raise AssertionError(f"no rank {rank} among the launcher's children")
+
+
+def wait_for_step(launcher, run_dir, step, timeout=300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert launcher.poll() is None, launcher.communicate()[1][-3000:]
+        if (run_dir / "metrics.jsonl").exists() and max(read_losses(run_dir), default=0) >= step:
+            return
+        time.sleep(0.05)
+    launcher.kill()
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(packed_shards, tmp_path_factory, launch_ddp):
+    run_dir = tmp_path_factory.mktemp("preempt") / "whole"
+    proc = launch_ddp(REPO / "tests" / "ddp_train_worker.py", run_dir.parent,
+                      *run_args(packed_shards["train"], run_dir, "--resume", "auto"))  # auto: a fresh start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["one rank", "launcher"])
+def test_sigterm_checkpoints_exits_75_and_resume_auto_is_exact(target, uninterrupted, packed_shards, tmp_path,
+                                                               launch_ddp):
+    run_dir = tmp_path / "run"
+    launcher = start_launcher(tmp_path, *run_args(packed_shards["train"], run_dir, "--resume", "auto"))
+    wait_for_step(launcher, run_dir, 3)
+    # SLURM may signal one node's processes only: rank 1 alone must stop both, after the same step.
+    os.kill(rank_pid(launcher, 1) if target == "one rank" else launcher.pid, signal.SIGTERM)
+    signalled = time.monotonic()
+    out, err = launcher.communicate(timeout=300)
+    print(f"\n{target}: signal to exit {time.monotonic() - signalled:.2f} s")
+    assert launcher.returncode == preempt.PREEMPTED_EXIT, err[-3000:]
+    assert "stopped by SIGTERM after step" in out and "Traceback" not in err
+
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    done = max(read_losses(run_dir))
+    assert checkpoints == [f"step_{done:07d}"] and done < ITERATIONS  # one checkpoint, no step lost
+    print(f"{target}: stopped after step {done}, checkpoint step {done}: 0 steps lost")
+
+    proc = launch_ddp(REPO / "tests" / "ddp_train_worker.py", tmp_path,
+                      *run_args(packed_shards["train"], run_dir, "--resume", "auto"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{done:07d}'}" in proc.stdout + proc.stderr
+    assert read_losses(run_dir) == read_losses(uninterrupted)  # bit-equal, every step
+    a, _ = load_checkpoint(uninterrupted / "final.pt")
+    b, _ = load_checkpoint(run_dir / "final.pt")
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- examples/slurm.sh
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# Stands in for srun: records its arguments, stops with the given status on SIGUSR1 (as the
+# training does after its checkpoint), or ends by itself with status $FAKE_STATUS.
+printf '%s\\n' "$@" > "$FAKE_DIR/srun_args"
+trap 'echo USR1 > "$FAKE_DIR/srun_signal"; exit 75' USR1
+for _ in $(seq "$FAKE_TICKS"); do sleep 0.1; done
+exit "$FAKE_STATUS"
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+if [ "$1" = requeue ]; then echo "$2" >> "$FAKE_DIR/requeued"; else echo node1; fi
+"""
+
+
+@pytest.mark.parametrize("case", ["signalled", "finished"])
+def test_slurm_script_forwards_the_signal_and_requeues_only_a_stopped_run(case, tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = os.environ | {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_DIR": str(tmp_path), "FAKE_STATUS": "0",
+                        "FAKE_TICKS": "200" if case == "signalled" else "5",
+                        "SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_NODELIST": "node1", "SLURM_NNODES": "1",
+                        "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "segtrain"}
+    script = subprocess.Popen(["bash", str(REPO / "examples" / "slurm.sh"), "--run-dir", "runs/x"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while not (tmp_path / "srun_args").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if case == "signalled":  # what `#SBATCH --signal=B:USR1@120` does
+        script.send_signal(signal.SIGUSR1)
+    script.communicate(timeout=30)
+    args = (tmp_path / "srun_args").read_text().split("\n")
+    assert args[args.index("--resume") + 1] == "auto" and args[args.index("--name") + 1] == "segtrain-4242"
+    assert args.index("--resume") < args.index("--run-dir")  # the user's flags come last and win
+    if case == "signalled":
+        assert script.returncode == preempt.PREEMPTED_EXIT
+        assert (tmp_path / "srun_signal").read_text().strip() == "USR1"
+        assert (tmp_path / "requeued").read_text().split() == ["4242"]
+    else:
+        assert script.returncode == 0 and not (tmp_path / "requeued").exists()

@@ -1,0 +1,138 @@
+"""Remote manifests: a packed split served over HTTP on 127.0.0.1 (and read through pipe:),
+used by training and evaluation by its manifest URL, checked on the streamed bytes."""
+import collections
+import functools
+import http.server
+import json
+import shutil
+import tarfile
+import threading
+from pathlib import Path
+
+import pytest
+
+from segtrain import integrity, shards
+from segtrain.config import parse_config
+from segtrain.evaluate import main as evaluate_main
+from segtrain.io import DataError
+from segtrain.model import build_model, save_checkpoint
+from segtrain.train import main as train_main
+
+SERVE_TIMEOUT_S = 120  # the server thread stops by itself after this, whatever the test does
+
+
+class CountingHandler(http.server.SimpleHTTPRequestHandler):
+    """Serves a folder and counts GET requests and bytes sent per path."""
+
+    def do_GET(self):
+        self.server.requests[self.path] += 1
+        super().do_GET()
+
+    def copyfile(self, source, outputfile):
+        data = source.read()
+        self.server.bytes_sent[self.path] += len(data)
+        outputfile.write(data)
+
+    def log_message(self, *args):  # keep the test output clean
+        pass
+
+
+@pytest.fixture
+def serve(tmp_path):
+    """``serve(folder)`` -> (base URL, server); the server stops at teardown (or after SERVE_TIMEOUT_S)."""
+    servers = []
+
+    def start(folder: Path):
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                                 functools.partial(CountingHandler, directory=str(folder)))
+        server.requests, server.bytes_sent = collections.Counter(), collections.Counter()
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        timer = threading.Timer(SERVE_TIMEOUT_S, server.shutdown)
+        timer.daemon = True
+        timer.start()
+        servers.append((server, timer))
+        return f"http://127.0.0.1:{server.server_address[1]}", server
+
+    yield start
+    for server, timer in servers:
+        timer.cancel()
+        server.shutdown()
+        server.server_close()
+
+
+def tar_shards(server):
+    return {path: n for path, n in server.requests.items() if path.endswith(".tar")}
+
+
+def test_remote_manifest_resolves_shards_next_to_it_and_takes_counts_from_it(packed_shards, serve):
+    base, server = serve(packed_shards["dir"])
+    source = shards.resolve_data(f"{base}/voc-train.json", "train")
+    manifest = json.loads(packed_shards["train"].read_text())
+    assert source.urls == tuple(f"{base}/{s['file']}" for s in manifest["shards"])
+    assert source.digests == tuple(s["sha256"] for s in manifest["shards"])
+    assert shards.batches_per_epoch(source, 4, 1) == 12
+    val = shards.resolve_data(f"{base}/voc-train.json", "val")  # the sibling manifest, as for local files
+    assert val.location == f"{base}/voc-val.json" and val.split == "val"
+    assert shards.manifest_split(f"{base}/voc-val.json") == "val"
+    integrity.verify_source(source, "always")  # nothing up front: checked while streaming
+    assert tar_shards(server) == {}
+
+
+def test_pipe_manifest_resolves_shards_in_the_same_command(packed_shards):
+    data = f"pipe:cat {packed_shards['dir']}/voc-train.json"
+    source = shards.resolve_data(data, "train")
+    assert source.urls[0] == f"pipe:cat {packed_shards['dir']}/voc-train-000000.tar"
+    samples = list(integrity.shard_samples(source.urls[:1], digests=source.checks()))
+    assert len(samples) == source.shard_sizes[0]
+
+
+def test_training_and_evaluation_read_by_url_each_shard_once_per_epoch(packed_shards, serve, tmp_path, capsys):
+    base, server = serve(packed_shards["dir"])
+    run_dir = tmp_path / "run"
+    # 48 samples, 12 steps of 4 = one epoch, one process and one loader worker; one validation at the end.
+    train_main(["--data", f"{base}/voc-train.json", "--run-dir", str(run_dir), "--backbone", "resnet18",
+                "--pretrained", "false", "--crop-size", "33", "--batch-size", "4", "--iterations", "12",
+                "--workers", "1", "--mixed-precision", "no", "--tracker", "none", "--log-every", "6"])
+    manifests = {name: json.loads((packed_shards["dir"] / name).read_text()) for name in ("voc-train.json",
+                                                                                          "voc-val.json")}
+    files = {f"/{s['file']}": s["bytes"] for m in manifests.values() for s in m["shards"]}
+    assert tar_shards(server) == {path: 1 for path in files}  # train shards once in the epoch, val shards once
+    assert sum(server.bytes_sent[p] for p in files) == sum(files.values())
+    config = parse_config(["--config", str(run_dir / "config.yaml")])
+    assert config.data == f"{base}/voc-train.json"
+
+    server.requests.clear()
+    evaluate_main(["--checkpoint", str(run_dir / "best.pt"), "--data", f"{base}/voc-val.json", "--workers", "0"])
+    assert tar_shards(server) == {f"/{s['file']}": 1 for s in manifests["voc-val.json"]["shards"]}
+    assert "mIoU" in capsys.readouterr().out
+
+
+def corrupt_padding_byte(shard: Path) -> None:
+    """Flip a byte of the zero padding after a member's data: tar and image decoding are unaffected,
+    only the shard's sha256 tells."""
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar.getmembers() if m.size % 512)
+    data = bytearray(shard.read_bytes())
+    data[member.offset_data + member.size] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+
+def test_a_corrupted_byte_on_the_server_is_a_one_line_sha256_error(packed_shards, serve, tmp_path, capsys):
+    served = tmp_path / "served"
+    shutil.copytree(packed_shards["dir"], served)
+    corrupt_padding_byte(served / "voc-val-000001.tar")
+    base, _ = serve(served)
+    data = f"{base}/voc-val.json"
+    with pytest.raises(DataError, match=r"shard .*voc-val-000001\.tar: sha256 \w+\.\.\. differs from its manifest"):
+        list(shards.iter_samples(data, "val"))
+    with pytest.raises(SystemExit):
+        evaluate_main(["--checkpoint", str(make_checkpoint(tmp_path)), "--data", data, "--workers", "0"])
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if line.startswith("segtrain:")]  # the rest is the progress bar
+    assert len(said) == 1 and "voc-val-000001.tar: sha256" in said[0] and "Traceback" not in err, err
+
+
+def make_checkpoint(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.pt"
+    save_checkpoint(path, build_model(backbone="resnet18", pretrained=False).eval())
+    return path
