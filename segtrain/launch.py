@@ -20,6 +20,7 @@ import sys
 from collections.abc import Sequence
 from typing import Optional
 
+from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.commands.launch import launch_command, launch_command_parser
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
@@ -47,8 +48,26 @@ def quiet_elastic_agent() -> None:
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
+def fill_num_processes(args) -> None:
+    """A multi-machine GPU config without ``num_processes`` (accelerate_configs/multi_node.yaml):
+    every machine's visible GPUs, ``num_machines x torch.cuda.device_count()``.
+
+    accelerate refuses a config without it, and its one-machine spelling (``gpu``, torchrun's
+    ``--nproc_per_node gpu``) cannot be divided by the machine count. Assumes machines alike.
+    """
+    if args.num_processes is not None or args.config_file is None:
+        return
+    config = load_config_from_file(args.config_file)
+    machines = args.num_machines or config.num_machines
+    if str(config.distributed_type).endswith("MULTI_GPU") and config.num_processes in (-1, None) and machines > 1:
+        import torch
+
+        args.num_processes = machines * max(torch.cuda.device_count(), 1)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = launch_command_parser().parse_args(argv)
+    fill_num_processes(args)
     quiet_elastic_agent()
     try:
         launch_command(args)
