@@ -46,7 +46,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import parse_flag_from_env, set_seed
 from tqdm import tqdm
 
-from segtrain import hardware, shards
+from segtrain import distributed, hardware, shards
 from segtrain.cli import check_launch, errors_of_rank, user_errors
 from segtrain.config import TrainConfig, config_to_dict, parse_config, save_config, update_saved_config
 from segtrain.evaluate import evaluate
@@ -359,11 +359,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     # known before the Accelerator, which needs the precision.
     # cpu= as Accelerator would pass it: a PartialState made without it on a CPU-only
     # `accelerate launch --multi_gpu` run stays one unconnected process, and Accelerator reuses it.
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"),
+                         timeout=distributed.process_group_timeout(cfg.dist_timeout_min))
     runtime = hardware.resolve_runtime(cfg.mixed_precision, state.device)
     accelerator = Accelerator(mixed_precision=hardware.accelerate_precision(runtime["mixed_precision"]),
                               log_with="wandb" if cfg.tracker == "wandb" else None)
     check_launch(accelerator.num_processes)
+    cfg = distributed.agree_on_run_name(cfg)  # before anything uses RUN_DIR
     plan = plan_run(cfg, accelerator.num_processes, accelerator.device.type, runtime)
     cfg, device, say = plan.cfg, accelerator.device, accelerator.print
     say(hardware.precision_line(runtime["mixed_precision"], runtime["precision_reason"]))
@@ -371,6 +373,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         warnings.warn(note)
     set_seed(cfg.seed)
     model, optimizer, criterion = build_training(plan, accelerator)
+    distributed.seed_process(cfg.seed)  # same init above; per-rank dropout masks from here
     bare = accelerator.unwrap_model(model)  # its mean/std normalise the batches
     state, log = start_run(plan, accelerator)
     say(f"run {cfg.name}: {plan.world_size} process(es) on {device.type}, precision "

@@ -264,3 +264,24 @@ def test_resume_is_exact_with_two_loader_workers(packed_shards, tmp_path):
     crashed_copy(full, resumed, 3)
     main(base_args(packed_shards["train"], resumed, "--tracker", "none", "--workers", "2", "--resume", "latest"))
     assert losses(read_jsonl(resumed / "metrics.jsonl")) == losses(read_jsonl(full / "metrics.jsonl"))
+
+
+@pytest.mark.slow
+def test_two_processes_with_different_clocks_share_one_run_and_draw_their_own_dropout(
+        packed_shards, tmp_path, launch_ddp):
+    """Rank 1's clock is 5 hours ahead, so its default run name differs: both ranks must use rank
+    0's name and folder (one folder, a checkpoint with both ranks' RNG states), hold the same
+    weights, and still draw different dropout masks (per-rank seeds)."""
+    args = base_args(packed_shards["train"], "unused", "--tracker", "none", "--iterations", "2",
+                     "--checkpoint-every", "2", "--val-every", "2")
+    args = args[:2] + args[4:]  # no --run-dir: the default runs/<name>, from the clock
+    proc = launch_ddp(REPO / "tests" / "ddp_agree_worker.py", tmp_path, *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["own_name"] != ranks[1]["own_name"]  # the clocks did differ
+    assert ranks[0]["run_dir"] == ranks[1]["run_dir"]
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [Path(ranks[0]["run_dir"]).name]
+    step = Path(ranks[0]["run_dir"]) / "checkpoints" / "step_0000002"
+    assert sorted(p.name for p in step.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    assert ranks[0]["sha256"] == ranks[1]["sha256"]
+    assert ranks[0]["next_draw"] != ranks[1]["next_draw"]
