@@ -83,6 +83,8 @@ def plan_run(cfg: TrainConfig, world_size: int = 1, device_type: str = "cpu",
     per_process_batch, notes = check_batch(cfg, world_size, device_type)
     run_dir = cfg.resolved_run_dir()
     resume_from = resolve_resume(cfg.resume, run_dir) if cfg.resume else None
+    if resume_from is not None:
+        check_resume_processes(resume_from, world_size)
     if resume_from is None and (run_dir / "metrics.jsonl").exists():
         raise ConfigError(f"run_dir: {run_dir} already holds a run; pass --resume latest to continue it, "
                           "or choose another --run-dir")
@@ -165,6 +167,17 @@ def resolve_resume(resume: str, run_dir: Path) -> Path:
     if not (path / "custom_checkpoint_0.pkl").is_file():  # the TrainState that save_state writes
         raise ConfigError(f"resume: {path} is not a checkpoint folder (expected RUN_DIR/checkpoints/step_*)")
     return path
+
+
+def check_resume_processes(checkpoint: Path, world_size: int) -> None:
+    """Refuse, before ``accelerator.load_state``, a checkpoint saved by another number of processes:
+    it holds one ``random_states_K.pkl`` per process, and loading it elsewhere fails deep inside
+    Accelerate (or, with more processes saved, would silently drop their RNG states)."""
+    saved = len(list(checkpoint.glob("random_states_*.pkl")))
+    if saved and saved != world_size:
+        raise ConfigError(f"resume: {checkpoint} was saved by {saved} process(es), this run has {world_size}; "
+                          f"resume with {saved} (accelerate launch --num_processes {saved}), or start a new run "
+                          "with --init-from RUN_DIR/best.pt")
 
 
 def sample_ids(source: shards.DataSource) -> Optional[set]:

@@ -84,6 +84,17 @@ def test_existing_run_dir_needs_resume(cfg_for, tmp_path):
     assert plan_run(cfg_for("--resume", "latest")).resume_from == tmp_path / "run" / "checkpoints" / "step_0000003"
 
 
+def test_resume_with_another_process_count_is_refused_before_loading(cfg_for, tmp_path):
+    step = tmp_path / "run" / "checkpoints" / "step_0000003"
+    step.mkdir(parents=True)
+    for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl", "random_states_1.pkl"):
+        (step / name).write_bytes(b"")
+    with pytest.raises(ConfigError, match=rf"resume: {step} was saved by 2 process\(es\), this run has 4; "
+                                          r"resume with 2 \(accelerate launch --num_processes 2\)"):
+        plan_run(cfg_for("--resume", "latest", "--batch-size", "8"), world_size=4)
+    assert plan_run(cfg_for("--resume", "latest", "--batch-size", "8"), world_size=2).resume_from == step
+
+
 def test_train_split_comes_from_the_manifest_and_val_must_be_disjoint(cfg_for, packed_shards):
     val = str(packed_shards["val"])
     plan = plan_run(cfg_for("--val-data", str(packed_shards["train"]), "--val-split", "train", data=val))

@@ -268,7 +268,7 @@ def test_resume_is_exact_with_two_loader_workers(packed_shards, tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_with_different_clocks_share_one_run_and_draw_their_own_dropout(
-        packed_shards, tmp_path, launch_ddp):
+        packed_shards, tmp_path, launch_ddp, capsys):
     """Rank 1's clock is 5 hours ahead, so its default run name differs: both ranks must use rank
     0's name and folder (one folder, a checkpoint with both ranks' RNG states), hold the same
     weights, and still draw different dropout masks (per-rank seeds)."""
@@ -285,3 +285,11 @@ def test_two_processes_with_different_clocks_share_one_run_and_draw_their_own_dr
     assert sorted(p.name for p in step.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
     assert ranks[0]["sha256"] == ranks[1]["sha256"]
     assert ranks[0]["next_draw"] != ranks[1]["next_draw"]
+    # Resuming those 2 processes' checkpoint with 1: one line, before accelerator.load_state.
+    resume = ["--run-dir", ranks[0]["run_dir"], "--resume", "latest", "--iterations", "4"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(base_args(packed_shards["train"], "unused", "--tracker", "none")[4:] + ["--data", str(packed_shards["train"]), *resume])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == (f"segtrain: error: resume: {step} was saved by 2 process(es), this run "
+                                               "has 1; resume with 2 (accelerate launch --num_processes 2), or start a "
+                                               "new run with --init-from RUN_DIR/best.pt")
