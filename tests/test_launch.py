@@ -77,7 +77,10 @@ def test_num_processes_still_overrides_the_gpu_count(monkeypatch):
 
 
 def test_multi_gpu_config_without_cuda_fails_at_launch(monkeypatch):
-    with pytest.raises(ValueError, match="Cuda is not available"):
+    """One line naming the torch build (torchrun alone would say "Cuda is not available" in a traceback)."""
+    from segtrain.cli import NoUsableGPU
+
+    with pytest.raises(NoUsableGPU, match=r"multi_gpu.yaml starts one process per GPU\), but torch "):
         launched_processes(monkeypatch, 0, "--config_file", str(REPO / "accelerate_configs" / "multi_gpu.yaml"))
 
 
