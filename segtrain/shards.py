@@ -32,11 +32,13 @@ never from the global RNG: reproducible, and the caller's RNG is left alone. Do 
 hand these loaders to ``accelerator.prepare`` (they are already split per rank);
 to resume mid-epoch, ``itertools.islice`` the rebuilt loader.
 
-Evaluation (``val_loader``) gives every sample to exactly one rank, once: shards (or
-folder ids) are split ``rank::world_size``, nothing is resampled, the last batch may
-be partial and a rank may get nothing at all, so run the forward passes on the
-unwrapped model (DDP's forward syncs buffers and would hang) and sum the per-rank
-confusion matrices once, after the loop.
+Evaluation (``val_loader``) gives every sample to exactly one rank, once, split by
+sample: each rank takes a contiguous range of the split's samples (``val_share``; folder
+ids ``rank::world_size``), the ranks' counts within one of each other, whatever the shard
+count. Nothing is resampled, the last batch may be partial and a rank gets nothing when
+there are fewer samples than ranks, so run the forward passes on the unwrapped model
+(DDP's forward syncs buffers and would hang) and sum the per-rank confusion matrices
+once, after the loop.
 
 Batches are ``(images (N, 3, H, W), masks (N, H, W), ids list[str])``. Training batches
 stay uint8, images and masks alike: a quarter of the bytes to copy between processes
@@ -49,7 +51,7 @@ from __future__ import annotations
 import functools
 import itertools
 import re
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -238,11 +240,6 @@ def _raw_shard_samples(urls: Iterable[str], expected: Optional[dict[str, int]] =
     return integrity.shard_samples(urls, expected)
 
 
-def _listed_shard_samples(shard_list: Iterable[dict], expected: Optional[dict[str, int]]) -> Iterator[dict]:
-    """A webdataset pipeline stage: ``{"url": ...}`` dicts in, raw samples out."""
-    return _raw_shard_samples((shard["url"] for shard in shard_list), expected)
-
-
 def _seeded(transform: PairTransform, image, mask, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``transform`` with its own RNG stream, leaving the caller's RNG untouched."""
     with torch.random.fork_rng(devices=[]):
@@ -423,7 +420,7 @@ def val_loader(data: str | Path, *, split: str = "val", batch_size: int = 1, num
     ``std``: ``model.mean``, ``model.std``), un-augmented.
 
     Batches of differently sized images are padded (image 0, mask 255). A rank that
-    gets no shard (more ranks than shards) yields nothing.
+    gets no sample (more ranks than samples) yields nothing.
     """
     rank, world_size = _resolve_rank(rank, world_size)
     source = resolve_data(data, split)
@@ -438,16 +435,41 @@ def val_loader(data: str | Path, *, split: str = "val", batch_size: int = 1, num
                             collate_fn=list)
         return wds.DataPipeline(loader, wds.map(collate))
 
-    my_urls = list(source.urls[rank::world_size])
-    if not my_urls:
+    # By sample, not by shard: VOC val (1449 images) is 6 shards, Cityscapes val 2, so 8 ranks
+    # splitting shards would leave 2 (6) of them idle, waiting in the metrics' all-reduce.
+    sizes = _shard_sizes(source)
+    start, end = val_share(sizes, rank, world_size)
+    if start == end:
         return []
-    # A shard that holds fewer samples than its manifest says is an error, as in training.
-    expected = dict(zip(source.urls, source.shard_sizes)) if source.shard_sizes is not None else None
-    samples = wds.DataPipeline(wds.SimpleShardList(my_urls), wds.split_by_worker,
-                               functools.partial(_listed_shard_samples, expected=expected),
-                               wds.map(functools.partial(_decode_val, transform=transform, spec=source.spec)))
-    return (wds.WebLoader(samples, batch_size=None, num_workers=min(num_workers, len(my_urls)))
+    samples = _ValRange(source.urls, sizes, start, end, transform, source.spec)
+    return (wds.WebLoader(samples, batch_size=None, num_workers=min(num_workers, end - start))
             .batched(batch_size, collation_fn=collate, partial=True))
+
+
+def val_share(sizes: Sequence[int], rank: int, world_size: int) -> tuple[int, int]:
+    """Rank ``rank``'s samples ``[start, end)`` of the split (shards in manifest order, ``sizes``
+    samples each): contiguous, so a rank opens only the shards its range overlaps, and the
+    ranks' counts differ by at most one."""
+    total = sum(sizes)
+    return rank * total // world_size, (rank + 1) * total // world_size
+
+
+class _ValRange(IterableDataset):
+    """Samples ``[start, end)`` of the split, decoded; each DataLoader worker takes a contiguous
+    part. A range that starts inside a shard reads (never decodes) the samples before it."""
+
+    def __init__(self, urls: tuple[str, ...], sizes: tuple[int, ...], start: int, end: int,
+                 transform: PairTransform, spec: DatasetSpec):
+        super().__init__()
+        self.urls, self.sizes, self.start, self.end, self.transform, self.spec = urls, sizes, start, end, transform, spec
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, str]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        count = self.end - self.start
+        lo, hi = self.start + worker * count // num_workers, self.start + (worker + 1) * count // num_workers
+        for sample in _stream_range(self.urls, self.sizes, range(len(self.urls)), lo, hi):
+            yield _decode_val(sample, self.transform, self.spec)
 
 
 # --------------------------------------------------------------------------- raw access
