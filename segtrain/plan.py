@@ -15,14 +15,13 @@ The loader arguments are kept as the very keyword arguments ``train()`` passes t
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from segtrain import hardware, integrity, shards
+from segtrain import distributed, hardware, integrity, shards
 from segtrain.config import TrainConfig
 from segtrain.evaluate import loader_protocol
 from segtrain.io import ConfigError, checkpoint_dirs, read_manifest
@@ -52,8 +51,10 @@ class RunPlan:
 
     @property
     def data_order(self) -> dict[str, Any]:
-        """Every setting the sequence of batches depends on: a resume must match them all."""
-        return dict(self.train_loader, grad_accum=self.cfg.grad_accum)
+        """Every setting the sequence of batches depends on: a resume must match them all (the
+        loader workers and pinning are not among them: a resume may run on other hardware)."""
+        order = {k: v for k, v in self.train_loader.items() if k not in shards.ORDER_FREE}
+        return dict(order, grad_accum=self.cfg.grad_accum)
 
     @property
     def workers(self) -> int:
@@ -89,14 +90,15 @@ def plan_run(cfg: TrainConfig, world_size: int = 1, device_type: str = "cpu",
         raise ConfigError(f"run_dir: {run_dir} already holds a run; pass --resume latest to continue it, "
                           "or choose another --run-dir")
 
-    # More loader workers than CPUs per process only adds contention.
-    workers = min(cfg.workers, max(1, (os.cpu_count() or 1) // world_size)) if cfg.workers else 0
+    workers = loader_workers(cfg.workers)
+    pin = device_type == "cuda"  # pinned batches: .to(device, non_blocking=True) copies asynchronously
     train_loader = dict(data=cfg.data, batch_size=per_process_batch, crop_size=cfg.crop_size,
                         split=cfg.train_split, num_workers=workers, seed=cfg.seed, world_size=world_size,
-                        color_jitter=cfg.color_jitter, scale=(cfg.scale_min, cfg.scale_max))
+                        color_jitter=cfg.color_jitter, scale=(cfg.scale_min, cfg.scale_max), pin_memory=pin)
     val_data = cfg.val_data or cfg.data  # a train manifest stands for its voc-val.json sibling
     val_loader = dict(data=val_data, split=cfg.val_split, num_workers=min(workers, 2),
-                      protocol=loader_protocol(cfg.val_protocol), crop_size=cfg.crop_size, world_size=world_size)
+                      protocol=loader_protocol(cfg.val_protocol), crop_size=cfg.crop_size, world_size=world_size,
+                      pin_memory=pin)
 
     train_source = shards.resolve_data(cfg.data, cfg.train_split)
     val_source = shards.resolve_data(val_data, cfg.val_split)
@@ -118,6 +120,14 @@ def plan_run(cfg: TrainConfig, world_size: int = 1, device_type: str = "cpu",
                    class_pixel_counts=manifest["class_pixel_counts"] if manifest else None,
                    eval_autocast_dtype=hardware.autocast_dtype(runtime["mixed_precision"], device_type), spec=spec,
                    runtime=runtime, notes=notes)
+
+
+def loader_workers(requested: int) -> int:
+    """``requested`` loader workers per process, at most this process's share of the CPUs it may
+    use (its affinity: a SLURM/cgroup limit) among this machine's processes: more only contend."""
+    if requested == 0:
+        return 0
+    return min(requested, max(1, distributed.usable_cpus() // distributed.local_processes()))
 
 
 def check_batch(cfg: TrainConfig, world_size: int, device_type: str) -> tuple[int, tuple[str, ...]]:

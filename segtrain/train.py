@@ -27,7 +27,6 @@ if __name__ == "__main__" and not __package__:
                               "-m", "segtrain.train", *sys.argv[1:]])
 
 import contextlib
-import itertools
 import json
 import math
 import os
@@ -254,16 +253,16 @@ def start_run(plan: RunPlan, accelerator: Accelerator) -> tuple[TrainState, Metr
 def micro_batches(plan: RunPlan, rank: int, step: int) -> Iterator[shards.Batch]:
     """This rank's training micro-batches from optimizer step ``step`` on, epoch after epoch.
 
-    The loader is rebuilt per epoch from (seed, epoch, rank), which is what makes resuming
-    exact: a resumed run replays its epoch and skips the micro-batches already used. The
-    batches of an epoch that do not fill a whole step (grad_accum > 1) are left out.
+    Each batch is a function of (seed, epoch, rank, batch index), which is what makes resuming
+    exact: a resumed run starts the loader at its epoch and batch. One loader serves the whole
+    run (its workers start once, not per epoch). The batches of an epoch that do not fill a
+    whole step (grad_accum > 1) are left out.
     """
     per_epoch = plan.steps_per_epoch * plan.cfg.grad_accum
     epoch, skip = divmod(step * plan.cfg.grad_accum, per_epoch)
-    while True:
-        loader, _ = shards.train_loader(**plan.train_loader, epoch=epoch, rank=rank)
-        yield from itertools.islice(loader, skip, per_epoch)
-        epoch, skip = epoch + 1, 0
+    loader, _ = shards.train_loader(**plan.train_loader, epoch=epoch, rank=rank, skip=skip, take=per_epoch,
+                                    endless=True)
+    yield from loader
 
 
 class LogWindow:
@@ -392,7 +391,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_factor(step, cfg)
         for micro in range(cfg.grad_accum):
-            fetch_start = time.perf_counter()  # includes starting an epoch's loader workers
+            fetch_start = time.perf_counter()  # includes starting the loader workers (once per run)
             with errors_of_rank(accelerator.process_index):  # this rank's share of the data
                 images, masks, _ = next(batches)
             window.data_wait += time.perf_counter() - fetch_start

@@ -1,5 +1,6 @@
 """segtrain.shards: one --data for manifests, shard patterns and VOC folders; exact
 batch counts per rank, deterministic augmentation, exactly-once validation."""
+import itertools
 import json
 import multiprocessing
 import re
@@ -95,9 +96,9 @@ def test_train_batches_exact_and_deterministic(packed_shards):
 
 
 def test_shard_readers_read_and_decode_exactly_the_epoch(packed_shards, monkeypatch):
-    # Each reader makes exactly its share of the batches (2 + 1 here, with 2 workers), so
-    # no sample is decoded only to be thrown away when the epoch ends; a reader whose range
-    # starts inside a shard reads (never decodes) less than that one shard to get there.
+    # Each worker decodes exactly its own batches (2 + 1 here, with 2 workers), so no sample is
+    # decoded only to be thrown away when the epoch ends; each reads (never decodes) the rank's
+    # range up to its last sample, and nothing before it but the start of its first shard.
     read, decoded = multiprocessing.Value("i", 0), multiprocessing.Value("i", 0)  # shared with forked workers
     raw_samples, decode = shards._raw_shard_samples, shards.decode_sample
 
@@ -119,9 +120,28 @@ def test_shard_readers_read_and_decode_exactly_the_epoch(packed_shards, monkeypa
         loader, steps = train_loader(packed_shards["train"], 8, 33, num_workers=workers, rank=0, world_size=2)
         ids = [sid for _, _, batch_ids in loader for sid in batch_ids]
         assert steps == 3 and len(ids) == len(set(ids)) == 24
-        assert decoded.value == 24 and 24 <= read.value < 24 + 10, (workers, read.value)
+        assert decoded.value == 24 and read.value <= max(workers, 1) * 24, (workers, read.value)
         if workers == 0:
             assert read.value == 24  # rank 0's one reader starts at the stream's start
+    loader, _ = train_loader(packed_shards["train"], 8, 33, num_workers=0, rank=1, world_size=2)
+    read.value = 0
+    assert len(list(loader)) == 3 and read.value < 24 + 10  # rank 1: at most one shard read to reach its range
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
+@pytest.mark.parametrize("data", ["shards", "folder"])
+def test_train_batches_do_not_depend_on_the_worker_count(data, packed_shards, synthetic_voc):
+    """The batch sequence is fixed before workers exist: 0, 1, 2 or 3 workers give the same batches,
+    and one endless loader started mid-epoch gives what the per-epoch loaders give from there."""
+    source = packed_shards["train"] if data == "shards" else synthetic_voc
+    kwargs = dict(batch_size=2, crop_size=33, seed=5, rank=1, world_size=2)
+    serial = batches_of(train_loader(source, num_workers=0, **kwargs)[0])
+    assert len(serial) == 12
+    for workers in (1, 2, 3):
+        assert same_batches(serial, batches_of(train_loader(source, num_workers=workers, **kwargs)[0])), workers
+    epochs = serial[5:10] + batches_of(train_loader(source, num_workers=0, epoch=1, **kwargs)[0])[:10]
+    endless, _ = train_loader(source, num_workers=2, epoch=0, skip=5, take=10, endless=True, **kwargs)
+    assert same_batches(epochs, batches_of(itertools.islice(endless, 15)))
 
 
 def test_folder_training_is_deterministic_and_independent_of_workers(synthetic_voc):
