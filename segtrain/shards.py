@@ -297,7 +297,10 @@ def _stream_range(urls: tuple[str, ...], sizes: tuple[int, ...], order: Iterable
         if offset + size > start:
             skip, stop = max(start - offset, 0), min(end - offset, size)
             count = 0
-            for count, sample in enumerate(itertools.islice(_raw_shard_samples([urls[index]]), stop), 1):
+            # Read to its end, a shard is also counted: more (or fewer) samples than `sizes` say is an error.
+            raw = (_raw_shard_samples([urls[index]], {urls[index]: size}) if stop == size
+                   else itertools.islice(_raw_shard_samples([urls[index]]), stop))
+            for count, sample in enumerate(raw, 1):
                 if count > skip:
                     yield sample
             if count < stop:  # a short shard would leave this rank with fewer batches: DDP hangs

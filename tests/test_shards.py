@@ -223,7 +223,7 @@ def test_manifest_shard_counts_must_add_up_and_match_the_shards(tmp_path, packed
         resolve_data(tmp_path / "voc-train.json", "train")
     m["num_samples"] += 1  # consistent, but shard 0 holds 10, not 11: the reader notices
     (tmp_path / "voc-train.json").write_text(json.dumps(m))
-    with pytest.raises(DataError, match="voc-train-000000.tar: ends after 10 samples, expected 11"):
+    with pytest.raises(DataError, match="voc-train-000000.tar: holds 10 samples, the manifest says 11"):
         epoch_ids(tmp_path / "voc-train.json", 7, world_size=1, workers=0)
 
 
