@@ -102,8 +102,8 @@ def test_shard_readers_read_and_decode_exactly_the_epoch(packed_shards, monkeypa
     read, decoded = multiprocessing.Value("i", 0), multiprocessing.Value("i", 0)  # shared with forked workers
     raw_samples, decode = shards._raw_shard_samples, shards.decode_sample
 
-    def counting_raw_samples(urls):
-        for sample in raw_samples(urls):
+    def counting_raw_samples(urls, expected=None):
+        for sample in raw_samples(urls, expected):
             with read.get_lock():
                 read.value += 1
             yield sample
@@ -285,7 +285,7 @@ def test_val_split_by_sample_balances_voc_val_over_8_ranks(monkeypatch):
     urls = tuple(f"val-{i:06d}.tar" for i in range(6))
     opened: list[list[str]] = []
 
-    def fake_shard(urls_):
+    def fake_shard(urls_, expected=None):
         for url in urls_:
             opened[-1].append(url)
             index = int(url[4:10])
