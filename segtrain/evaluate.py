@@ -328,7 +328,8 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
     loader = val_loader(args.data, split=args.split, num_workers=args.workers,
                         protocol=loader_protocol(args.protocol),
                         crop_size=args.crop_size, rank=accelerator.process_index,
-                        world_size=accelerator.num_processes, mean=model.mean, std=model.std)
+                        world_size=accelerator.num_processes, mean=model.mean, std=model.std,
+                        pin_memory=accelerator.device.type == "cuda")  # async copies to the GPU
     if args.batch_size > 1:
         loader = same_size_batches(loader, args.batch_size)
     # The bar counts the main process's images; its share of the total is only known alone.
