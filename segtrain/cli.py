@@ -128,7 +128,7 @@ def no_usable_gpu(reason: str) -> NoUsableGPU:
         cause = (f"{build} is built for CUDA {torch.version.cuda} but sees no usable GPU; most likely the NVIDIA "
                  f"driver is older than CUDA {torch.version.cuda} needs (nvidia-smi shows the CUDA version the "
                  "driver supports): update the driver or install a torch wheel for the driver's CUDA")
-    return NoUsableGPU(f"a GPU run was asked for ({reason}), but {cause}; to run on the CPU instead, "
+    return NoUsableGPU(f"a GPU run was asked for ({reason}); {cause}; to run on the CPU instead, "
                        "set ACCELERATE_USE_CPU=1 (./launch.sh train --cpu-procs N)")
 
 

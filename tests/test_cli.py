@@ -115,7 +115,7 @@ def test_help_names_the_command_you_type(module, usage, capsys):
 
 @pytest.mark.parametrize("env, cuda_build, message", [
     ({"LOCAL_RANK": "0", "WORLD_SIZE": "1"}, "13.0",
-     "a GPU run was asked for (accelerate launch started it as a multi-GPU process), but torch "),
+     "a GPU run was asked for (accelerate launch started it as a multi-GPU process); torch "),
     ({"LOCAL_RANK": "1", "WORLD_SIZE": "2"}, "13.0", "built for CUDA 13.0 but sees no usable GPU; most likely the "
                                                      "NVIDIA driver is older than CUDA 13.0 needs"),
     ({"LOCAL_RANK": "0", "ACCELERATE_USE_CPU": "False"}, None, "is a CPU-only build; install a CUDA build of torch"),

@@ -80,7 +80,7 @@ def test_multi_gpu_config_without_cuda_fails_at_launch(monkeypatch):
     """One line naming the torch build (torchrun alone would say "Cuda is not available" in a traceback)."""
     from segtrain.cli import NoUsableGPU
 
-    with pytest.raises(NoUsableGPU, match=r"multi_gpu.yaml starts one process per GPU\), but torch "):
+    with pytest.raises(NoUsableGPU, match=r"multi_gpu.yaml starts one process per GPU\); torch "):
         launched_processes(monkeypatch, 0, "--config_file", str(REPO / "accelerate_configs" / "multi_gpu.yaml"))
 
 
