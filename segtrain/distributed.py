@@ -17,7 +17,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from accelerate import PartialState
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
 
 if TYPE_CHECKING:  # config.py takes its timeout setting from here
     from segtrain.config import TrainConfig
@@ -44,6 +44,11 @@ DIST_TIMEOUT_HELP = ("minutes a process waits in a collective (all-reduce, barri
 def process_group_timeout(minutes: float) -> timedelta:
     """The ``timeout`` for ``PartialState`` / ``init_process_group`` (both NCCL and gloo)."""
     return timedelta(minutes=minutes)
+
+
+def process_group_kwargs(minutes: float = DIST_TIMEOUT_MIN) -> InitProcessGroupKwargs:
+    """The same timeout for an ``Accelerator(kwargs_handlers=[...])`` made without a PartialState first."""
+    return InitProcessGroupKwargs(timeout=process_group_timeout(minutes))
 
 
 def agree_on_run_name(cfg: TrainConfig) -> TrainConfig:

@@ -57,7 +57,7 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm import tqdm
 
-from segtrain import hardware, integrity
+from segtrain import distributed, hardware, integrity
 from segtrain.cli import ArgumentParser, OtherProcessFailed, check_launch, rank_specific, user_errors
 from segtrain.io import DataError, atomic_write_bytes
 from segtrain.metrics import ConfusionMatrix, format_metrics_table, to_jsonable
@@ -300,7 +300,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
-    accelerator = Accelerator()
+    accelerator = Accelerator(kwargs_handlers=[distributed.process_group_kwargs()])  # ms-flip on slow GPUs
     with user_errors():
         check_launch(accelerator.num_processes)
         result = run(args, accelerator)
