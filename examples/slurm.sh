@@ -41,6 +41,13 @@ MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)  # read
 MASTER_PORT=${MASTER_PORT:-29500}
 NUM_PROCESSES=$((SLURM_NNODES * GPUS_PER_NODE))
 
+# srun does not inherit --cpus-per-task from sbatch on Slurm 22.05-23.02: without it every
+# launcher (and so every rank and its loader workers) is bound to one core. Both spellings:
+# the flag, and SRUN_CPUS_PER_TASK, which srun reads on the versions that have it.
+export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
+# No --mixed_precision for the launcher: segtrain's --mixed-precision (default auto: bf16 on GPUs
+# that compute it natively, else fp16) is the precision training uses; pass it after the
+# script name to choose another (--mixed-precision bf16|fp16|fp32).
 PREEMPTED_EXIT=75  # segtrain.preempt.PREEMPTED_EXIT: stopped by a signal after saving a checkpoint
 # srun runs in the background so that this shell can take SIGUSR1/SIGTERM and pass them on.
 forward() { [ -n "${SRUN_PID:-}" ] && kill -s "$1" "$SRUN_PID" 2>/dev/null || true; }
@@ -48,12 +55,12 @@ trap 'forward USR1' USR1
 trap 'forward TERM' TERM
 
 # Single quotes: SLURM_NODEID is expanded by each task on its own node (0, 1, ...).
-srun --kill-on-bad-exit=1 bash -c '
+srun --kill-on-bad-exit=1 --cpus-per-task="$SRUN_CPUS_PER_TASK" bash -c '
   export PYTHONPATH="$5${PYTHONPATH:+:$PYTHONPATH}"
   exec "$0" -m segtrain.launch \
     --multi_gpu --num_machines "$1" --num_processes "$2" --machine_rank "$SLURM_NODEID" \
     --main_process_ip "$3" --main_process_port "$4" --rdzv_backend static --same_network \
-    --mixed_precision "${MIXED_PRECISION:-bf16}" --dynamo_backend no \
+    --dynamo_backend no \
     "$5/segtrain/train.py" "${@:6}"
 ' "$PY" "$SLURM_NNODES" "$NUM_PROCESSES" "$MASTER_ADDR" "$MASTER_PORT" "$ROOT" \
   --resume auto --name "$SLURM_JOB_NAME-$SLURM_JOB_ID" "$@" &

@@ -22,6 +22,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
+from typing import Optional
 
 from segtrain.io import ConfigError, DataError
 
@@ -32,11 +33,15 @@ class DisconnectedLaunch(RuntimeError):
     """Several processes were started but Accelerate did not join them into one group."""
 
 
+class NoUsableGPU(RuntimeError):
+    """A GPU launch was asked for, but this torch cannot use a GPU."""
+
+
 class OtherProcessFailed(RuntimeError):
     """Raised on the healthy processes of a distributed job when another one failed."""
 
 
-USER_ERRORS = (ConfigError, DataError, FileNotFoundError, DisconnectedLaunch, OtherProcessFailed)
+USER_ERRORS = (ConfigError, DataError, FileNotFoundError, DisconnectedLaunch, NoUsableGPU, OtherProcessFailed)
 
 
 def one_line(error: BaseException) -> str:
@@ -102,13 +107,49 @@ def user_errors(*extra: type[BaseException]) -> Iterator[None]:
         fail(e)
 
 
+def gpu_launch_reason() -> Optional[str]:
+    """Why this process was meant to run on a GPU, or None: accelerate's multi-GPU launcher
+    (torchrun: LOCAL_RANK) started it without ACCELERATE_USE_CPU. A one-process launch
+    (single_gpu.yaml, which sets CUDA_VISIBLE_DEVICES=0) may run on the CPU by design."""
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if "LOCAL_RANK" in os.environ and not use_cpu:
+        return "accelerate launch started it as a multi-GPU process"
+    return None
+
+
+def no_usable_gpu(reason: str) -> NoUsableGPU:
+    """The one-line error for a GPU run on a torch that cannot use CUDA: the build and the likely cause."""
+    import torch
+
+    build = f"torch {torch.__version__}"
+    if torch.version.cuda is None:
+        cause = f"{build} is a CPU-only build; install a CUDA build of torch"
+    else:
+        cause = (f"{build} is built for CUDA {torch.version.cuda} but sees no usable GPU; most likely the NVIDIA "
+                 f"driver is older than CUDA {torch.version.cuda} needs (nvidia-smi shows the CUDA version the "
+                 "driver supports): update the driver or install a torch wheel for the driver's CUDA")
+    return NoUsableGPU(f"a GPU run was asked for ({reason}); {cause}; to run on the CPU instead, "
+                       "set ACCELERATE_USE_CPU=1 (./launch.sh train --cpu-procs N)")
+
+
+def check_gpu_launch() -> None:
+    """A GPU launch on a torch that cannot use CUDA is an error, not a silent CPU run."""
+    import torch
+
+    reason = gpu_launch_reason()
+    if reason is not None and not torch.cuda.is_available():
+        raise no_usable_gpu(reason)
+
+
 def check_launch(num_processes: int) -> None:
-    """Refuse to run as N unconnected copies of a one-process job.
+    """Refuse a GPU launch without a usable GPU (``check_gpu_launch``), and to run as N
+    unconnected copies of a one-process job.
 
     ``accelerate launch --multi_gpu`` on a machine without GPUs starts the processes
     but, unless ACCELERATE_USE_CPU=1 is set, each one runs alone: every copy would
     train or evaluate on all the data and write the same files.
     """
+    check_gpu_launch()
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and num_processes != launched:
         raise DisconnectedLaunch(

@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import yaml
 
-from segtrain import evaluate, hardware, integrity, losses, model, preempt, schedule, tracking
+from segtrain import distributed, evaluate, hardware, integrity, losses, model, preempt, schedule, tracking
 from segtrain.cli import ArgumentParser
 from segtrain.io import ConfigError, atomic_write_bytes
 
@@ -114,6 +114,7 @@ class TrainConfig:
     compile: bool = setting(False, "torch.compile the model for training and validation (falls back to eager "
                                    "with one line if compiling fails; measured no faster on CPU)")
     sync_bn: bool = setting(False, "SyncBatchNorm across processes (GPUs only)")
+    dist_timeout_min: float = setting(distributed.DIST_TIMEOUT_MIN, distributed.DIST_TIMEOUT_HELP, minimum=1)
     # loss (see segtrain/losses.py)
     loss: str = setting("ce", "loss names joined by '+', each with an optional coefficient (e.g. "
                         f"ce+0.5*dice); names: {describe(losses.LOSSES)}")

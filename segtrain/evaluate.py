@@ -58,7 +58,7 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm import tqdm
 
-from segtrain import hardware, integrity, tracking
+from segtrain import distributed, hardware, integrity, tracking
 from segtrain.cli import ArgumentParser, OtherProcessFailed, check_launch, rank_specific, user_errors
 from segtrain.io import DataError, atomic_write_bytes, read_manifest
 from segtrain.metrics import ConfusionMatrix, format_metrics_table, to_jsonable
@@ -305,7 +305,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
-    accelerator = Accelerator()
+    accelerator = Accelerator(kwargs_handlers=[distributed.process_group_kwargs()])  # ms-flip on slow GPUs
     with user_errors():
         check_launch(accelerator.num_processes)
         result = run(args, accelerator)
@@ -345,7 +345,8 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
     loader = val_loader(args.data, split=split, num_workers=args.workers,
                         protocol=loader_protocol(args.protocol),
                         crop_size=args.crop_size, rank=accelerator.process_index,
-                        world_size=accelerator.num_processes, mean=model.mean, std=model.std)
+                        world_size=accelerator.num_processes, mean=model.mean, std=model.std,
+                        pin_memory=accelerator.device.type == "cuda")  # async copies to the GPU
     if args.batch_size > 1:
         loader = same_size_batches(loader, args.batch_size)
     # The bar counts the main process's images; its share of the total is only known alone.

@@ -14,7 +14,7 @@ One owner for:
   default) remembers each verified shard by (size, mtime) in a small JSON next to the
   manifest (``.voc-train.verified.json``; under the user's cache folder when the shard
   folder is read-only), so a re-run does not re-hash; ``always`` re-hashes every run;
-  ``off`` skips it.
+  ``off`` skips it. ``verify_source`` does it once per machine in a distributed run.
 * ``python tools/pack.py --verify shards/voc-train.json`` (``main`` here): hash and count
   every shard of a packed split, exit 0 when all match, 2 otherwise.
 """
@@ -260,9 +260,31 @@ def verify_shards(manifest_path: PathLike, manifest: Optional[dict] = None, mode
 def verify_source(source, mode: str) -> None:
     """``verify_shards`` for a ``shards.DataSource`` that comes with a local manifest; others have
     nothing to verify against (their counts come from reading the shards), or are remote: their
-    shards are checked while they stream in (``shard_samples(digests=...)``), never downloaded twice."""
-    if source.manifest is not None and source.digests is None and _is_local(source.location):
+    shards are checked while they stream in (``shard_samples(digests=...)``), never downloaded twice.
+
+    In a distributed run (call it on every process: it is a collective) only each machine's
+    first process (LOCAL_RANK 0) hashes and writes the cache, while the others wait: 8-16
+    processes reading the whole dataset at once, over NFS on clusters, would each take as long
+    as all of them. A problem found on any machine is raised on every process.
+    """
+    if source.manifest is None or source.digests is not None or not _is_local(source.location):
+        return
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         verify_shards(source.location, source.manifest, mode)
+        return
+    problem = None
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # per machine: other machines may hold other copies
+        try:
+            verify_shards(source.location, source.manifest, mode)
+        except DataError as e:
+            problem = str(e)
+    problems: list = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)  # the others' barrier, and every machine's verdict
+    found = next((p for p in problems if p is not None), None)
+    if found is not None:
+        raise DataError(found)
 
 
 def _is_local(location: str) -> bool:

@@ -28,10 +28,11 @@ import sys
 from collections.abc import Sequence
 from typing import Optional
 
+from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.commands.launch import launch_command, launch_command_parser
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-from segtrain.cli import USER_ERROR_EXIT
+from segtrain.cli import USER_ERROR_EXIT, no_usable_gpu, user_errors
 from segtrain.preempt import PREEMPTED_EXIT
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -79,8 +80,35 @@ def forward_stop_signals() -> None:
         signal.signal(sig, forward)
 
 
+def fill_num_processes(args) -> None:
+    """A multi-machine GPU config without ``num_processes`` (accelerate_configs/multi_node.yaml):
+    every machine's visible GPUs, ``num_machines x torch.cuda.device_count()``. A config with
+    ``num_processes: gpu`` on a torch that sees no GPU: one line naming the torch build.
+
+    accelerate refuses a config without it, and its one-machine spelling (``gpu``, torchrun's
+    ``--nproc_per_node gpu``) cannot be divided by the machine count. Assumes machines alike.
+    """
+    if args.config_file is None:
+        return
+    config = load_config_from_file(args.config_file)
+    if config.num_processes == "gpu" and args.num_processes is None:
+        import torch
+
+        if not torch.cuda.is_available():  # torchrun would say only "Cuda is not available", in a traceback
+            raise no_usable_gpu(f"{args.config_file} starts one process per GPU")
+    if args.num_processes is not None:
+        return
+    machines = args.num_machines or config.num_machines
+    if str(config.distributed_type).endswith("MULTI_GPU") and config.num_processes in (-1, None) and machines > 1:
+        import torch
+
+        args.num_processes = machines * max(torch.cuda.device_count(), 1)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = launch_command_parser().parse_args(argv)
+    with user_errors():
+        fill_num_processes(args)
     quiet_elastic_agent()
     forward_stop_signals()
     try:

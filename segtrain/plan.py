@@ -15,14 +15,13 @@ The loader arguments are kept as the very keyword arguments ``train()`` passes t
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from segtrain import hardware, integrity, shards
+from segtrain import distributed, hardware, integrity, shards
 from segtrain.config import TrainConfig
 from segtrain.evaluate import loader_protocol
 from segtrain.io import ConfigError, checkpoint_dirs
@@ -52,8 +51,10 @@ class RunPlan:
 
     @property
     def data_order(self) -> dict[str, Any]:
-        """Every setting the sequence of batches depends on: a resume must match them all."""
-        return dict(self.train_loader, grad_accum=self.cfg.grad_accum)
+        """Every setting the sequence of batches depends on: a resume must match them all (the
+        loader workers and pinning are not among them: a resume may run on other hardware)."""
+        order = {k: v for k, v in self.train_loader.items() if k not in shards.ORDER_FREE}
+        return dict(order, grad_accum=self.cfg.grad_accum)
 
     @property
     def workers(self) -> int:
@@ -83,19 +84,22 @@ def plan_run(cfg: TrainConfig, world_size: int = 1, device_type: str = "cpu",
     per_process_batch, notes = check_batch(cfg, world_size, device_type)
     run_dir = cfg.resolved_run_dir()
     resume_from = resolve_resume(cfg.resume, run_dir) if cfg.resume else None
+    if resume_from is not None:
+        check_resume_processes(resume_from, world_size)
     # --resume auto and no checkpoint yet: the run stopped before its first one; start it afresh.
     if resume_from is None and cfg.resume != "auto" and (run_dir / "metrics.jsonl").exists():
         raise ConfigError(f"run_dir: {run_dir} already holds a run; pass --resume latest (or auto) to continue "
                           "it, or choose another --run-dir")
 
-    # More loader workers than CPUs per process only adds contention.
-    workers = min(cfg.workers, max(1, (os.cpu_count() or 1) // world_size)) if cfg.workers else 0
+    workers = loader_workers(cfg.workers)
+    pin = device_type == "cuda"  # pinned batches: .to(device, non_blocking=True) copies asynchronously
     train_loader = dict(data=cfg.data, batch_size=per_process_batch, crop_size=cfg.crop_size,
                         split=cfg.train_split, num_workers=workers, seed=cfg.seed, world_size=world_size,
-                        color_jitter=cfg.color_jitter, scale=(cfg.scale_min, cfg.scale_max))
+                        color_jitter=cfg.color_jitter, scale=(cfg.scale_min, cfg.scale_max), pin_memory=pin)
     val_data = cfg.val_data or cfg.data  # a train manifest stands for its voc-val.json sibling
     val_loader = dict(data=val_data, split=cfg.val_split, num_workers=min(workers, 2),
-                      protocol=loader_protocol(cfg.val_protocol), crop_size=cfg.crop_size, world_size=world_size)
+                      protocol=loader_protocol(cfg.val_protocol), crop_size=cfg.crop_size, world_size=world_size,
+                      pin_memory=pin)
 
     train_source = shards.resolve_data(cfg.data, cfg.train_split)
     val_source = shards.resolve_data(val_data, cfg.val_split)
@@ -117,6 +121,14 @@ def plan_run(cfg: TrainConfig, world_size: int = 1, device_type: str = "cpu",
                    class_pixel_counts=manifest["class_pixel_counts"] if manifest else None,
                    eval_autocast_dtype=hardware.autocast_dtype(runtime["mixed_precision"], device_type), spec=spec,
                    runtime=runtime, notes=notes)
+
+
+def loader_workers(requested: int) -> int:
+    """``requested`` loader workers per process, at most this process's share of the CPUs it may
+    use (its affinity: a SLURM/cgroup limit) among this machine's processes: more only contend."""
+    if requested == 0:
+        return 0
+    return min(requested, max(1, distributed.usable_cpus() // distributed.local_processes()))
 
 
 def check_batch(cfg: TrainConfig, world_size: int, device_type: str) -> tuple[int, tuple[str, ...]]:
@@ -170,6 +182,17 @@ def resolve_resume(resume: str, run_dir: Path) -> Optional[Path]:
     if not (path / "custom_checkpoint_0.pkl").is_file():  # the TrainState that save_state writes
         raise ConfigError(f"resume: {path} is not a checkpoint folder (expected RUN_DIR/checkpoints/step_*)")
     return path
+
+
+def check_resume_processes(checkpoint: Path, world_size: int) -> None:
+    """Refuse, before ``accelerator.load_state``, a checkpoint saved by another number of processes:
+    it holds one ``random_states_K.pkl`` per process, and loading it elsewhere fails deep inside
+    Accelerate (or, with more processes saved, would silently drop their RNG states)."""
+    saved = len(list(checkpoint.glob("random_states_*.pkl")))
+    if saved and saved != world_size:
+        raise ConfigError(f"resume: {checkpoint} was saved by {saved} process(es), this run has {world_size}; "
+                          f"resume with {saved} (accelerate launch --num_processes {saved}), or start a new run "
+                          "with --init-from RUN_DIR/best.pt")
 
 
 def sample_ids(source: shards.DataSource) -> Optional[set]:

@@ -23,27 +23,30 @@ folder and a bare shard pattern carry no spec: they are read as VOC.
 
 Training (``train_loader``) gives every rank exactly ``steps_per_epoch`` batches of
 exactly ``batch_size`` samples, whatever the shard count, and is a pure function of
-``(data, seed, epoch, rank, world_size, num_workers)``: a resumed run rebuilds the
-loader for its epoch and skips the batches it has done. An epoch is one sample stream:
-the shards in a seeded permutation, concatenated (pass after pass of fresh
-permutations if the data holds fewer samples than the epoch needs). The epoch takes the
-stream's first ``steps x batch_size x world_size`` samples, cut into contiguous ranges,
-one per ``(rank, worker)`` reader slot, so every sample is drawn at most once per epoch
-and only the remainder (``num_samples mod`` the global batch) is left out, a different
-one each epoch. A reader opens only the shards its range overlaps and skips the samples
-before its range undecoded; it decodes and batches exactly its share of the epoch (the
-DataLoader takes the readers' batches in turn), so nothing is thrown away when the
-epoch ends. A rank's samples do not depend on its number of workers, only their order.
-Augmentation draws from a per-sample seed (seed, epoch, rank, reader, position),
-never from the global RNG: reproducible, and the caller's RNG is left alone. Do not
-hand these loaders to ``accelerator.prepare`` (they are already split per rank);
-to resume mid-epoch, ``itertools.islice`` the rebuilt loader.
+``(data, seed, epoch, rank, world_size)``: not of the number of loader workers, so a run
+resumed on a machine with other cores continues exactly; a resumed run rebuilds the
+loader at its epoch and batch (``skip``). An epoch is one sample stream: the shards in a
+seeded permutation, concatenated (pass after pass of fresh permutations if the data holds
+fewer samples than the epoch needs). The epoch takes the stream's first ``steps x
+batch_size x world_size`` samples, cut into contiguous ranges, one per rank, so every
+sample is drawn at most once per epoch and only the remainder (``num_samples mod`` the
+global batch) is left out, a different one each epoch. A rank's range is cut into windows
+of ~256 samples, each dealt into batches by a seeded permutation (seed, epoch, rank,
+window): batch ``b`` is fixed before any worker exists. DataLoader worker ``w`` of ``W``
+makes batches ``w, w + W, ...``: it reads the rank's range once (opening only the shards it
+overlaps, skipping earlier samples undecoded) and decodes only its own batches' samples.
+Augmentation draws from a per-sample seed (seed, epoch, rank, position), never from the
+global RNG: reproducible, and the caller's RNG is left alone. ``endless=True`` gives epoch
+after epoch from one loader, whose workers start once per run, not once per epoch. Do
+not hand these loaders to ``accelerator.prepare`` (they are already split per rank).
 
-Evaluation (``val_loader``) gives every sample to exactly one rank, once: shards (or
-folder ids) are split ``rank::world_size``, nothing is resampled, the last batch may
-be partial and a rank may get nothing at all, so run the forward passes on the
-unwrapped model (DDP's forward syncs buffers and would hang) and sum the per-rank
-confusion matrices once, after the loop.
+Evaluation (``val_loader``) gives every sample to exactly one rank, once, split by
+sample: each rank takes a contiguous range of the split's samples (``val_share``; folder
+ids ``rank::world_size``), the ranks' counts within one of each other, whatever the shard
+count. Nothing is resampled, the last batch may be partial and a rank gets nothing when
+there are fewer samples than ranks, so run the forward passes on the unwrapped model
+(DDP's forward syncs buffers and would hang) and sum the per-rank confusion matrices
+once, after the loop.
 
 Batches are ``(images (N, 3, H, W), masks (N, H, W), ids list[str])``. Training batches
 stay uint8, images and masks alike: a quarter of the bytes to copy between processes
@@ -58,7 +61,7 @@ import itertools
 import re
 import shlex
 import signal
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -77,9 +80,9 @@ from .transforms import IMAGENET_MEAN, IMAGENET_STD, PairTransform, normalize, t
 
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
 
-# Raw (undecoded) samples shuffled inside each reader: ~100 kB each for VOC, so cheap,
-# and large enough to mix the samples of several shards. A batch is drawn from one
-# reader's buffer.
+# Samples of the stream shuffled together (a window): large enough to mix the samples of
+# several shards; a worker holds at most its own batches' share of one window undecoded
+# (~100 kB a sample for VOC). A batch is drawn from one window.
 RAW_SHUFFLE_BUFFER = 256
 
 
@@ -318,12 +321,6 @@ def _raw_shard_samples(urls: Iterable[str], expected: Optional[dict[str, int]] =
     return integrity.shard_samples(urls, expected, digests)
 
 
-def _listed_shard_samples(shard_list: Iterable[dict], expected: Optional[dict[str, int]],
-                          digests: Optional[dict[str, str]] = None) -> Iterator[dict]:
-    """A webdataset pipeline stage: ``{"url": ...}`` dicts in, raw samples out."""
-    return _raw_shard_samples((shard["url"] for shard in shard_list), expected, digests)
-
-
 def _seeded(transform: PairTransform, image, mask, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``transform`` with its own RNG stream, leaving the caller's RNG untouched."""
     with torch.random.fork_rng(devices=[]):
@@ -371,7 +368,8 @@ def _stream_range(urls: tuple[str, ...], sizes: tuple[int, ...], order: Iterable
 
     Opens only the shards that overlap the range; the samples before ``start`` in the
     first one are read (a tar stream cannot seek) but never decoded. A shard needed to its
-    last sample is read to its end, so that its ``digests`` entry (remote shards) is checked.
+    last sample is read to its end, so that its count and its ``digests`` entry (remote shards)
+    are checked.
     """
     offset = 0
     for index in order:
@@ -381,50 +379,115 @@ def _stream_range(urls: tuple[str, ...], sizes: tuple[int, ...], order: Iterable
         if offset + size > start:
             skip, stop = max(start - offset, 0), min(end - offset, size)
             count = 0
-            reader = _raw_shard_samples([urls[index]], digests=digests)
-            for count, sample in enumerate(itertools.islice(reader, stop), 1):
+            # Read to its end, a shard is also counted (more or fewer samples than `sizes` say is an
+            # error) and, for remote shards, its streamed bytes checked against their sha256 `digests`.
+            full = stop == size
+            reader = _raw_shard_samples([urls[index]], {urls[index]: size} if full else None, digests)
+            raw = reader if full else itertools.islice(reader, stop)
+            for count, sample in enumerate(raw, 1):
                 if count > skip:
                     yield sample
             if count < stop:  # a short shard would leave this rank with fewer batches: DDP hangs
                 raise DataError(f"shard {urls[index]}: ends after {count} samples, expected {size}")
-            if stop == size and digests is not None and next(reader, None) is not None:  # read on: the hash
-                raise DataError(f"shard {urls[index]}: holds more than the {size} samples its manifest says")
         offset += size
 
 
-class _TrainShardStream(IterableDataset):
-    """One rank's training batches; each DataLoader worker is a reader slot that makes
-    batches ``worker, worker + num_workers, ...`` of the epoch's ``steps``."""
+class _EpochBatches(IterableDataset):
+    """One rank's training batches, epoch after epoch, from batch ``skip`` of ``epoch`` on, the
+    first ``take`` batches of each epoch (all ``steps`` by default); one epoch unless ``endless``.
 
-    def __init__(self, urls: tuple[str, ...], sizes: tuple[int, ...], transform: PairTransform,
-                 batch_size: int, steps: int, seed: int, epoch: int, rank: int, spec: DatasetSpec = VOC,
-                 digests: Optional[dict[str, str]] = None):
+    Batch ``b`` of an epoch is a function of (seed, epoch, rank, b) alone (``_batches``);
+    DataLoader worker ``w`` of ``W`` makes the batches ``w, w + W, ...`` of the sequence (the
+    DataLoader takes its workers' batches in turn), so the sequence does not depend on the
+    number of workers, and one loader (its workers started once) serves the whole run.
+    """
+
+    def __init__(self, batch_size: int, steps: int, seed: int, epoch: int, rank: int, skip: int = 0,
+                 take: Optional[int] = None, endless: bool = False):
         super().__init__()
-        self.urls, self.sizes, self.transform, self.spec, self.digests = urls, sizes, transform, spec, digests
         self.batch_size, self.steps, self.seed, self.epoch, self.rank = batch_size, steps, seed, epoch, rank
+        self.skip, self.take, self.endless = skip, steps if take is None else take, endless
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        # Exactly this worker's share of batches: the DataLoader takes batches from its
-        # workers in turn, so the shares add up to `steps`. The shares are contiguous
-        # ranges of the epoch's stream, rank-major, so together the ranks read its first
-        # `steps x batch_size x world_size` samples, each once. Reading exactly the share
-        # (the shuffle buffer drains at the end) decodes nothing that goes unused.
-        shares = [len(range(w, self.steps, num_workers)) * self.batch_size for w in range(num_workers)]
-        start = self.rank * self.steps * self.batch_size + sum(shares[:worker])
-        raw = _stream_range(self.urls, self.sizes, _shard_cycle(len(self.urls), self.seed, self.epoch),
-                            start, start + shares[worker], self.digests)
-        slot_seed = _mix(self.seed, self.epoch, self.rank, worker)
-        shuffle = wds.shuffle(RAW_SHUFFLE_BUFFER, RAW_SHUFFLE_BUFFER, seed=slot_seed)
-        samples = (self._augment(sample, _mix(slot_seed, n)) for n, sample in enumerate(shuffle(raw)))
-        for _ in range(shares[worker] // self.batch_size):
-            yield _stack(list(itertools.islice(samples, self.batch_size)))
+        done = 0  # batches of the sequence before this epoch's first
+        for epoch in itertools.count(self.epoch) if self.endless else (self.epoch,):
+            wanted = range(self.skip if epoch == self.epoch else 0, self.take)
+            mine = [b for n, b in enumerate(wanted, done) if n % num_workers == worker]
+            done += len(wanted)
+            if mine:
+                yield from self._batches(epoch, mine)
+
+    def _batches(self, epoch: int, batches: list[int]) -> Iterator[Batch]:
+        raise NotImplementedError
+
+
+class _TrainShardStream(_EpochBatches):
+    """Training batches from shards. The rank's share of the epoch's stream (see the module doc)
+    is cut into windows of ``window`` samples (a multiple of the batch); a seeded permutation of
+    each window (seed, epoch, rank, window) deals its samples into batches. A worker reads the
+    rank's share once, in order, keeps undecoded only the samples of its own batches, and
+    decodes a batch when it has all of them: the reading is repeated per worker (raw tar
+    reads, cheap next to decoding and augmenting), the decoding never."""
+
+    def __init__(self, urls: tuple[str, ...], sizes: tuple[int, ...], transform: PairTransform,
+                 batch_size: int, steps: int, seed: int, epoch: int, rank: int, spec: DatasetSpec = VOC,
+                 digests: Optional[dict[str, str]] = None, **span):
+        super().__init__(batch_size, steps, seed, epoch, rank, **span)
+        self.urls, self.sizes, self.transform, self.spec, self.digests = urls, sizes, transform, spec, digests
+        self.window = batch_size * max(1, -(-RAW_SHUFFLE_BUFFER // batch_size))
+
+    def _batches(self, epoch: int, batches: list[int]) -> Iterator[Batch]:
+        share, per_window = self.steps * self.batch_size, self.window // self.batch_size
+        windows: dict[int, list[int]] = {}
+        for b in batches:
+            windows.setdefault(b // per_window, []).append(b)
+        base = self.rank * share  # ranks read contiguous shares of the stream, rank-major
+        position = min(windows) * self.window
+        last = min((max(windows) + 1) * self.window, share)
+        raw = iter(_stream_range(self.urls, self.sizes, _shard_cycle(len(self.urls), self.seed, epoch),
+                                 base + position, base + last, self.digests))
+        for k, in_window in windows.items():
+            start = k * self.window
+            order = np.random.default_rng(_mix(self.seed, epoch, self.rank, k)).permutation(
+                min(self.window, share - start)) + start
+            members = {b: order[(b - k * per_window) * self.batch_size:][:self.batch_size].tolist() for b in in_window}
+            wanted = {p for positions in members.values() for p in positions}
+            kept = {}
+            while position <= max(wanted):  # read on (undecoded) to the last sample this worker needs
+                sample = next(raw)
+                if position in wanted:
+                    kept[position] = sample
+                position += 1
+            for b in in_window:
+                yield _stack([self._augment(kept.pop(p), _mix(self.seed, epoch, self.rank, p)) for p in members[b]])
 
     def _augment(self, sample: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor, str]:
         sid, jpeg, png, name = _shard_pair(sample)
         image, mask = _seeded(self.transform, *decode_sample(jpeg, png, name, self.spec), seed)
         return image, mask, sid
+
+
+class _TrainFolderBatches(_EpochBatches):
+    """Training batches from a VOC folder: seeded permutations of all ids (the same on every
+    rank) dealt ``rank::world_size``; sample ``i`` of the rank's epoch is augmented from its own
+    seed. More than one pass only when the data holds fewer than world_size x batch_size."""
+
+    def __init__(self, dataset: voc.VOCSegmentation, transform: PairTransform, world_size: int,
+                 batch_size: int, steps: int, seed: int, epoch: int, rank: int, **span):
+        super().__init__(batch_size, steps, seed, epoch, rank, **span)
+        self.dataset, self.transform, self.world_size = dataset, transform, world_size
+
+    def _batches(self, epoch: int, batches: list[int]) -> Iterator[Batch]:
+        needed = self.steps * self.batch_size * self.world_size
+        passes = -(-needed // len(self.dataset))
+        order = np.concatenate([np.random.default_rng([self.seed, epoch, p]).permutation(len(self.dataset))
+                                for p in range(passes)])
+        samples = _FolderSamples(self.dataset, order[self.rank:needed:self.world_size].tolist(), self.transform,
+                                 seed=_mix(self.seed, epoch, self.rank))
+        for b in batches:
+            yield _stack([samples[i] for i in range(b * self.batch_size, (b + 1) * self.batch_size)])
 
 
 class _FolderSamples(Dataset):
@@ -452,46 +515,44 @@ class _FolderSamples(Dataset):
         return image, mask, sid
 
 
+# Loader arguments the batch sequence does not depend on: a resume may change them (another
+# machine's cores, another device); every other train_loader argument is its data order.
+ORDER_FREE = ("num_workers", "pin_memory")
+
+
 def train_loader(data: str | Path, batch_size: int, crop_size: int, *, split: str = "train",
                  num_workers: int = 2, seed: int = 0, epoch: int = 0, rank: Optional[int] = None,
                  world_size: Optional[int] = None, color_jitter: bool = False,
-                 scale: tuple[float, float] = (0.5, 2.0)) -> tuple[Iterable[Batch], int]:
+                 scale: tuple[float, float] = (0.5, 2.0), pin_memory: bool = False, skip: int = 0,
+                 take: Optional[int] = None, endless: bool = False) -> tuple[Iterable[Batch], int]:
     """Augmented uint8 training batches for this rank and epoch, and the number of steps.
 
     ``batch_size`` is per process. Every rank yields exactly ``steps_per_epoch =
     max(1, num_samples // (world_size * batch_size))`` batches of exactly
-    ``batch_size`` samples. Iterating the loader again replays the same batches;
-    build a new loader for the next epoch. Normalise the images (``transforms.normalize``)
-    and cast the masks to int64 on the device that uses them.
+    ``batch_size`` samples, the same whatever ``num_workers``. Iterating the loader again
+    replays the same batches. ``skip`` starts at that batch of ``epoch``; ``take`` uses only the
+    first ``take`` batches of each epoch; ``endless`` goes on epoch after epoch in one loader
+    (its workers started once): ``train()`` resumes with ``epoch`` and ``skip``. ``pin_memory``
+    (for CUDA) makes ``.to(device, non_blocking=True)`` asynchronous. Normalise the images
+    (``transforms.normalize``) and cast the masks to int64 on the device that uses them.
     """
     rank, world_size = _resolve_rank(rank, world_size)
     source = resolve_data(data, split)
     steps = batches_per_epoch(source, batch_size, world_size)
     transform = train_transforms(crop_size, scale=scale, color_jitter=color_jitter, normalize=False)
-    # DataLoader draws its workers' base seed from the global RNG unless given a generator.
-    generator = torch.Generator().manual_seed(_mix(seed, epoch, rank, 1))
-
+    span = dict(skip=skip, take=take, endless=endless)
     if source.kind == "folder":
         dataset = voc.VOCSegmentation(source.voc_root, split)
-        # Seeded permutations of all ids (the same on every rank) dealt rank::world_size;
-        # more than one pass only when the data holds fewer than world_size x batch_size.
-        needed = steps * batch_size * world_size
-        passes = -(-needed // len(dataset))
-        order = np.concatenate([np.random.default_rng([seed, epoch, p]).permutation(len(dataset))
-                                for p in range(passes)])
-        indices = order[rank:needed:world_size].tolist()
-        samples = _FolderSamples(dataset, indices, transform, seed=_mix(seed, epoch, rank))
-        loader = DataLoader(samples, batch_size=batch_size, shuffle=False, drop_last=True,
-                            num_workers=num_workers, collate_fn=_stack, generator=generator,
-                            worker_init_fn=_loader_worker_init)
-        return loader, steps
-
-    stream = _TrainShardStream(source.urls, _shard_sizes(source), transform, batch_size, steps, seed, epoch, rank,
-                               source.spec, source.checks())
-    # batch_size=None: the workers batch (into shared memory) and the DataLoader passes
-    # their batches through. A worker beyond `steps` would have no batch to make.
-    loader = DataLoader(stream, batch_size=None, num_workers=min(num_workers, steps), generator=generator,
-                        worker_init_fn=_loader_worker_init)
+        batches = _TrainFolderBatches(dataset, transform, world_size, batch_size, steps, seed, epoch, rank, **span)
+    else:
+        batches = _TrainShardStream(source.urls, _shard_sizes(source), transform, batch_size, steps, seed, epoch,
+                                    rank, source.spec, source.checks(), **span)
+    # batch_size=None: the workers batch (into shared memory) and the DataLoader passes their
+    # batches through. A worker beyond `steps` would have no batch to make. The workers' base
+    # seed would come from the global RNG without a generator (nothing here draws from it).
+    generator = torch.Generator().manual_seed(_mix(seed, epoch, rank, 1))
+    loader = DataLoader(batches, batch_size=None, num_workers=min(num_workers, steps), generator=generator,
+                        pin_memory=pin_memory, worker_init_fn=_loader_worker_init)
     return loader, steps
 
 
@@ -506,18 +567,20 @@ def _decode_val(sample: dict, transform: PairTransform, spec: DatasetSpec) -> tu
 def val_loader(data: str | Path, *, split: str = "val", batch_size: int = 1, num_workers: int = 1,
                protocol: str = "whole", crop_size: int = 513, rank: Optional[int] = None,
                world_size: Optional[int] = None, mean: tuple[float, ...] = IMAGENET_MEAN,
-               std: tuple[float, ...] = IMAGENET_STD) -> Iterable[Batch]:
+               std: tuple[float, ...] = IMAGENET_STD, pin_memory: bool = False) -> Iterable[Batch]:
     """Every sample of ``split`` exactly once across ranks, normalised (the model's ``mean`` and
     ``std``: ``model.mean``, ``model.std``), un-augmented.
 
     Batches of differently sized images are padded (image 0, mask 255). A rank that
-    gets no shard (more ranks than shards) yields nothing.
+    gets no sample (more ranks than samples) yields nothing.
     """
     rank, world_size = _resolve_rank(rank, world_size)
     source = resolve_data(data, split)
     # Workers send single uint8 samples; pad_collate normalises and pads in this process.
     transform = val_transforms(protocol, crop_size, normalize=False)
     collate = functools.partial(pad_collate, mean=tuple(mean), std=tuple(std))
+    if pin_memory:  # batches are made here, after the DataLoader: pin them here (CUDA, async copies)
+        collate = functools.partial(_pinned, collate)
 
     if source.kind == "folder":
         dataset = voc.VOCSegmentation(source.voc_root, split)
@@ -526,17 +589,48 @@ def val_loader(data: str | Path, *, split: str = "val", batch_size: int = 1, num
                             collate_fn=list, worker_init_fn=_loader_worker_init)
         return wds.DataPipeline(loader, wds.map(collate))
 
-    my_urls = list(source.urls[rank::world_size])
-    if not my_urls:
+    # By sample, not by shard: VOC val (1449 images) is 6 shards, Cityscapes val 2, so 8 ranks
+    # splitting shards would leave 2 (6) of them idle, waiting in the metrics' all-reduce.
+    sizes = _shard_sizes(source)
+    start, end = val_share(sizes, rank, world_size)
+    if start == end:
         return []
-    # A shard that holds fewer samples than its manifest says is an error, as in training.
-    expected = dict(zip(source.urls, source.shard_sizes)) if source.shard_sizes is not None else None
-    samples = wds.DataPipeline(wds.SimpleShardList(my_urls), wds.split_by_worker,
-                               functools.partial(_listed_shard_samples, expected=expected, digests=source.checks()),
-                               wds.map(functools.partial(_decode_val, transform=transform, spec=source.spec)))
-    return (wds.WebLoader(samples, batch_size=None, num_workers=min(num_workers, len(my_urls)),
+    samples = _ValRange(source.urls, sizes, start, end, transform, source.spec, source.checks())
+    return (wds.WebLoader(samples, batch_size=None, num_workers=min(num_workers, end - start),
                           worker_init_fn=_loader_worker_init)
             .batched(batch_size, collation_fn=collate, partial=True))
+
+
+def _pinned(collate, samples) -> Batch:
+    images, masks, ids = collate(samples)
+    return images.pin_memory(), masks.pin_memory(), ids
+
+
+def val_share(sizes: Sequence[int], rank: int, world_size: int) -> tuple[int, int]:
+    """Rank ``rank``'s samples ``[start, end)`` of the split (shards in manifest order, ``sizes``
+    samples each): contiguous, so a rank opens only the shards its range overlaps, and the
+    ranks' counts differ by at most one."""
+    total = sum(sizes)
+    return rank * total // world_size, (rank + 1) * total // world_size
+
+
+class _ValRange(IterableDataset):
+    """Samples ``[start, end)`` of the split, decoded; each DataLoader worker takes a contiguous
+    part. A range that starts inside a shard reads (never decodes) the samples before it."""
+
+    def __init__(self, urls: tuple[str, ...], sizes: tuple[int, ...], start: int, end: int,
+                 transform: PairTransform, spec: DatasetSpec, digests: Optional[dict[str, str]] = None):
+        super().__init__()
+        self.urls, self.sizes, self.start, self.end, self.transform, self.spec = urls, sizes, start, end, transform, spec
+        self.digests = digests
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, str]]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        count = self.end - self.start
+        lo, hi = self.start + worker * count // num_workers, self.start + (worker + 1) * count // num_workers
+        for sample in _stream_range(self.urls, self.sizes, range(len(self.urls)), lo, hi, self.digests):
+            yield _decode_val(sample, self.transform, self.spec)
 
 
 # --------------------------------------------------------------------------- raw access

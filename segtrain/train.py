@@ -27,7 +27,6 @@ if __name__ == "__main__" and not __package__:
                               "-m", "segtrain.train", *sys.argv[1:]])
 
 import contextlib
-import itertools
 import json
 import os
 import shutil
@@ -45,7 +44,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import parse_flag_from_env, set_seed
 from tqdm import tqdm
 
-from segtrain import hardware, preempt, shards, tracking
+from segtrain import distributed, hardware, preempt, shards, tracking
 from segtrain.cli import check_launch, errors_of_rank, user_errors
 from segtrain.config import TrainConfig, config_to_dict, parse_config, save_config, update_saved_config
 from segtrain.evaluate import evaluate
@@ -239,16 +238,16 @@ def start_run(plan: RunPlan, accelerator: Accelerator) -> tuple[TrainState, Metr
 def micro_batches(plan: RunPlan, rank: int, step: int) -> Iterator[shards.Batch]:
     """This rank's training micro-batches from optimizer step ``step`` on, epoch after epoch.
 
-    The loader is rebuilt per epoch from (seed, epoch, rank), which is what makes resuming
-    exact: a resumed run replays its epoch and skips the micro-batches already used. The
-    batches of an epoch that do not fill a whole step (grad_accum > 1) are left out.
+    Each batch is a function of (seed, epoch, rank, batch index), which is what makes resuming
+    exact: a resumed run starts the loader at its epoch and batch. One loader serves the whole
+    run (its workers start once, not per epoch). The batches of an epoch that do not fill a
+    whole step (grad_accum > 1) are left out.
     """
     per_epoch = plan.steps_per_epoch * plan.cfg.grad_accum
     epoch, skip = divmod(step * plan.cfg.grad_accum, per_epoch)
-    while True:
-        loader, _ = shards.train_loader(**plan.train_loader, epoch=epoch, rank=rank)
-        yield from itertools.islice(loader, skip, per_epoch)
-        epoch, skip = epoch + 1, 0
+    loader, _ = shards.train_loader(**plan.train_loader, epoch=epoch, rank=rank, skip=skip, take=per_epoch,
+                                    endless=True)
+    yield from loader
 
 
 class LogWindow:
@@ -344,11 +343,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     # known before the Accelerator, which needs the precision.
     # cpu= as Accelerator would pass it: a PartialState made without it on a CPU-only
     # `accelerate launch --multi_gpu` run stays one unconnected process, and Accelerator reuses it.
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"),
+                         timeout=distributed.process_group_timeout(cfg.dist_timeout_min))
     runtime = hardware.resolve_runtime(cfg.mixed_precision, state.device)
     accelerator = Accelerator(mixed_precision=hardware.accelerate_precision(runtime["mixed_precision"]),
                               log_with="wandb" if cfg.tracker == "wandb" else None)
     check_launch(accelerator.num_processes)
+    cfg = distributed.agree_on_run_name(cfg)  # before anything uses RUN_DIR
     plan = plan_run(cfg, accelerator.num_processes, accelerator.device.type, runtime)
     cfg, device, say = plan.cfg, accelerator.device, accelerator.print
     say(hardware.precision_line(runtime["mixed_precision"], runtime["precision_reason"]))
@@ -356,6 +357,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         warnings.warn(note)
     set_seed(cfg.seed)
     model, optimizer, criterion = build_training(plan, accelerator)
+    distributed.seed_process(cfg.seed)  # same init above; per-rank dropout masks from here
     bare = accelerator.unwrap_model(model)  # its mean/std normalise the batches
     state, log = start_run(plan, accelerator)
     say(f"run {cfg.name}: {plan.world_size} process(es) on {device.type}, precision "
@@ -378,7 +380,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         for group in optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_factor(step, cfg)
         for micro in range(cfg.grad_accum):
-            fetch_start = time.perf_counter()  # includes starting an epoch's loader workers
+            fetch_start = time.perf_counter()  # includes starting the loader workers (once per run)
             with errors_of_rank(accelerator.process_index):  # this rank's share of the data
                 images, masks, _ = next(batches)
             window.data_wait += time.perf_counter() - fetch_start

@@ -111,3 +111,45 @@ def test_help_names_the_command_you_type(module, usage, capsys):
         importlib.import_module(module).main(["--help"])
     assert info.value.code == 0
     assert capsys.readouterr().out.startswith(f"usage: {usage} ")
+
+
+@pytest.mark.parametrize("env, cuda_build, message", [
+    ({"LOCAL_RANK": "0", "WORLD_SIZE": "1"}, "13.0",
+     "a GPU run was asked for (accelerate launch started it as a multi-GPU process); torch "),
+    ({"LOCAL_RANK": "1", "WORLD_SIZE": "2"}, "13.0", "built for CUDA 13.0 but sees no usable GPU; most likely the "
+                                                     "NVIDIA driver is older than CUDA 13.0 needs"),
+    ({"LOCAL_RANK": "0", "ACCELERATE_USE_CPU": "False"}, None, "is a CPU-only build; install a CUDA build of torch"),
+])
+def test_a_gpu_launch_without_usable_cuda_is_one_line(monkeypatch, env, cuda_build, message):
+    import torch
+
+    from segtrain.cli import NoUsableGPU, check_launch
+
+    for name in ("LOCAL_RANK", "WORLD_SIZE", "CUDA_VISIBLE_DEVICES", "ACCELERATE_USE_CPU"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", cuda_build)
+    with pytest.raises(NoUsableGPU) as error:
+        check_launch(1)
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert f"torch {torch.__version__}" in str(error.value) and "ACCELERATE_USE_CPU=1" in str(error.value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the GPU is there: no error
+    check_launch(int(env.get("WORLD_SIZE", 1)))
+
+
+@pytest.mark.parametrize("env", [{}, {"CUDA_VISIBLE_DEVICES": "0"},  # single_gpu.yaml: CPU when no GPU
+                                 {"LOCAL_RANK": "0", "WORLD_SIZE": "1", "ACCELERATE_USE_CPU": "1"},
+                                 {"LOCAL_RANK": "0", "WORLD_SIZE": "1", "ACCELERATE_USE_CPU": "True"}])
+def test_cpu_launches_are_not_gpu_launches(monkeypatch, env):
+    import torch
+
+    from segtrain.cli import check_launch
+
+    for name in ("LOCAL_RANK", "WORLD_SIZE", "CUDA_VISIBLE_DEVICES", "ACCELERATE_USE_CPU"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    check_launch(1)

@@ -61,3 +61,16 @@ def test_help_shows_each_field_with_its_owners_descriptions(capsys):
     assert "optimizer steps between validations; 0 = every epoch (default: 0)" in text
     for f in dataclasses.fields(TrainConfig):
         assert f.metadata["help"], f"{f.name} has no help text"
+
+
+def test_collective_timeout_setting_reaches_the_process_group_arguments():
+    from datetime import timedelta
+
+    from segtrain import distributed
+
+    assert parse_config([]).dist_timeout_min == distributed.DIST_TIMEOUT_MIN == 60
+    assert parse_config(["--dist-timeout-min", "90"]).dist_timeout_min == 90
+    with pytest.raises(ConfigError, match="dist_timeout_min: must be >= 1"):
+        parse_config(["--dist-timeout-min", "0"])
+    assert distributed.process_group_timeout(90) == timedelta(minutes=90)
+    assert distributed.process_group_kwargs(90).to_kwargs() == {"timeout": timedelta(minutes=90)}

@@ -82,3 +82,26 @@ def test_two_machines_train_into_one_run_dir_and_resume(packed_shards, tmp_path)
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
              if "train/loss" in line]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_slurm_script_gives_every_rank_its_cpus_and_names_no_precision(tmp_path):
+    """examples/slurm.sh with stand-ins for srun and scontrol: srun repeats --cpus-per-task (not
+    inherited on Slurm 22.05-23.02), and the launcher is given no precision (segtrain's decides)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/usr/bin/env bash\nprintf "%s\\0" "SRUN_CPUS_PER_TASK=$SRUN_CPUS_PER_TASK" "$@" '
+                                  f'> {tmp_path}/srun.args\n')
+    (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\nprintf 'node1\\nnode2\\n'\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = os.environ | {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(REPO),
+                        "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "4",
+                        "SLURM_CPUS_PER_TASK": "32"}
+    proc = subprocess.run(["bash", str(REPO / "examples" / "slurm.sh"), "--data", "x.json"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    args = (tmp_path / "srun.args").read_text().split("\0")
+    assert args[0] == "SRUN_CPUS_PER_TASK=32" and "--cpus-per-task=32" in args
+    script = args[args.index("-c") + 1]
+    assert "--mixed_precision" not in script and "segtrain.launch" in script
+    assert args[args.index("-c") + 2:args.index("-c") + 7] == [f"{REPO}/.venv/bin/python", "2", "8", "node1", "29500"]

@@ -19,10 +19,16 @@ def cfg_for(packed_shards, tmp_path):
 
 
 def test_batch_workers_and_steps_per_epoch(cfg_for, monkeypatch):
-    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)  # the machine's; this process may use 6 of them
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # this machine's processes, of 16 in all
+    plan = plan_run(cfg_for("--batch-size", "16", "--workers", "4"), world_size=8)
+    assert plan.workers == 3  # 6 usable CPUs / 2 processes on this machine
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert plan_run(cfg_for("--batch-size", "16", "--workers", "4"), world_size=8).workers == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     plan = plan_run(cfg_for("--batch-size", "8", "--grad-accum", "2", "--workers", "4"), world_size=2)
     assert plan.per_process_batch == 2 and plan.world_size == 2
-    assert plan.workers == 3  # 6 CPUs / 2 processes
     # 48 train images / (2 processes x 2 images) = 12 batches per rank = 6 steps of 2 micro-batches.
     assert plan.steps_per_epoch == 6
     assert plan_run(cfg_for("--batch-size", "8", "--workers", "0")).workers == 0
@@ -32,9 +38,13 @@ def test_batch_workers_and_steps_per_epoch(cfg_for, monkeypatch):
 def test_loader_arguments_are_the_loaders_own_and_make_the_data_order(cfg_for):
     plan = plan_run(cfg_for("--batch-size", "4", "--grad-accum", "2", "--workers", "1", "--color-jitter", "true"))
     train_params = set(inspect.signature(shards.train_loader).parameters)
-    assert set(plan.train_loader) == train_params - {"epoch", "rank"}
+    assert set(plan.train_loader) == train_params - {"epoch", "rank", "skip", "take", "endless"}
     assert set(plan.val_loader) <= set(inspect.signature(shards.val_loader).parameters) - {"rank"}
-    assert plan.data_order == {**plan.train_loader, "grad_accum": 2}
+    # The workers and pinning are not the data order: a resume on other hardware goes on.
+    order_free = {"num_workers", "pin_memory"}
+    assert plan.data_order == {**{k: v for k, v in plan.train_loader.items() if k not in order_free}, "grad_accum": 2}
+    assert plan.train_loader["pin_memory"] is False and plan_run(cfg_for("--batch-size", "4"), device_type="cuda"
+                                                                  ).train_loader["pin_memory"] is True
     assert plan.data_order["color_jitter"] is True and plan.data_order["scale"] == (0.5, 2.0)
     loader, batches = shards.train_loader(**plan.train_loader, epoch=0, rank=0)
     assert batches // 2 == plan.steps_per_epoch == 12  # 48 / 2 per micro-batch / 2 micro-batches
@@ -82,6 +92,17 @@ def test_existing_run_dir_needs_resume(cfg_for, tmp_path):
         plan_run(cfg_for())
     (tmp_path / "run" / "checkpoints" / "step_0000003").mkdir(parents=True)
     assert plan_run(cfg_for("--resume", "latest")).resume_from == tmp_path / "run" / "checkpoints" / "step_0000003"
+
+
+def test_resume_with_another_process_count_is_refused_before_loading(cfg_for, tmp_path):
+    step = tmp_path / "run" / "checkpoints" / "step_0000003"
+    step.mkdir(parents=True)
+    for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl", "random_states_1.pkl"):
+        (step / name).write_bytes(b"")
+    with pytest.raises(ConfigError, match=rf"resume: {step} was saved by 2 process\(es\), this run has 4; "
+                                          r"resume with 2 \(accelerate launch --num_processes 2\)"):
+        plan_run(cfg_for("--resume", "latest", "--batch-size", "8"), world_size=4)
+    assert plan_run(cfg_for("--resume", "latest", "--batch-size", "8"), world_size=2).resume_from == step
 
 
 def test_train_split_comes_from_the_manifest_and_val_must_be_disjoint(cfg_for, packed_shards):

@@ -465,3 +465,24 @@ def test_write_failures_from_native_writers_are_classified():
     read_only = write_failure("runs/x/best.pt", PermissionError(errno.EACCES, "Permission denied"))
     assert str(read_only) == "runs/x/best.pt: cannot write (Permission denied)"
     assert write_failure("x", KeyError("model")) is None and write_failure("x", RuntimeError("CUDA oom")) is None
+
+
+@pytest.mark.slow
+def test_shards_are_hashed_once_per_machine_and_a_problem_stops_every_process(packed_shards, tmp_path, launch_ddp):
+    """Two processes of one machine: only LOCAL_RANK 0 hashes (and writes the cache), the other
+    waits; a damaged shard found by the first is the error of both."""
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    shutil.copytree(packed_shards["dir"], good)
+    shutil.copytree(packed_shards["dir"], bad)
+    shard = sorted(bad.glob("voc-train-*.tar"))[1]
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF  # inside the first member's bytes: same size, other sha256
+    shard.write_bytes(bytes(data))
+    proc = launch_ddp(Path(__file__).parent / "ddp_verify_worker.py", tmp_path, good / "voc-train.json",
+                      bad / "voc-train.json", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, second = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    shards_of_good = len(json.loads((good / "voc-train.json").read_text())["shards"])
+    assert len(first["hashed"]) >= shards_of_good and first["writes"]
+    assert second["hashed"] == [] and second["writes"] == []
+    assert first["error"] is not None and first["error"] == second["error"] and shard.name in first["error"]

@@ -257,10 +257,43 @@ def test_accumulation_aux_head_clipping_bf16_and_checkpoint_pruning(packed_shard
     assert set(out) == {"out", "aux"}
 
 
-def test_resume_is_exact_with_two_loader_workers(packed_shards, tmp_path):
-    """Each worker reads its own range of the epoch's stream: resuming must replay them alike."""
+def test_resume_with_another_worker_count_is_exact(packed_shards, tmp_path):
+    """A run with 1 loader worker, resumed with 2 (a machine with other cores): the batches do
+    not depend on the workers, so the losses are the uninterrupted run's, crossing an epoch."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    main(base_args(packed_shards["train"], full, "--tracker", "none", "--workers", "2"))
-    crashed_copy(full, resumed, 3)
-    main(base_args(packed_shards["train"], resumed, "--tracker", "none", "--workers", "2", "--resume", "latest"))
-    assert losses(read_jsonl(resumed / "metrics.jsonl")) == losses(read_jsonl(full / "metrics.jsonl"))
+    # 48 images / batch 4 = 12 steps per epoch: resume at 9, go on into the second epoch.
+    flags = ["--tracker", "none", "--iterations", "14", "--checkpoint-every", "9", "--val-every", "100"]
+    main(base_args(packed_shards["train"], full, *flags, "--workers", "1"))
+    crashed_copy(full, resumed, 9)
+    main(base_args(packed_shards["train"], resumed, *flags, "--workers", "2", "--resume", "latest"))
+    expected = losses(read_jsonl(full / "metrics.jsonl"))
+    assert len(expected) == 14 and losses(read_jsonl(resumed / "metrics.jsonl")) == expected
+
+
+@pytest.mark.slow
+def test_two_processes_with_different_clocks_share_one_run_and_draw_their_own_dropout(
+        packed_shards, tmp_path, launch_ddp, capsys):
+    """Rank 1's clock is 5 hours ahead, so its default run name differs: both ranks must use rank
+    0's name and folder (one folder, a checkpoint with both ranks' RNG states), hold the same
+    weights, and still draw different dropout masks (per-rank seeds)."""
+    args = base_args(packed_shards["train"], "unused", "--tracker", "none", "--iterations", "2",
+                     "--checkpoint-every", "2", "--val-every", "2")
+    args = args[:2] + args[4:]  # no --run-dir: the default runs/<name>, from the clock
+    proc = launch_ddp(REPO / "tests" / "ddp_agree_worker.py", tmp_path, *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["own_name"] != ranks[1]["own_name"]  # the clocks did differ
+    assert ranks[0]["run_dir"] == ranks[1]["run_dir"]
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [Path(ranks[0]["run_dir"]).name]
+    step = Path(ranks[0]["run_dir"]) / "checkpoints" / "step_0000002"
+    assert sorted(p.name for p in step.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    assert ranks[0]["sha256"] == ranks[1]["sha256"]
+    assert ranks[0]["next_draw"] != ranks[1]["next_draw"]
+    # Resuming those 2 processes' checkpoint with 1: one line, before accelerator.load_state.
+    resume = ["--run-dir", ranks[0]["run_dir"], "--resume", "latest", "--iterations", "4"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(base_args(packed_shards["train"], "unused", "--tracker", "none")[4:] + ["--data", str(packed_shards["train"]), *resume])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == (f"segtrain: error: resume: {step} was saved by 2 process(es), this run "
+                                               "has 1; resume with 2 (accelerate launch --num_processes 2), or start a "
+                                               "new run with --init-from RUN_DIR/best.pt")
