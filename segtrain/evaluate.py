@@ -60,11 +60,11 @@ from tqdm import tqdm
 
 from segtrain import distributed, hardware, integrity, tracking
 from segtrain.cli import ArgumentParser, OtherProcessFailed, check_launch, rank_specific, user_errors
-from segtrain.io import DataError, atomic_write_bytes, read_manifest
+from segtrain.io import DataError, atomic_write_bytes
 from segtrain.metrics import ConfusionMatrix, format_metrics_table, to_jsonable
 from segtrain.datasets import IGNORE_INDEX, spec_from_checkpoint
 from segtrain.model import check_fits_data, load_checkpoint
-from segtrain.shards import class_names, resolve_data, val_loader
+from segtrain.shards import class_names, manifest_split, resolve_data, val_loader
 
 PROTOCOLS = {  # --protocol here, --val-protocol in training (see the module docstring)
     "whole": "each image at its own size (standard VOC)",
@@ -319,16 +319,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                   f"--wandb: no wandb_id in {args.checkpoint.parent}; the results were not sent to wandb")
 
 
-def manifest_split(data: str) -> str:
-    """The split a manifest names (``voc-train.json`` -> train), as training reads --data; else val."""
-    return read_manifest(data)["split"] if str(data).endswith(".json") else "val"
-
-
 def run(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
     """Evaluate as ``args`` say; every process returns the same result dict."""
     # Loaded on the CPU, then moved: torch.load cannot map to the "cpu:0" device that
     # Accelerate reports for multi-process CPU runs.
-    split = args.split or manifest_split(args.data)
+    split = args.split or manifest_split(args.data) or "val"  # the manifest's split, as training reads --data
     source = resolve_data(args.data, split)  # fails early, and identically on every rank
     integrity.verify_source(source, args.verify_shards)
     model, ckpt = load_checkpoint(args.checkpoint)

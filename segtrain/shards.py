@@ -394,7 +394,9 @@ def _stream_range(urls: tuple[str, ...], sizes: tuple[int, ...], order: Iterable
 
 class _EpochBatches(IterableDataset):
     """One rank's training batches, epoch after epoch, from batch ``skip`` of ``epoch`` on, the
-    first ``take`` batches of each epoch (all ``steps`` by default); one epoch unless ``endless``.
+    first ``take`` batches of each epoch (all ``steps`` by default); one epoch unless ``endless``,
+    which goes on until ``last_epoch`` (if given: a worker never reads ahead into an epoch the run
+    will not train, which for remote shards would fetch them all once more).
 
     Batch ``b`` of an epoch is a function of (seed, epoch, rank, b) alone (``_batches``);
     DataLoader worker ``w`` of ``W`` makes the batches ``w, w + W, ...`` of the sequence (the
@@ -403,16 +405,18 @@ class _EpochBatches(IterableDataset):
     """
 
     def __init__(self, batch_size: int, steps: int, seed: int, epoch: int, rank: int, skip: int = 0,
-                 take: Optional[int] = None, endless: bool = False):
+                 take: Optional[int] = None, endless: bool = False, last_epoch: Optional[int] = None):
         super().__init__()
         self.batch_size, self.steps, self.seed, self.epoch, self.rank = batch_size, steps, seed, epoch, rank
         self.skip, self.take, self.endless = skip, steps if take is None else take, endless
+        self.last_epoch = last_epoch
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         done = 0  # batches of the sequence before this epoch's first
-        for epoch in itertools.count(self.epoch) if self.endless else (self.epoch,):
+        epochs = (itertools.count(self.epoch) if self.last_epoch is None else range(self.epoch, self.last_epoch + 1))
+        for epoch in epochs if self.endless else (self.epoch,):
             wanted = range(self.skip if epoch == self.epoch else 0, self.take)
             mine = [b for n, b in enumerate(wanted, done) if n % num_workers == worker]
             done += len(wanted)
@@ -524,7 +528,8 @@ def train_loader(data: str | Path, batch_size: int, crop_size: int, *, split: st
                  num_workers: int = 2, seed: int = 0, epoch: int = 0, rank: Optional[int] = None,
                  world_size: Optional[int] = None, color_jitter: bool = False,
                  scale: tuple[float, float] = (0.5, 2.0), pin_memory: bool = False, skip: int = 0,
-                 take: Optional[int] = None, endless: bool = False) -> tuple[Iterable[Batch], int]:
+                 take: Optional[int] = None, endless: bool = False,
+                 last_epoch: Optional[int] = None) -> tuple[Iterable[Batch], int]:
     """Augmented uint8 training batches for this rank and epoch, and the number of steps.
 
     ``batch_size`` is per process. Every rank yields exactly ``steps_per_epoch =
@@ -532,7 +537,7 @@ def train_loader(data: str | Path, batch_size: int, crop_size: int, *, split: st
     ``batch_size`` samples, the same whatever ``num_workers``. Iterating the loader again
     replays the same batches. ``skip`` starts at that batch of ``epoch``; ``take`` uses only the
     first ``take`` batches of each epoch; ``endless`` goes on epoch after epoch in one loader
-    (its workers started once): ``train()`` resumes with ``epoch`` and ``skip``. ``pin_memory``
+    (its workers started once), up to ``last_epoch`` if given: ``train()`` resumes with ``epoch`` and ``skip``. ``pin_memory``
     (for CUDA) makes ``.to(device, non_blocking=True)`` asynchronous. Normalise the images
     (``transforms.normalize``) and cast the masks to int64 on the device that uses them.
     """
@@ -540,7 +545,7 @@ def train_loader(data: str | Path, batch_size: int, crop_size: int, *, split: st
     source = resolve_data(data, split)
     steps = batches_per_epoch(source, batch_size, world_size)
     transform = train_transforms(crop_size, scale=scale, color_jitter=color_jitter, normalize=False)
-    span = dict(skip=skip, take=take, endless=endless)
+    span = dict(skip=skip, take=take, endless=endless, last_epoch=last_epoch)
     if source.kind == "folder":
         dataset = voc.VOCSegmentation(source.voc_root, split)
         batches = _TrainFolderBatches(dataset, transform, world_size, batch_size, steps, seed, epoch, rank, **span)

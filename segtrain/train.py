@@ -245,8 +245,9 @@ def micro_batches(plan: RunPlan, rank: int, step: int) -> Iterator[shards.Batch]
     """
     per_epoch = plan.steps_per_epoch * plan.cfg.grad_accum
     epoch, skip = divmod(step * plan.cfg.grad_accum, per_epoch)
+    last_epoch = (plan.cfg.iterations * plan.cfg.grad_accum - 1) // per_epoch  # no reading ahead past the run
     loader, _ = shards.train_loader(**plan.train_loader, epoch=epoch, rank=rank, skip=skip, take=per_epoch,
-                                    endless=True)
+                                    endless=True, last_epoch=last_epoch)
     yield from loader
 
 

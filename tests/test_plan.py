@@ -38,7 +38,7 @@ def test_batch_workers_and_steps_per_epoch(cfg_for, monkeypatch):
 def test_loader_arguments_are_the_loaders_own_and_make_the_data_order(cfg_for):
     plan = plan_run(cfg_for("--batch-size", "4", "--grad-accum", "2", "--workers", "1", "--color-jitter", "true"))
     train_params = set(inspect.signature(shards.train_loader).parameters)
-    assert set(plan.train_loader) == train_params - {"epoch", "rank", "skip", "take", "endless"}
+    assert set(plan.train_loader) == train_params - {"epoch", "rank", "skip", "take", "endless", "last_epoch"}
     assert set(plan.val_loader) <= set(inspect.signature(shards.val_loader).parameters) - {"rank"}
     # The workers and pinning are not the data order: a resume on other hardware goes on.
     order_free = {"num_workers", "pin_memory"}
