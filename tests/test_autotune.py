@@ -1,0 +1,199 @@
+"""segtrain.autotune: --mixed-precision auto on a CPU times the candidates, with the timing faked.
+
+conftest.py turns the autotune off for every test (SEGTRAIN_NO_AUTOTUNE=1, a temporary cache
+folder); the fixture ``tune`` here turns it back on with ``autotune.measure`` replaced by a
+table of figures, so no assertion depends on how fast this machine is today.
+"""
+import json
+import types
+
+import pytest
+import torch
+import yaml
+
+from segtrain import autotune, hardware, steptime
+from segtrain.config import parse_config
+from segtrain.train import train
+
+SHAPE = steptime.ModelShape(backbone="resnet18")
+CPU = torch.device("cpu")
+ZEN4 = {"fp32+cl": [0.70, 0.68], "fp32": [0.75, 0.74], "bf16+cl": [0.38, 0.37], "bf16": [0.41, 0.40]}
+XEON = {"fp32+cl": [2.11, 2.12], "fp32": [2.30, 2.31], "bf16+cl": [2.37, 2.40], "bf16": [2.60, 2.61]}
+
+
+@pytest.fixture
+def tune(monkeypatch):
+    """``tune(figures, native=True)``: autotune on, bf16 native or emulated, ``measure`` answering
+    ``figures`` (s/step per candidate); returns the list of calls (candidates, mode) it got."""
+    monkeypatch.delenv(autotune.ENV_OFF, raising=False)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    calls = []
+
+    def setup(figures, native=True):
+        monkeypatch.setattr(hardware, "cpu_bf16_native", lambda: (native, "AVX512" if native else "AVX2"))
+        monkeypatch.setattr(hardware, "cpu_amx_supported", lambda: False)
+
+        def fake_measure(shape, mode, crop, batch, candidates, model=None):
+            calls.append((sorted(autotune.candidate_name(*c) for c in candidates), mode))
+            return {autotune.candidate_name(*c): figures[autotune.candidate_name(*c)] for c in candidates}
+        monkeypatch.setattr(autotune, "measure", fake_measure)
+        return calls
+    return setup
+
+
+def test_bf16_faster_picks_bf16_and_says_the_figures(tune):
+    calls = tune(ZEN4)
+    choice = autotune.decide("auto", None, CPU, SHAPE, 129, 8)
+    assert (choice.precision, choice.channels_last, choice.cached) == ("bf16", True, False)
+    assert calls == [(["bf16", "bf16+cl", "fp32", "fp32+cl"], "train")]
+    line = autotune.choice_line(autotune.runtime_of(choice, CPU, "train", 129, 8))
+    assert line == (f"precision: bf16 + channels_last (measured 0.37 vs 0.68 s/step fp32 + channels_last on "
+                    f"{hardware.cpu_model()})")
+
+
+def test_fp32_faster_picks_fp32(tune):
+    tune(XEON)
+    choice = autotune.decide("auto", None, CPU, SHAPE, 129, 4)
+    assert (choice.precision, choice.channels_last) == ("fp32", True)
+    assert "measured 2.11 vs 2.37 s/step bf16 + channels_last" in choice.reason
+
+
+def test_emulated_bf16_is_never_timed(tune):
+    calls = tune(ZEN4, native=False)
+    choice = autotune.decide("auto", None, CPU, SHAPE, 129, 8)
+    assert calls == [(["fp32", "fp32+cl"], "train")]
+    assert choice.precision == "fp32" and "bf16 would be emulated, not timed" in choice.reason
+
+
+def test_cache_hit_skips_timing_and_says_cached(tune, monkeypatch):
+    calls = tune(ZEN4)
+    autotune.decide("auto", None, CPU, SHAPE, 129, 8)
+    assert autotune.cache_path().is_file()
+    again = autotune.decide("auto", None, CPU, SHAPE, 129, 8)
+    assert len(calls) == 1 and again.cached and again.reason.endswith("; cached")
+    assert (again.precision, again.measured) == ("bf16", ZEN4)
+    # Another batch is another measurement (the key holds the step's size).
+    autotune.decide("auto", None, CPU, SHAPE, 129, 4)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("change", ["torch", "cpu"])
+def test_cache_key_changes_with_torch_version_or_cpu_model(tune, monkeypatch, change):
+    calls = tune(ZEN4)
+    before = autotune.cache_key(SHAPE, "train", 129, 8)
+    autotune.decide("auto", None, CPU, SHAPE, 129, 8)
+    if change == "torch":
+        monkeypatch.setattr(torch, "__version__", "9.9.9")
+    else:
+        monkeypatch.setattr(hardware, "cpu_model", lambda: "Some Other CPU")
+    assert autotune.cache_key(SHAPE, "train", 129, 8) != before
+    autotune.decide("auto", None, CPU, SHAPE, 129, 8)
+    assert len(calls) == 2  # measured again on the "new" machine
+
+
+def test_corrupt_cache_file_is_measured_again(tune):
+    calls = tune(ZEN4)
+    autotune.cache_path().parent.mkdir(parents=True, exist_ok=True)
+    autotune.cache_path().write_text("{not json")
+    assert autotune.decide("auto", None, CPU, SHAPE, 129, 8).precision == "bf16"
+    key = autotune.cache_key(SHAPE, "train", 129, 8)
+    assert json.loads(autotune.cache_path().read_text())[key]["s_per_step"] == ZEN4  # rewritten whole
+    autotune.cache_path().write_text(json.dumps({key: {"s_per_step": {"fp32": "fast"}}}))  # damaged entry
+    assert not autotune.decide("auto", None, CPU, SHAPE, 129, 8).cached
+    assert len(calls) == 2
+
+
+def test_explicit_flags_bypass_the_measurement(tune):
+    calls = tune(ZEN4)
+    assert autotune.decide("fp32", False, CPU, SHAPE, 129, 8) == autotune.Choice("fp32", False, "requested")
+    assert autotune.decide("no", True, CPU, SHAPE, 129, 8).precision == "fp32"
+    assert calls == []
+    # Only what is left open is timed: the memory format under an explicit precision.
+    choice = autotune.decide("bf16", None, CPU, SHAPE, 129, 8)
+    assert calls == [(["bf16", "bf16+cl"], "train")] and (choice.precision, choice.channels_last) == ("bf16", True)
+
+
+def test_no_autotune_env_falls_back_to_the_flag_rule(tune, monkeypatch):
+    calls = tune(ZEN4)
+    monkeypatch.setenv(autotune.ENV_OFF, "1")
+    choice = autotune.decide("auto", None, CPU, SHAPE, 129, 8)
+    assert calls == [] and (choice.precision, choice.channels_last) == ("fp32", True)
+    assert "no AMX" in choice.reason
+
+
+def test_cuda_keeps_its_rule_without_timing(tune, monkeypatch):
+    calls = tune(ZEN4)
+    monkeypatch.setattr(hardware, "cuda_bf16_supported", lambda: True)
+    choice = autotune.decide("auto", None, torch.device("cuda"), SHAPE, 129, 8)
+    assert calls == [] and (choice.precision, choice.channels_last) == ("bf16", True)
+
+
+def test_a_model_that_cannot_be_timed_falls_back_to_the_rule(tune, monkeypatch):
+    tune(ZEN4)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Expected more than 1 value per channel\ndetails")
+    monkeypatch.setattr(autotune, "measure", broken)
+    choice = autotune.decide("auto", None, CPU, SHAPE, 129, 1)
+    assert choice.precision == "fp32" and "could not time the candidates (Expected more than 1" in choice.reason
+
+
+def test_only_the_main_process_decides_and_all_get_its_choice(monkeypatch):
+    import accelerate.utils
+    sent = []
+
+    def fake_broadcast(box, from_process=0):
+        if box[0] is None:  # a non-main rank receives what the main rank sent
+            box[0] = sent[-1]
+        else:
+            sent.append(box[0])
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", fake_broadcast)
+    decided = []
+
+    def decide_here():
+        decided.append(1)
+        return autotune.Choice("bf16", True, "measured")
+    main = autotune.decide_once(decide_here, types.SimpleNamespace(num_processes=2, is_main_process=True))
+    other = autotune.decide_once(decide_here, types.SimpleNamespace(num_processes=2, is_main_process=False))
+    assert decided == [1] and main == other == autotune.Choice("bf16", True, "measured")
+
+
+def test_inference_times_forward_passes_of_the_loaded_model(tune):
+    calls = tune({"fp32": [0.09], "bf16": [0.05]})
+    model = SHAPE.build()
+    lines = []
+    assert autotune.inference_autocast("auto", CPU, model, lines.append) == torch.bfloat16
+    assert calls == [(["bf16", "fp32"], "infer")]  # the memory format stays as loaded
+    assert lines == [f"precision: bf16 (measured 0.05 vs 0.09 s/step fp32 on {hardware.cpu_model()})"]
+
+
+def test_measure_times_every_candidate_with_the_step_harness():
+    """The real timing function (no figures asserted): one entry per candidate, positive seconds."""
+    shape = steptime.ModelShape(backbone="resnet18", num_classes=3)
+    figures = autotune.measure(shape, "infer", 33, 1, [("fp32", False), ("bf16", False)], model=shape.build())
+    assert set(figures) == {"fp32", "bf16"}
+    assert all(len(t) == autotune.ROUNDS and min(t) > 0 for t in figures.values())
+
+
+def test_training_saves_the_measured_choice_and_uses_it(tune, packed_shards, tmp_path, capsys):
+    calls = tune(ZEN4 | {"fp32+cl": [0.30], "bf16+cl": [0.50]})  # fp32 + channels_last fastest here
+    run_dir = tmp_path / "run"
+    train(parse_config(["--data", str(packed_shards["train"]), "--run-dir", str(run_dir),
+                        "--backbone", "resnet18", "--pretrained", "false", "--crop-size", "65",
+                        "--batch-size", "2", "--iterations", "1", "--workers", "0", "--tracker", "none"]))
+    assert calls == [(["bf16", "bf16+cl", "fp32", "fp32+cl"], "train")]
+    assert "precision: fp32 + channels_last (measured 0.30 vs 0.40 s/step bf16 on" in capsys.readouterr().out
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["channels_last"] is True and saved["resolved"]["channels_last"] is True
+    assert saved["resolved"]["mixed_precision"] == "fp32"
+    assert saved["resolved"]["autotune"]["s_per_step"]["fp32+cl"] == [0.30]
+    assert saved["resolved"]["autotune"]["batch"] == 2 and saved["resolved"]["autotune"]["crop"] == 65
+    ckpt = torch.load(run_dir / "final.pt", map_location="cpu", weights_only=True)
+    assert ckpt["resolved"]["autotune"]["s_per_step"] == saved["resolved"]["autotune"]["s_per_step"]
+
+
+def test_channels_last_accepts_auto_true_false():
+    assert parse_config([]).channels_last is None
+    assert parse_config(["--channels-last", "auto"]).channels_last is None
+    assert parse_config(["--channels-last", "false"]).channels_last is False
+    assert parse_config(["--channels-last", "true"]).channels_last is True
