@@ -12,6 +12,7 @@ not a candidate where its kernels are emulated (``hardware.cpu_bf16_native()``).
 * Once per machine: the figures are cached in ``<user cache>/segtrain/autotune.json`` under
   a key of CPU model + flags + torch version and kernels + threads + the model's shape and
   the step's size, so a later run (or the training run after the demo's budget) reads them.
+  Figures taken while other jobs overloaded the CPUs are measured again once it is quieter.
 * Once per run: in a multi-process run the main process measures while the others wait,
   and all use its result (``decide_once``).
 * Explicit ``--mixed-precision fp32|bf16`` / ``--channels-last true|false`` override (what is
@@ -93,8 +94,13 @@ def read_cache() -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def write_cache(key: str, measured: dict[str, list[float]]) -> None:
-    cache = read_cache() | {key: {"s_per_step": measured}}
+def load_average() -> float:
+    """Runnable jobs (1 min) per CPU: above 1, other jobs were taking turns with the timed steps."""
+    return os.getloadavg()[0] / (os.cpu_count() or 1) if hasattr(os, "getloadavg") else 0.0
+
+
+def write_cache(key: str, measured: dict[str, list[float]], load: float) -> None:
+    cache = read_cache() | {key: {"s_per_step": measured, "load_per_cpu": round(load, 2)}}
     try:
         atomic_write_bytes(cache_path(), (json.dumps(cache, indent=1, sort_keys=True) + "\n").encode())
     except DataError as e:  # a read-only home: measure again next time, run now
@@ -102,9 +108,15 @@ def write_cache(key: str, measured: dict[str, list[float]]) -> None:
 
 
 def cached_figures(key: str, names: list[str]) -> Optional[dict[str, list[float]]]:
+    """The cached s/step of ``names``; None when missing or damaged, or when they were measured on
+    an overloaded machine that is quieter now (measured again, so a bad first measurement does
+    not stick)."""
     entry = read_cache().get(key)
     figures = entry.get("s_per_step") if isinstance(entry, dict) else None
     if not isinstance(figures, dict):
+        return None
+    then = entry.get("load_per_cpu", 0.0)
+    if isinstance(then, (int, float)) and then > 1.0 and load_average() < then:
         return None
     try:
         got = {n: [float(t) for t in figures[n]] for n in names}
@@ -158,13 +170,14 @@ def decide(requested: Optional[str], channels_last: Optional[bool], device: torc
     key = cache_key(shape, mode, crop, batch)
     measured, cached = cached_figures(key, names), True
     if measured is None:
+        load = load_average()
         try:
             measured, cached = measure(shape, mode, crop, batch, candidates, model), False
         except Exception as e:  # a model that cannot be built fails later, with its own error
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             precision, why = hardware.choose_precision(requested, device)
             return Choice(precision, layouts[0], f"{why}; could not time the candidates ({first})")
-        write_cache(key, measured)
+        write_cache(key, measured, load)  # before: the timing itself adds to the load average
     best = min(candidates, key=lambda c: min(measured[candidate_name(*c)]))
     choice = Choice(best[0], best[1], "", measured, cached)
     choice.reason = measured_reason(choice, candidates, reason)

@@ -32,6 +32,7 @@ def tune(monkeypatch):
     def setup(figures, native=True):
         monkeypatch.setattr(hardware, "cpu_bf16_native", lambda: (native, "AVX512" if native else "AVX2"))
         monkeypatch.setattr(hardware, "cpu_amx_supported", lambda: False)
+        monkeypatch.setattr(autotune, "load_average", lambda: 0.0)  # a quiet machine, unless a test says
 
         def fake_measure(shape, mode, crop, batch, candidates, model=None):
             calls.append((sorted(autotune.candidate_name(*c) for c in candidates), mode))
@@ -219,3 +220,14 @@ def test_bf16_learns_as_fp32_does(packed_shards, tmp_path):
     assert bf16 == pytest.approx(fp32, rel=0.1)
     assert sum(bf16) == pytest.approx(sum(fp32), rel=0.05)
     assert min(fp32[-3:]) < fp32[0] and min(bf16[-3:]) < bf16[0]
+
+
+def test_figures_from_an_overloaded_machine_are_measured_again_when_quieter(tune, monkeypatch):
+    calls = tune(ZEN4)
+    monkeypatch.setattr(autotune, "load_average", lambda: 3.0)  # 3 runnable jobs per CPU
+    autotune.decide("auto", None, CPU, SHAPE, 129, 8)
+    assert autotune.decide("auto", None, CPU, SHAPE, 129, 8).cached  # still as loaded: kept
+    monkeypatch.setattr(autotune, "load_average", lambda: 0.5)
+    assert not autotune.decide("auto", None, CPU, SHAPE, 129, 8).cached  # quieter: measured again
+    assert autotune.decide("auto", None, CPU, SHAPE, 129, 8).cached  # and then kept
+    assert len(calls) == 2

@@ -33,6 +33,7 @@ def test_seconds_per_step_takes_the_autotune_measurement_that_training_reads(mon
     timed twice), and the measurement lands in the cache that training reads."""
     monkeypatch.delenv(autotune.ENV_OFF)
     monkeypatch.setattr(hardware, "cpu_bf16_native", lambda: (True, "AVX512"))
+    monkeypatch.setattr(autotune, "load_average", lambda: 0.0)
     figures = {"fp32+cl": [0.7, 0.68], "fp32": [0.8, 0.8], "bf16+cl": [0.38, 0.36], "bf16": [0.5, 0.5]}
     monkeypatch.setattr(autotune, "measure", lambda shape, mode, crop, batch, candidates, model=None: figures)
     seconds, setting = budget.seconds_per_step("resnet18", 129, 8)
