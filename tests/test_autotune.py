@@ -14,6 +14,7 @@ import yaml
 from segtrain import autotune, hardware, steptime
 from segtrain.config import parse_config
 from segtrain.train import train
+from conftest import REPO
 
 SHAPE = steptime.ModelShape(backbone="resnet18")
 CPU = torch.device("cpu")
@@ -231,3 +232,15 @@ def test_figures_from_an_overloaded_machine_are_measured_again_when_quieter(tune
     assert not autotune.decide("auto", None, CPU, SHAPE, 129, 8).cached  # quieter: measured again
     assert autotune.decide("auto", None, CPU, SHAPE, 129, 8).cached  # and then kept
     assert len(calls) == 2
+
+
+@pytest.mark.slow
+def test_two_processes_use_the_main_process_measurement(tmp_path, launch_ddp):
+    """Decided once per run: rank 0 measures, rank 1 waits and gets the same choice."""
+    proc = launch_ddp(REPO / "tests" / "ddp_autotune_worker.py", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert [r["measured"] for r in ranks] == [1, 0]
+    assert ranks[0]["runtime"] == ranks[1]["runtime"] and ranks[1]["runtime"]["mixed_precision"] == "bf16"
+    assert ranks[0]["runtime"]["autotune"]["batch"] == 2  # the per-process batch: 4 over 2 processes
