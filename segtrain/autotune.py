@@ -46,6 +46,7 @@ TRAIN_CROP_CAP = 129    # the measurement's crop: the run's crop, at most this (
 INFER_CROP = 257        # inference: one image of about VOC's size
 ROUNDS, WARMUP = 2, 2   # timed steps per candidate (interleaved), untimed ones before (the first two
                         # build oneDNN primitives and optimizer state: several times a steady step)
+DROP_SLOWER_THAN = 1.5  # after warm-up, a candidate this much slower than the best is not timed further
 CACHE_VERSION = 1
 
 
@@ -135,7 +136,7 @@ def measure(shape: steptime.ModelShape, mode: str, crop: int, batch: int, candid
         net = model if model is not None else shape.build()
         steps[candidate_name(precision, channels_last)] = steptime.prepare(
             net, shape, crop, batch, precision, channels_last, mode)
-    timings = steptime.time_interleaved(steps, ROUNDS, WARMUP)
+    timings = steptime.time_interleaved(steps, ROUNDS, WARMUP, drop_slower_than=DROP_SLOWER_THAN)
     return {name: [round(t, 4) for t in timing.steps] for name, timing in timings.items()}
 
 

@@ -157,12 +157,24 @@ def time_setting(shape: ModelShape, crop: int, batch: int, precision: str, chann
 
 
 def time_interleaved(steps_of: Mapping[str, Callable[[], None]], rounds: int, warmup: int = 1,
-                     device: torch.device = torch.device("cpu")) -> dict[str, Timing]:
+                     device: torch.device = torch.device("cpu"),
+                     drop_slower_than: Optional[float] = None) -> dict[str, Timing]:
     """Time several settings round-robin (A B C D, A B C D, ...): load that comes and goes
-    then hits every setting alike, instead of whichever happened to run during it."""
+    then hits every setting alike, instead of whichever happened to run during it.
+
+    ``drop_slower_than``: a setting whose last warm-up step took more than this factor x the
+    fastest one's is not timed further; its last warm-up step stands as its figure (a clear
+    loser costs no more steps)."""
     timings = {name: time_calls(step, 0, warmup, device) for name, step in steps_of.items()}
+    timed = dict(steps_of)
+    if drop_slower_than is not None and warmup > 0:
+        best = min(t.warmup[-1] for t in timings.values())
+        for name, t in timings.items():
+            if t.warmup[-1] > drop_slower_than * best:
+                del timed[name]
+                t.steps.append(t.warmup[-1])
     for _ in range(rounds):
-        for name, step in steps_of.items():
+        for name, step in timed.items():
             timings[name].steps.extend(time_calls(step, 1, 0, device).steps)
     return timings
 

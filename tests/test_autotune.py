@@ -244,3 +244,19 @@ def test_two_processes_use_the_main_process_measurement(tmp_path, launch_ddp):
     assert [r["measured"] for r in ranks] == [1, 0]
     assert ranks[0]["runtime"] == ranks[1]["runtime"] and ranks[1]["runtime"]["mixed_precision"] == "bf16"
     assert ranks[0]["runtime"]["autotune"]["batch"] == 2  # the per-process batch: 4 over 2 processes
+
+
+def test_interleaved_timing_stops_timing_a_clear_loser_after_warm_up():
+    import time
+    calls = {"fast": 0, "slow": 0}
+
+    def step(name, seconds):
+        def run():
+            calls[name] += 1
+            time.sleep(seconds)
+        return run
+    timings = steptime.time_interleaved({"fast": step("fast", 0.002), "slow": step("slow", 0.05)}, rounds=3,
+                                        warmup=2, drop_slower_than=1.5)
+    assert calls == {"fast": 5, "slow": 2}  # the loser: its 2 warm-up steps only
+    assert timings["slow"].steps == [timings["slow"].warmup[-1]] and len(timings["fast"].steps) == 3
+    assert timings["slow"].fastest > timings["fast"].fastest
