@@ -174,7 +174,9 @@ def test_measure_times_every_candidate_with_the_step_harness():
     shape = steptime.ModelShape(backbone="resnet18", num_classes=3)
     figures = autotune.measure(shape, "infer", 33, 1, [("fp32", False), ("bf16", False)], model=shape.build())
     assert set(figures) == {"fp32", "bf16"}
-    assert all(len(t) == autotune.ROUNDS and min(t) > 0 for t in figures.values())
+    # each timed ROUNDS times, or once (its last warm-up step) when dropped as a clear loser
+    assert all(len(t) in (1, autotune.ROUNDS) and min(t) > 0 for t in figures.values())
+    assert max(len(t) for t in figures.values()) == autotune.ROUNDS  # the fastest is always timed
 
 
 def test_training_saves_the_measured_choice_and_uses_it(tune, packed_shards, tmp_path, capsys):
