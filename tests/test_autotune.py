@@ -23,11 +23,12 @@ XEON = {"fp32+cl": [2.11, 2.12], "fp32": [2.30, 2.31], "bf16+cl": [2.37, 2.40], 
 
 
 @pytest.fixture
-def tune(monkeypatch):
+def tune(monkeypatch, tmp_path):
     """``tune(figures, native=True)``: autotune on, bf16 native or emulated, ``measure`` answering
     ``figures`` (s/step per candidate); returns the list of calls (candidates, mode) it got."""
     monkeypatch.delenv(autotune.ENV_OFF, raising=False)
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # an empty cache per test
     calls = []
 
     def setup(figures, native=True):

@@ -28,10 +28,11 @@ def test_seconds_per_step_runs_in_the_precision_training_will_choose(monkeypatch
     assert budget.seconds_per_step("resnet18", 65, 2, "auto", warmup=1, steps=1)[1] == "bf16 + channels_last"
 
 
-def test_seconds_per_step_takes_the_autotune_measurement_that_training_reads(monkeypatch):
+def test_seconds_per_step_takes_the_autotune_measurement_that_training_reads(monkeypatch, tmp_path):
     """With the autotune on, the budget's step is the chosen candidate's measured step (nothing
     timed twice), and the measurement lands in the cache that training reads."""
     monkeypatch.delenv(autotune.ENV_OFF)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(hardware, "cpu_bf16_native", lambda: (True, "AVX512"))
     monkeypatch.setattr(autotune, "load_average", lambda: 0.0)
     figures = {"fp32+cl": [0.7, 0.68], "fp32": [0.8, 0.8], "bf16+cl": [0.38, 0.36], "bf16": [0.5, 0.5]}
