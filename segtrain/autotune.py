@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import yaml
 
 from segtrain import hardware, steptime
 from segtrain.io import DataError, atomic_write_bytes, user_cache_dir
@@ -48,6 +49,7 @@ ROUNDS, WARMUP = 2, 2   # timed steps per candidate (interleaved), untimed ones 
                         # build oneDNN primitives and optimizer state: several times a steady step)
 DROP_SLOWER_THAN = 1.5  # after warm-up, a candidate this much slower than the best is not timed further
 CACHE_VERSION = 1
+RESOLVED_KEY = "resolved"  # config.yaml's record of what auto became (segtrain.config.RESOLVED_KEY)
 
 
 @dataclass
@@ -237,9 +239,25 @@ def training_runtime(cfg: Any, state: Any) -> dict:
     shape = steptime.ModelShape(cfg.arch, cfg.backbone, cfg.num_classes or 21, cfg.output_stride,
                                 cfg.separable, cfg.aux_loss_weight > 0)
     crop = min(cfg.crop_size, TRAIN_CROP_CAP)
-    choice = decide_once(lambda: decide(cfg.mixed_precision, cfg.channels_last, state.device, shape, crop, batch),
-                         state)
+    choice = decide_once(lambda: kept_on_resume(cfg) or decide(cfg.mixed_precision, cfg.channels_last, state.device,
+                                                               shape, crop, batch), state)
     return runtime_of(choice, state.device, "train", crop, batch)
+
+
+def kept_on_resume(cfg: Any) -> Optional[Choice]:
+    """A resumed run whose precision and memory format are both auto keeps what its start
+    resolved (RUN_DIR/config.yaml): the same numerics as the run it continues, even if a new
+    measurement would now answer differently."""
+    if not cfg.resume or cfg.mixed_precision != "auto" or cfg.channels_last is not None:
+        return None
+    try:
+        saved = yaml.safe_load((cfg.resolved_run_dir() / "config.yaml").read_text())[RESOLVED_KEY]
+        choice = Choice(saved["mixed_precision"], bool(saved["channels_last"]),
+                        f"{saved['precision_reason']}; kept from the run's start",
+                        dict(saved.get("autotune", {}).get("s_per_step", {})))
+    except (OSError, yaml.YAMLError, TypeError, KeyError, AttributeError):
+        return None  # no such run yet: plan_run says so
+    return choice if choice.precision in hardware.PRECISIONS else None
 
 
 def inference_precision(requested: Optional[str], device: torch.device, model: torch.nn.Module,

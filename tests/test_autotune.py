@@ -263,3 +263,19 @@ def test_interleaved_timing_stops_timing_a_clear_loser_after_warm_up():
     assert calls == {"fast": 5, "slow": 2}  # the loser: its 2 warm-up steps only
     assert timings["slow"].steps == [timings["slow"].warmup[-1]] and len(timings["fast"].steps) == 3
     assert timings["slow"].fastest > timings["fast"].fastest
+
+
+def test_a_resumed_run_keeps_the_setting_it_started_with(tune, packed_shards, tmp_path, capsys):
+    calls = tune(ZEN4)
+    run_dir = tmp_path / "run"
+    flags = ["--data", str(packed_shards["train"]), "--run-dir", str(run_dir), "--backbone", "resnet18",
+             "--pretrained", "false", "--crop-size", "65", "--batch-size", "2", "--workers", "0",
+             "--tracker", "none", "--checkpoint-every", "1", "--val-every", "100"]
+    train(parse_config(flags + ["--iterations", "1"]))
+    tune(XEON)  # the machine now measures fp32 faster: the resumed run must not switch
+    autotune.cache_path().unlink()
+    train(parse_config(flags + ["--iterations", "2", "--resume", "latest"]))
+    assert len(calls) == 1  # not measured again
+    out = capsys.readouterr().out
+    assert "precision: bf16 + channels_last (measured 0.37 vs 0.68 s/step fp32 + channels_last on" in out
+    assert "; kept from the run's start)" in out
