@@ -70,8 +70,9 @@ SYNTHETIC_SHARDS="$ROOT/shards/synthetic"
 # The CPU recipe of the demo, sized to finish in minutes on any 2-core x86 CPU
 # (docs/BENCHMARKS.md#demo-training): a ResNet-18 from random init (no download; a
 # ResNet-50 step is ~10x slower on AVX2-only CPUs), crop 129, batch 8. Precision auto:
-# bf16 where the CPU has AMX, fp32 elsewhere (bf16 is emulated and several times slower on
-# AVX2-only CPUs, and no faster with AVX-512-BF16 alone); train.py prints which and why. Flags given after it override it.
+# the faster of fp32 and bf16 (each with channels_last on and off), timed on this CPU once
+# and cached (segtrain/autotune.py; bf16 is not tried where it is emulated, AVX2-only CPUs);
+# train.py prints which and the figures. Flags given after it override it.
 CPU_RECIPE=(--backbone resnet18 --pretrained false --crop-size 129 --batch-size 8 --iterations 150
             --lr 0.02 --lr-schedule poly --mixed-precision auto --workers 2 --checkpoint-every 50)
 
@@ -122,7 +123,7 @@ demo() {
   steps=$("$PY" -m segtrain.budget --seconds $(( ${DEMO_SECONDS:-270} - (SECONDS - t0) )) --max-steps 150 --min-steps 60 \
           --backbone resnet18 --crop-size 129 --batch-size 8 --mixed-precision auto)
   log "3/5 training DeepLabV3+ ResNet-18 from scratch on CPU (crop 129, batch 8, $steps steps, wandb offline)"
-  log "    precision auto: bf16 on CPUs with AMX, fp32 elsewhere; 'precision:' below says which and why"
+  log "    precision auto: the faster setting timed on this CPU (cached); 'precision:' below gives the figures"
   rm -rf "$run"
   "$PY" "$ROOT/segtrain/train.py" --data "$shards/voc-train.json" "${CPU_RECIPE[@]}" --iterations "$steps" \
     --run-dir "$run" --name demo --tracker wandb

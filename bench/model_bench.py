@@ -15,21 +15,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import resource
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 if __package__ in (None, ""):  # python bench/model_bench.py: import segtrain from this checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from segtrain import steptime
 from segtrain.hardware import compile_model, describe
-from segtrain.model import build_model
-from segtrain.voc import IGNORE_INDEX, NUM_CLASSES
+from segtrain.steptime import ModelShape, sync  # noqa: F401 (bench/gpu_check.py imports sync from here)
+from segtrain.voc import NUM_CLASSES
 
 MODES = {  # name: (autocast dtype or None, channels_last, torch.compile)
     "fp32": (None, False, False),
@@ -67,47 +67,29 @@ def bench(arch: str, backbone: str, mode: str, crop: int, batch: int, steps: int
           device: torch.device) -> tuple[float, float, float, float]:
     """Mean and fastest seconds per steady training step, peak memory (GiB), compile seconds (0 eager).
 
-    The fastest step is the better estimate on a shared machine (load only slows steps down)."""
+    The step is segtrain/steptime.py's, the one the precision autotune and the demo's budget
+    time. The fastest step is the better estimate on a shared machine (load only slows steps down)."""
     amp_dtype, channels_last, compiled = MODES[mode]
-    torch.manual_seed(0)
-    model = build_model(arch, backbone, num_classes=NUM_CLASSES, output_stride=16).to(device).train()
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    shape = ModelShape(arch, backbone, NUM_CLASSES, 16)
+    model = shape.build()
+    precision = "bf16" if amp_dtype is not None else "fp32"
+    step = steptime.prepare(model, shape, crop, batch, precision, channels_last, "train", device)
     if compiled and not compile_model(model):
         return (float("nan"),) * 4
-    images = torch.randn(batch, 3, crop, crop, device=device).contiguous(memory_format=memory_format)
-    labels = torch.randint(0, NUM_CLASSES, (batch, crop, crop), device=device)
-    labels[:, :4] = IGNORE_INDEX  # a few ignored pixels, as VOC's boundaries
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(images)["out"]
-        F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX).backward()
-        optimizer.step()
-
-    times = []
-    for _ in range(warmup):
-        start = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    reset_peak_memory(device)
-    steady = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        sync(device)
-        steady.append(time.perf_counter() - start)
-    seconds = sum(steady) / steps
-    compile_seconds = max(0.0, times[0] - seconds) if compiled and times else 0.0
-    return seconds, min(steady), peak_memory_gib(device), compile_seconds
+    timing = steptime.time_calls(step, steps, warmup, device, after_warmup=lambda: reset_peak_memory(device))
+    compile_seconds = max(0.0, timing.warmup[0] - timing.mean) if compiled and timing.warmup else 0.0
+    return timing.mean, timing.fastest, peak_memory_gib(device), compile_seconds
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def bench_interleaved(arch: str, backbone: str, modes: list[str], crop: int, batch: int, steps: int,
+                      warmup: int, device: torch.device) -> dict[str, steptime.Timing]:
+    """Every eager mode's step timed round-robin (A B C D, A B C D, ...): on a loaded machine the
+    ratios between modes stay meaningful, because load that comes and goes hits all of them."""
+    shape = ModelShape(arch, backbone, NUM_CLASSES, 16)
+    step_of = {mode: steptime.prepare(shape.build(), shape, crop, batch,
+                                      "bf16" if MODES[mode][0] is not None else "fp32", MODES[mode][1], "train", device)
+               for mode in modes if not MODES[mode][2]}
+    return steptime.time_interleaved(step_of, steps, warmup, device)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -121,9 +103,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--modes", nargs="+", choices=list(MODES), default=None,
                         help="default: all, torch.compile only on CUDA")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--interleave", action="store_true",
+                        help="time the eager modes round-robin, one step each per round (robust ratios on a "
+                             "shared machine; no memory column)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     modes = args.modes or [m for m in MODES if device.type == "cuda" or not MODES[m][2]]
+    if args.interleave:
+        return print_interleaved(args, modes, device)
 
     memory = "max_memory_allocated" if device.type == "cuda" else "peak RSS of the process"
     print(describe())
@@ -137,6 +124,26 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                      args.steps, args.warmup, device)
             print(f"| {arch} | {mode} | {seconds:.3f} | {fastest:.3f} | {args.batch / seconds:.1f} | {gib:.2f} | "
                   f"{compile_s:.1f} |", flush=True)
+    return 0
+
+
+def print_interleaved(args: argparse.Namespace, modes: list[str], device: torch.device) -> int:
+    print(describe())
+    print(f"{args.backbone}, crop {args.crop}, batch {args.batch}, {args.steps} rounds of one step per mode "
+          f"(interleaved) after {args.warmup} warm-up steps each on {device}\n")
+    for arch in args.archs:
+        timings = bench_interleaved(arch, args.backbone, modes, args.crop, args.batch, args.steps, args.warmup,
+                                    device)
+        base = timings.get("fp32+cl") or timings.get("fp32")
+        print(f"| arch | mode | fastest s/step | mean s/step | fp32{'+cl' if 'fp32+cl' in timings else ''} / mode "
+              "(fastest) | all steps |")
+        print("|---|---|---|---|---|---|")
+        for mode, t in timings.items():
+            ratio = f"{base.fastest / t.fastest:.2f}x" if base else "-"
+            print(f"| {arch} | {mode} | {t.fastest:.3f} | {t.mean:.3f} | {ratio} | "
+                  f"{' '.join(f'{x:.2f}' for x in t.steps)} |", flush=True)
+    if hasattr(os, "getloadavg"):
+        print(f"load average (1 min) at the end: {os.getloadavg()[0]:.2f}")
     return 0
 
 

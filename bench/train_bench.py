@@ -7,8 +7,9 @@
 "plain" is the loop of the reference implementations (VainF/DeepLabV3Plus-Pytorch,
 torchvision references): a map-style DataLoader over the VOC folder, fp32, one
 process. "segtrain" is segtrain/train.py itself on the packed shards of the same
-images, with its defaults (--mixed-precision auto: what this hardware gets, printed
-in the table; channels_last). Both build the same
+images, with its defaults (--mixed-precision auto and --channels-last auto: on a CPU
+timed on this machine by segtrain/autotune.py, its "precision:" line above the table
+gives the figures; the setting is in the table). Both build the same
 model, use the same augmentation and batch size, and are timed over the same number
 of steps after warm-up; segtrain's figure comes from its own metrics.jsonl (training
 steps only). On CUDA it also prints peak GPU memory (the reference recipe reported
@@ -16,8 +17,8 @@ steps only). On CUDA it also prints peak GPU memory (the reference recipe report
 """
 import argparse
 import itertools
+import os
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ from segtrain.model import build_model
 from segtrain.pack import pack_split
 from segtrain.synthetic import generate
 from segtrain.io import read_metrics_log
+from segtrain.steptime import time_calls
 from segtrain.train import train
 from segtrain.transforms import train_transforms
 from segtrain.voc import VOCSegmentation
@@ -47,21 +49,16 @@ def plain_loop(voc_root: Path, args, device: torch.device) -> tuple[float, float
     batches = itertools.cycle(loader)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    for step in range(args.warmup + args.steps):
-        if step == args.warmup:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
+
+    def step() -> None:  # loading included, as in the reference loop
         images, masks = next(batches)
         loss = criterion(model(images.to(device))["out"], masks.to(device))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    timing = time_calls(step, args.steps, args.warmup, device)  # segtrain/steptime.py's timer
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
-    return args.batch * args.steps / seconds, peak
+    return args.batch * args.steps / sum(timing.steps), peak
 
 
 def segtrain_loop(manifest: Path, run_dir: Path, args, device: torch.device) -> tuple[float, float, str]:
@@ -78,7 +75,7 @@ def segtrain_loop(manifest: Path, run_dir: Path, args, device: torch.device) -> 
     images_per_s = len(timed) / sum(1 / r["images_per_s"] for r in timed)  # harmonic mean = total rate
     peak = max((r.get("max_memory_mb", float("nan")) for r in timed), default=float("nan"))
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())["resolved"]
-    return images_per_s, peak, resolved["mixed_precision"] + "+channels_last"
+    return images_per_s, peak, resolved["mixed_precision"] + ("+channels_last" if resolved["channels_last"] else "")
 
 
 def main() -> None:
@@ -113,6 +110,8 @@ def main() -> None:
         (plain, plain_mb, _), (ours, ours_mb, ours_setting) = (max(runs[k], key=lambda r: r[0])
                                                                for k in ("plain", "segtrain"))
     print("\n" + describe())
+    if hasattr(os, "getloadavg"):
+        print(f"load average (1 min) at the end: {os.getloadavg()[0]:.2f}")
     print(f"DeepLabV3+ {args.backbone}, crop {args.crop}, batch {args.batch}, {args.steps} timed steps on {device}"
           + (", ABBA order, faster of 2 runs each" if args.abba else ""))
     print("all runs (images/s):", {k: [round(r[0], 2) for r in v] for k, v in runs.items()})

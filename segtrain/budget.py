@@ -4,8 +4,9 @@
 
 Prints the number of steps (stdout) and why (stderr). ``./launch.sh demo`` uses it to keep
 its five-minute promise on any CPU: it times a few real training steps of the demo's
-model at the demo's size and precision (``--mixed-precision auto``, as training will
-choose), and trains for as many steps as fit, at most ``--max-steps``. On a fast CPU that
+model at the demo's size in the setting training will choose (``--mixed-precision auto``:
+segtrain/autotune.py times the candidates and caches them, so training does not time them
+again), and trains for as many steps as fit, at most ``--max-steps``. On a fast CPU that
 is the full recipe; on a slow one, fewer steps, said out loud. Timing the model step is
 what varies by two orders of magnitude between CPUs (AVX2 without native bf16, AVX-512,
 AMX); the loader runs beside it and ``--loader-factor`` accounts for it.
@@ -15,44 +16,30 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from collections.abc import Sequence
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
-from segtrain import hardware
-from segtrain.datasets import IGNORE_INDEX
-from segtrain.model import build_model
+from segtrain import autotune, hardware, steptime
 
 
 def seconds_per_step(backbone: str, crop_size: int, batch_size: int, precision: str = "auto",
                      num_classes: int = 21, warmup: int = 2, steps: int = 3) -> tuple[float, str]:
     """Mean seconds of a steady training step (forward, backward, SGD) on random data, and the
-    precision it ran in (``hardware.choose_precision`` of ``precision`` on the CPU)."""
+    setting it ran in: the one training will choose (``autotune.decide``, whose measurement,
+    cached, is also the training run's). Timed by the step harness (segtrain/steptime.py)
+    where the autotune did not already time that very step."""
     device = torch.device("cpu")
-    chosen, _ = hardware.choose_precision(precision, device)
-    dtype = hardware.autocast_dtype(chosen, device)
-    torch.manual_seed(0)
-    model = build_model("deeplabv3plus", backbone, num_classes).to(memory_format=torch.channels_last).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    images = torch.randn(batch_size, 3, crop_size, crop_size).contiguous(memory_format=torch.channels_last)
-    labels = torch.randint(0, num_classes, (batch_size, crop_size, crop_size))
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-            logits = model(images)["out"]
-        F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX).backward()
-        optimizer.step()
-
-    for _ in range(warmup):
-        step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - start) / steps, chosen
+    shape = steptime.ModelShape("deeplabv3plus", backbone, num_classes)
+    crop = min(crop_size, autotune.TRAIN_CROP_CAP)
+    choice = autotune.decide(precision, None, device, shape, crop, batch_size)
+    setting = autotune.setting_text(choice.precision, choice.channels_last)
+    if choice.measured and crop == crop_size:
+        return choice.seconds(), setting
+    timing = steptime.time_setting(shape, crop_size, batch_size, choice.precision, choice.channels_last,
+                                   steps=steps, warmup=warmup, device=device)
+    return timing.mean, setting
 
 
 def steps_within(budget_seconds: float, step_seconds: float, max_steps: int, min_steps: int = 1,

@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import yaml
 
-from segtrain import distributed, evaluate, hardware, integrity, losses, model, preempt, schedule, tracking
+from segtrain import autotune, distributed, evaluate, hardware, integrity, losses, model, preempt, schedule, tracking
 from segtrain.cli import ArgumentParser
 from segtrain.io import ConfigError, atomic_write_bytes
 
@@ -89,8 +89,7 @@ class TrainConfig:
                                          "(another value is refused)", minimum=1)
     init_from: Optional[str] = setting(None, "segtrain checkpoint to start from (backbone and head; the "
                                        "classifier is re-initialised when the class count differs)")
-    channels_last: bool = setting(True, "NHWC memory format: faster on CUDA (tensor cores), measured faster or "
-                                  "equal on CPUs with and without native bf16 (docs/BENCHMARKS.md#memory-format)")
+    channels_last: Optional[bool] = setting(None, autotune.CHANNELS_LAST_HELP + "; none = auto")
     # optimisation (iterations count optimizer steps, whatever the number of processes)
     iterations: int = setting(5000, "optimizer steps", minimum=1)
     batch_size: int = setting(8, "global batch: processes x per-process batch x grad_accum", minimum=1)
@@ -162,6 +161,8 @@ def _coerce(name: str, value: Any) -> Any:
     if kind is bool:
         if isinstance(value, bool):
             return value
+        if optional and str(value).lower() == "auto":  # an optional switch's None is "decide here"
+            return None
         if str(value).lower() in ("true", "1", "yes", "on"):
             return True
         if str(value).lower() in ("false", "0", "no", "off"):
@@ -204,7 +205,7 @@ def field_help(f: dataclasses.Field) -> str:
     text = f.metadata["help"] + (f"; one of: {describe(choices)}" if choices is not None else "")
     return f"{text} (default: {f.default})".replace("%", "%%")
 # config.yaml also records what "auto" settings became on the machine that ran it
-# (segtrain.hardware.resolve_runtime): information, not input, so reading it back skips it.
+# (segtrain.autotune.training_runtime): information, not input, so reading it back skips it.
 RESOLVED_KEY = "resolved"
 
 

@@ -58,7 +58,7 @@ from accelerate import Accelerator
 from torch import nn
 from tqdm import tqdm
 
-from segtrain import distributed, hardware, integrity, tracking
+from segtrain import autotune, distributed, hardware, integrity, tracking
 from segtrain.cli import ArgumentParser, OtherProcessFailed, check_launch, rank_specific, user_errors
 from segtrain.io import DataError, atomic_write_bytes
 from segtrain.metrics import ConfusionMatrix, format_metrics_table, to_jsonable
@@ -330,8 +330,8 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
     check_fits_data(ckpt, args.checkpoint, class_names(source), source.location)
     spec = spec_from_checkpoint(ckpt, str(args.checkpoint))  # class names for the table and the JSON
     model.to(accelerator.device)
-    precision, reason = hardware.choose_precision(args.mixed_precision, accelerator.device)
-    accelerator.print(hardware.precision_line(precision, reason))
+    precision, reason = autotune.inference_precision(args.mixed_precision, accelerator.device, model,
+                                                     accelerator.print, accelerator.state)
     if args.compile:
         hardware.compile_model(model, accelerator.print, dynamic=True)  # image sizes vary: no recompile per size
     num_classes = spec.num_classes

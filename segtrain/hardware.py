@@ -5,10 +5,14 @@ it runs on, never the machine it was measured on:
 
 * ``choose_precision(requested, device)``: ``auto`` is bf16 on CUDA GPUs that compute it
   natively (compute capability >= 8.0: A100, A10, L4, H100, ...), fp16 with Accelerate's
-  loss scaling on older ones (T4, V100), bf16 on a CPU only when its
-  kernels are native (AVX-512-BF16 / AMX), fp32 otherwise. On an AVX2-only CPU bf16 is
-  emulated: 3.8x slower than fp32 on an AMD EPYC Zen 3, 25x slower with AVX2 kernels
-  imitated on a Sapphire Rapids (docs/BENCHMARKS.md#model-step).
+  loss scaling on older ones (T4, V100). On a CPU, ``auto`` is decided
+  by timing the model (segtrain/autotune.py), because no flag predicts it: with native
+  bf16 (AVX-512-BF16) bf16 measured 1.8x faster than fp32 on an AMD EPYC Zen 4 and 1.1x
+  slower on a Xeon without AMX. The CPU rule here is what runs without a measurement
+  (``SEGTRAIN_NO_AUTOTUNE=1``, or when timing fails): bf16 only with native kernels and
+  AMX, fp32 otherwise. On an AVX2-only CPU bf16 is emulated: 3.8x slower than fp32 on an
+  AMD EPYC Zen 3, 25x slower with AVX2 kernels imitated on a Sapphire Rapids
+  (docs/BENCHMARKS.md#model-step); autotune never times it there.
 * ``compile_model(model)``: ``torch.compile`` with a one-line fallback to eager;
   ``compile_outcome(model)`` says, after the first call, whether a compiled graph ran.
 * ``check_cuda_arch(device)``: a GPU the installed torch wheel has no kernels for is a
@@ -39,8 +43,9 @@ from segtrain.io import ConfigError
 
 # Accepted values of --mixed-precision; "no" is Accelerate's spelling of fp32.
 PRECISIONS = ("auto", "no", "fp32", "bf16", "fp16")
-PRECISION_HELP = ("auto (bf16 on CUDA with bf16 and on CPUs with native bf16 and AMX, fp16 on older CUDA "
-                  "GPUs, fp32 otherwise) | bf16 | fp16 | no (fp32)")
+PRECISION_HELP = ("auto (bf16 on CUDA with bf16, fp16 on older CUDA GPUs; on CPUs the faster of fp32 and "
+                  "bf16 timed on this machine, bf16 only where native; SEGTRAIN_NO_AUTOTUNE=1: bf16 only with "
+                  "AMX) | bf16 | fp16 | no (fp32)")
 CPU_FLAGS_SHOWN = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
 # oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) that still include native bf16 instructions.
 _ONEDNN_BF16_ISAS = re.compile(r"BF16|FP16|AMX|AVX10|^ALL$|^DEFAULT$")
@@ -74,8 +79,9 @@ def mkldnn_bf16_supported() -> bool:
 
 def cpu_amx_supported() -> bool:
     """Whether the CPU has AMX tiles (Intel Sapphire Rapids and later): where bf16 matrix
-    units make bf16 convolutions ~2x faster than fp32. AVX-512-BF16 alone does not: on
-    such a CPU DeepLabV3+ ResNet-50 trained slower in bf16 than in fp32 (docs/BENCHMARKS.md)."""
+    units make bf16 convolutions ~2x faster than fp32. With AVX-512-BF16 alone it depends on
+    the CPU (1.1x slower on a Xeon, 1.8x faster on a Zen 4: docs/BENCHMARKS.md), so without
+    a measurement only AMX counts as fast bf16."""
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
     try:
         return bool(probe()) if probe is not None else False
@@ -186,7 +192,8 @@ def choose_precision(requested: Optional[str], device: Device) -> tuple[str, str
     if native and cpu_amx_supported():
         return "bf16", f"CPU with native bf16: {evidence} + AMX"
     if native:
-        return "fp32", f"CPU with AVX-512-BF16 but no AMX: bf16 measured no faster than fp32 there ({evidence})"
+        return "fp32", (f"CPU with native bf16 ({evidence}) but no AMX, not timed: fp32 (bf16 is faster on some "
+                        "such CPUs, slower on others)")
     return "fp32", f"CPU without native bf16: {evidence}"
 
 
@@ -269,22 +276,9 @@ def take_peak_memory_mb(device: Device) -> Optional[float]:
     return peak
 
 
-def resolve_runtime(precision: Optional[str], device: Device) -> dict:
-    """The resolved hardware-dependent settings, as saved in config.yaml and checkpoints."""
-    chosen, reason = choose_precision(precision, device)
-    return {"mixed_precision": chosen, "precision_reason": reason, "device": device_name(device)}
-
-
 def precision_line(precision: str, reason: str) -> str:
     """'precision: fp32 (CPU without native bf16: AVX2)', printed once at start."""
     return f"precision: {precision} ({reason})"
-
-
-def inference_autocast(requested: Optional[str], device: Device, say=print) -> Optional[torch.dtype]:
-    """For prediction-only entry points: choose the precision, say it once, return the autocast dtype."""
-    precision, reason = choose_precision(requested, device)
-    say(precision_line(precision, reason))
-    return autocast_dtype(precision, device)
 
 
 # ----------------------------------------------------------------------------- description
@@ -333,6 +327,6 @@ def describe() -> str:
 
 
 __all__ = ["PRECISIONS", "PRECISION_HELP", "choose_precision",
-           "cpu_bf16_native", "accelerate_precision", "autocast_dtype", "compile_model", "compile_outcome", "resolve_runtime",
+           "cpu_bf16_native", "accelerate_precision", "autocast_dtype", "compile_model", "compile_outcome",
            "check_cuda_arch", "evaluation_kernels", "take_peak_memory_mb",
-           "precision_line", "inference_autocast", "describe", "device_name"]
+           "precision_line", "describe", "device_name"]

@@ -28,6 +28,11 @@ class ConfigError(ValueError):
     """A bad config key or value; the message says which and what is allowed."""
 
 
+def user_cache_dir() -> Path:
+    """segtrain's folder in the user's cache: $XDG_CACHE_HOME/segtrain, else ~/.cache/segtrain."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "segtrain"
+
+
 # ----------------------------------------------------------------------------- writing
 
 _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)

@@ -74,7 +74,7 @@ class RunPlan:
 def plan_run(cfg: TrainConfig, world_size: int = 1, device_type: str = "cpu",
              runtime: Optional[dict] = None) -> RunPlan:
     """Derive the run's plan from ``cfg`` for ``world_size`` processes on ``device_type``
-    devices (``accelerator.device.type``) with ``runtime``, what hardware.resolve_runtime chose
+    devices (``accelerator.device.type``) with ``runtime``, what autotune.training_runtime chose
     for this machine (default: fp32)."""
     runtime = dict(runtime or {"mixed_precision": "fp32", "precision_reason": "requested"})
     if cfg.train_split is None:

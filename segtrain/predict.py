@@ -24,7 +24,7 @@ from torch import nn
 from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
-from segtrain import hardware
+from segtrain import autotune, hardware
 from segtrain.cli import user_errors
 from segtrain.datasets import save_label_png, spec_from_checkpoint
 from segtrain.evaluate import predict_logits
@@ -52,7 +52,7 @@ def list_images(path: Path) -> list[Path]:
 def predict_mask(model: nn.Module, image: PIL.Image.Image, device: torch.device,
                  protocol: str = "whole", autocast_dtype: Optional[torch.dtype] = None) -> np.ndarray:
     """(H, W) uint8 class indices for one image (``model`` in eval mode, on ``device``;
-    ``autocast_dtype`` from ``hardware.inference_autocast``, None = fp32)."""
+    ``autocast_dtype`` from ``autotune.inference_autocast``, None = fp32)."""
     # The model's own normalisation (from its checkpoint), as in training and evaluation.
     mean, std = getattr(model, "mean", None), getattr(model, "std", None)
     pixels = TF.pil_to_tensor(image.convert("RGB"))
@@ -89,7 +89,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model, ckpt = load_checkpoint(args.checkpoint)
         model.to(device).eval()
-        amp = hardware.inference_autocast(args.mixed_precision, device)
+        amp = autotune.inference_autocast(args.mixed_precision, device, model)
         spec = spec_from_checkpoint(ckpt, str(args.checkpoint))
 
     written, skipped = 0, []

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import yaml
 
-from segtrain import hardware, shards, stats, visualize
+from segtrain import autotune, hardware, shards, stats, visualize
 from segtrain.cli import user_errors
 from segtrain.datasets import DatasetSpec, decode_target, spec_from_checkpoint
 from segtrain.io import DataError, atomic_write_bytes, read_metrics_log
@@ -247,7 +247,8 @@ def build_report(run_dirs: Sequence[Path], out: Path, data: Optional[str] = None
                      "pack it with tools/pack.py to get the class-balance chart.\n"]
 
     chosen = list(ids) if ids else visualize.covering_ids(val_data, split, num_images)
-    amp = hardware.inference_autocast(mixed_precision, dev)
+    amp = autotune.inference_autocast(mixed_precision, dev, load_checkpoint(runs[0].path / "best.pt",
+                                                                            map_location=dev)[0])
     grid_rows, images, labels = prediction_rows(runs, val_data, split, chosen, dev, amp)
     columns = ["RGB", "Ground truth"] + [r.name for r in runs]
     if sam_checkpoint:

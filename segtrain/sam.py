@@ -41,7 +41,7 @@ from segment_anything.modeling import Sam
 from torch import nn
 from tqdm import tqdm
 
-from segtrain import hardware
+from segtrain import autotune, hardware
 from segtrain.cli import user_errors
 from segtrain.datasets import IGNORE_INDEX, VOC, DatasetSpec, decode_target, spec_from_checkpoint
 from segtrain.io import PathLike, atomic_write_bytes, save_image
@@ -448,7 +448,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             check_fits_data(ckpt, args.semantic, class_names(source), source.location)
             spec = source.spec
         print(f"SAM {args.model_type} from {args.sam_checkpoint} on {device}; images: {', '.join(ids)}")
-        amp = hardware.inference_autocast(args.mixed_precision, device) if semantic_model is not None else None
+        amp = (autotune.inference_autocast(args.mixed_precision, device, semantic_model)
+               if semantic_model is not None else None)
         sam = load_sam(args.sam_checkpoint, args.model_type, device)
         result = run_sam_comparison(sam, args.data, args.split, ids, args.out, semantic_model,
                                     args.points_per_side, args.min_box_area, semantic_autocast=amp, spec=spec)

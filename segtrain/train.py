@@ -27,6 +27,7 @@ if __name__ == "__main__" and not __package__:
                               "-m", "segtrain.train", *sys.argv[1:]])
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -44,7 +45,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import parse_flag_from_env, set_seed
 from tqdm import tqdm
 
-from segtrain import distributed, hardware, preempt, shards, tracking
+from segtrain import autotune, distributed, hardware, preempt, shards, tracking
 from segtrain.cli import check_launch, errors_of_rank, user_errors
 from segtrain.config import TrainConfig, config_to_dict, parse_config, save_config, update_saved_config
 from segtrain.evaluate import evaluate
@@ -340,20 +341,21 @@ def train(cfg: TrainConfig) -> TrainResult:
     # clear it (not the distributed PartialState) so that every train() call in one
     # process (notebooks, bench scripts, tests) configures its own run.
     AcceleratorState._reset_state()
-    # The precision follows the hardware (segtrain/hardware.py); the device is
-    # known before the Accelerator, which needs the precision.
+    # The precision and memory format follow the hardware (segtrain/autotune.py: measured on
+    # CPUs, once per machine and run); the device is known before the Accelerator, which needs them.
     # cpu= as Accelerator would pass it: a PartialState made without it on a CPU-only
     # `accelerate launch --multi_gpu` run stays one unconnected process, and Accelerator reuses it.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"),
                          timeout=distributed.process_group_timeout(cfg.dist_timeout_min))
-    runtime = hardware.resolve_runtime(cfg.mixed_precision, state.device)
+    check_launch(state.num_processes)  # before any measuring: a GPU launch that sees no GPU is an error
+    cfg = distributed.agree_on_run_name(cfg)  # before anything uses RUN_DIR (the autotune reads a resumed run's)
+    runtime = autotune.training_runtime(cfg, state)
+    cfg = dataclasses.replace(cfg, channels_last=runtime["channels_last"])
     accelerator = Accelerator(mixed_precision=hardware.accelerate_precision(runtime["mixed_precision"]),
                               log_with="wandb" if cfg.tracker == "wandb" else None)
-    check_launch(accelerator.num_processes)
-    cfg = distributed.agree_on_run_name(cfg)  # before anything uses RUN_DIR
     plan = plan_run(cfg, accelerator.num_processes, accelerator.device.type, runtime)
     cfg, device, say = plan.cfg, accelerator.device, accelerator.print
-    say(hardware.precision_line(runtime["mixed_precision"], runtime["precision_reason"]))
+    say(autotune.choice_line(runtime))
     for note in plan.notes:
         warnings.warn(note)
     set_seed(cfg.seed)

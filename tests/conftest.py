@@ -13,6 +13,18 @@ from segtrain.pack import pack_split
 from segtrain.synthetic import generate
 
 NUM_TRAIN, NUM_VAL = 48, 16
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_autotune(tmp_path_factory):
+    """Tests never time candidate settings (figures vary with load): --mixed-precision auto falls
+    back to the flag rule, and nothing reads or writes the user's real cache (tests/test_autotune.py
+    turns the measurement back on with the timing function replaced). Session-wide, so that
+    module-scoped fixtures that train (set up before any function-scoped fixture) get it too."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SEGTRAIN_NO_AUTOTUNE", "1")
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        yield
 SHARD_SIZE = 10  # 48 train -> shards of 10, 10, 10, 10, 8; 16 val -> 10, 6
 
 

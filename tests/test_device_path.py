@@ -1,5 +1,4 @@
 """The device path on a CPU: SyncBN conversion, torch.compile's real outcome, peak-memory bookkeeping."""
-import copy
 
 import pytest
 import torch

@@ -83,7 +83,7 @@ def test_a_gpu_the_wheel_has_no_kernels_for_is_one_line_naming_gpu_and_wheel(mon
 def test_auto_on_cpu_is_bf16_only_with_native_kernels(machine):
     machine(cpu_native=True, capability="AVX512")
     assert hardware.choose_precision("auto", "cpu") == ("bf16", "CPU with native bf16: AVX512 + AMX")
-    machine(cpu_native=True, capability="AVX512", amx=False)  # AVX-512-BF16 alone: not faster, fp32
+    machine(cpu_native=True, capability="AVX512", amx=False)  # AVX-512-BF16 alone: untimed, fp32
     precision, reason = hardware.choose_precision("auto", "cpu")
     assert precision == "fp32" and "no AMX" in reason
     machine(cpu_native=False, capability="AVX2")
@@ -133,7 +133,7 @@ def test_none_defers_to_the_accelerate_launch_config(machine, monkeypatch):
 
 def test_config_accepts_auto_values_and_reads_back_its_own_yaml(tmp_path):
     cfg = parse_config([])
-    assert cfg.mixed_precision == "auto" and cfg.channels_last is True and cfg.compile is False
+    assert cfg.mixed_precision == "auto" and cfg.channels_last is None and cfg.compile is False  # None: auto
     (tmp_path / "c.yaml").write_text("mixed_precision: none\ncompile: true\n")
     cfg = parse_config(["--config", str(tmp_path / "c.yaml")])
     assert cfg.mixed_precision is None and cfg.compile is True
@@ -183,7 +183,7 @@ def test_training_saves_the_chosen_precision_in_config_and_checkpoints(packed_sh
                         "--compile", "true"]))
     reason = "CPU with native bf16: AVX512 + AMX" if native else "CPU without native bf16: AVX2"
     out = capsys.readouterr().out
-    assert f"precision: {expected} ({reason})" in out
+    assert f"precision: {expected} + channels_last ({reason})" in out  # conftest: SEGTRAIN_NO_AUTOTUNE=1
     assert "compile: torch.compile failed (RuntimeError: no working C++ compiler); running the model eagerly" in out
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["mixed_precision"] == "auto"

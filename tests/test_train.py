@@ -226,7 +226,6 @@ def test_train_split_is_the_manifest_named_by_data_and_val_must_be_disjoint(pack
 def test_unconnected_launch_is_refused(monkeypatch):
     """`accelerate launch --multi_gpu` without GPUs and without ACCELERATE_USE_CPU=1 starts
     processes that never join one group: each would train on everything alone."""
-    from types import SimpleNamespace
 
     from segtrain.cli import DisconnectedLaunch, check_launch
 
