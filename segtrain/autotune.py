@@ -239,19 +239,24 @@ def training_runtime(cfg: Any, state: Any) -> dict:
     shape = steptime.ModelShape(cfg.arch, cfg.backbone, cfg.num_classes or 21, cfg.output_stride,
                                 cfg.separable, cfg.aux_loss_weight > 0)
     crop = min(cfg.crop_size, TRAIN_CROP_CAP)
-    choice = decide_once(lambda: kept_on_resume(cfg) or decide(cfg.mixed_precision, cfg.channels_last, state.device,
-                                                               shape, crop, batch), state)
+    choice = decide_once(lambda: kept_on_resume(cfg, state.device) or decide(
+        cfg.mixed_precision, cfg.channels_last, state.device, shape, crop, batch), state)
     return runtime_of(choice, state.device, "train", crop, batch)
 
 
-def kept_on_resume(cfg: Any) -> Optional[Choice]:
+def kept_on_resume(cfg: Any, device: torch.device) -> Optional[Choice]:
     """A resumed run whose precision and memory format are both auto keeps what its start
     resolved (RUN_DIR/config.yaml): the same numerics as the run it continues, even if a new
-    measurement would now answer differently."""
+    measurement would now answer differently. Only on the same device (a requeued job may land
+    on other hardware, where the saved choice can be emulated or unsupported: decided afresh)."""
     if not cfg.resume or cfg.mixed_precision != "auto" or cfg.channels_last is not None:
         return None
+    if device.type == "cuda":  # the wheel must have kernels for this GPU, whatever is kept
+        hardware.check_cuda_arch(device)
     try:
         saved = yaml.safe_load((cfg.resolved_run_dir() / "config.yaml").read_text())[RESOLVED_KEY]
+        if saved.get("device") != hardware.device_name(device):
+            return None
         choice = Choice(saved["mixed_precision"], bool(saved["channels_last"]),
                         f"{saved['precision_reason']}; kept from the run's start",
                         dict(saved.get("autotune", {}).get("s_per_step", {})))

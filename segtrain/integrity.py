@@ -267,7 +267,7 @@ def verify_source(source, mode: str) -> None:
     processes reading the whole dataset at once, over NFS on clusters, would each take as long
     as all of them. A problem found on any machine is raised on every process.
     """
-    if source.manifest is None or source.digests is not None or not _is_local(source.location):
+    if source.manifest is None or source.digests is not None or not is_local(source.location):
         return
     import torch.distributed as dist
 
@@ -287,7 +287,8 @@ def verify_source(source, mode: str) -> None:
         raise DataError(found)
 
 
-def _is_local(location: str) -> bool:
+def is_local(location: str) -> bool:
+    """Whether data at ``location`` is on this machine's filesystem (not a URL or a ``pipe:`` command)."""
     return not location.startswith("pipe:") and "://" not in location
 
 

@@ -104,6 +104,12 @@ def plan_run(cfg: TrainConfig, world_size: int = 1, device_type: str = "cpu",
     train_source = shards.resolve_data(cfg.data, cfg.train_split)
     val_source = shards.resolve_data(val_data, cfg.val_split)
     check_disjoint(train_source, val_source)
+    if workers > 1 and not integrity.is_local(train_source.location):
+        # The batch order is fixed whatever the worker count (exact resume), so every worker reads
+        # the rank's whole share and decodes only its own batches: over a network that is W fetches.
+        notes = notes + (f"remote training data: each of the {workers} loader workers fetches this process's "
+                         "share of every shard per epoch (decoding is split, reading is not); --workers 1 "
+                         "fetches each once, or copy the shards to local disk",)
     for source in (train_source, val_source):  # damaged shards fail here, before RUN_DIR exists
         integrity.verify_source(source, cfg.verify_shards)
     batches = shards.batches_per_epoch(train_source, per_process_batch, world_size)

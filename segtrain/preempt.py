@@ -7,7 +7,9 @@ optimizer step it is in, the ranks agree to stop after the same step, the run sa
 training checkpoint (atomically, as every checkpoint) and ``train()`` exits with
 ``PREEMPTED_EXIT`` (75, ``EX_TEMPFAIL``: "try again"). ``--resume auto`` continues from
 that checkpoint; ``examples/slurm.sh`` requeues the job on this status. A second signal
-of the same kind ends the process at once (the signal's default action).
+of the same kind ends the process at once (the signal's default action), unless it comes
+within ``REPEAT_GRACE_S`` of the first: on preemption SLURM signals every process of the
+step and the launchers forward their own copy, so one request arrives several times.
 
 Agreement: the signal may reach only some ranks (``kill`` of one process, a node whose
 launcher was signalled first). Every step, each rank contributes its flag to one MAX
@@ -22,6 +24,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 from types import FrameType
 from typing import Callable, Optional, Union
 
@@ -29,6 +32,9 @@ import torch
 import torch.distributed as dist
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL (sysexits.h): stopped by a signal after saving a checkpoint; rerun to continue
+# Copies of one request (SLURM's own + forwarded by sbatch's shell, srun, segtrain.launch) arrive
+# within milliseconds; a person pressing Ctrl-C/kill again to force the stop takes longer.
+REPEAT_GRACE_S = 3.0
 
 STOP_SIGNALS = {
     "TERM+USR1": "SIGTERM and SIGUSR1 stop after the current step with a checkpoint (exit 75)",
@@ -60,6 +66,7 @@ class StopOnSignal:
 
     def __init__(self, choice: str, world_size: int) -> None:
         self.signum: Optional[int] = None
+        self.first_at = 0.0  # time.monotonic() of the first signal
         self.stopped = False  # the ranks agreed: stop after this step
         # Python takes signals only in the main thread (train() run from another thread: none).
         main_thread = threading.current_thread() is threading.main_thread()
@@ -69,10 +76,13 @@ class StopOnSignal:
         self.pending: Optional[tuple[dist.Work, torch.Tensor]] = None
 
     def _handle(self, signum: int, frame: Optional[FrameType]) -> None:
-        if self.signum == signum:  # asked twice: stop now
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-        self.signum = signum
+        now = time.monotonic()
+        if self.signum == signum:
+            if now - self.first_at > REPEAT_GRACE_S:  # asked again, not a forwarded copy: stop now
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            return
+        self.signum, self.first_at = signum, now
 
     def should_stop(self) -> bool:
         """Whether all ranks stop after this step (the same answer on every rank)."""

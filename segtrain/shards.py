@@ -466,6 +466,8 @@ class _TrainShardStream(_EpochBatches):
                 position += 1
             for b in in_window:
                 yield _stack([self._augment(kept.pop(p), _mix(self.seed, epoch, self.rank, p)) for p in members[b]])
+        for _ in raw:  # read the range to its end: a shard ending there is counted and its sha256 checked
+            pass
 
     def _augment(self, sample: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor, str]:
         sid, jpeg, png, name = _shard_pair(sample)

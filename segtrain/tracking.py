@@ -176,8 +176,9 @@ def start(accelerator: "Accelerator", plan: "RunPlan", step: int) -> None:
     run = accelerator.get_tracker("wandb", unwrap=True)
     run.define_metric(STEP_KEY, hidden=True)
     run.define_metric("*", step_metric=STEP_KEY)
-    if step > 0:
-        replay(run, read_metrics_log(plan.run_dir / "metrics.jsonl"), plan.spec.classes)
+    metrics_path = plan.run_dir / "metrics.jsonl"  # absent when the checkpoint came before the first log line
+    if step > 0 and metrics_path.is_file():
+        replay(run, read_metrics_log(metrics_path), plan.spec.classes)
 
 
 def replay(run: Any, records: list[dict], class_names: tuple[str, ...]) -> None:

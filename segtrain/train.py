@@ -363,6 +363,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     distributed.seed_process(cfg.seed)  # same init above; per-rank dropout masks from here
     bare = accelerator.unwrap_model(model)  # its mean/std normalise the batches
     state, log = start_run(plan, accelerator)
+    if state.step >= cfg.iterations:  # a finished run resumed (a resubmitted --resume auto job): keep final.pt
+        accelerator.end_training()
+        say(f"{plan.run_dir} has trained all {cfg.iterations} steps; nothing to do (a longer --iterations extends it)")
+        return TrainResult(bare, {}, state.best_miou, plan.run_dir)
     say(f"run {cfg.name}: {plan.world_size} process(es) on {device.type}, precision "
         f"{runtime['mixed_precision']}, {plan.per_process_batch} images/process x {cfg.grad_accum} "
         f"accumulation = global batch {cfg.batch_size}, {plan.steps_per_epoch} steps/epoch, "

@@ -126,7 +126,8 @@ def test_no_autotune_env_falls_back_to_the_flag_rule(tune, monkeypatch):
 
 def test_cuda_keeps_its_rule_without_timing(tune, monkeypatch):
     calls = tune(ZEN4)
-    monkeypatch.setattr(hardware, "cuda_bf16_supported", lambda: True)
+    monkeypatch.setattr(hardware, "cuda_capability", lambda device: (8, 0))
+    monkeypatch.setattr(hardware, "cuda_arch_list", lambda: ["sm_80"])
     choice = autotune.decide("auto", None, torch.device("cuda"), SHAPE, 129, 8)
     assert calls == [] and (choice.precision, choice.channels_last) == ("bf16", True)
 
@@ -279,3 +280,18 @@ def test_a_resumed_run_keeps_the_setting_it_started_with(tune, packed_shards, tm
     out = capsys.readouterr().out
     assert "precision: bf16 + channels_last (measured 0.37 vs 0.68 s/step fp32 + channels_last on" in out
     assert "; kept from the run's start)" in out
+
+
+def test_a_resume_on_other_hardware_decides_afresh(tmp_path, monkeypatch):
+    """A requeued job may land on another machine: the saved choice is kept only on the device
+    that made it (a bf16 choice from a Zen 4 would be emulated on an AVX2 CPU)."""
+    saved = {"mixed_precision": "bf16", "channels_last": True, "precision_reason": "measured",
+             "device": "CPU AMD EPYC Zen 4"}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({autotune.RESOLVED_KEY: saved}))
+    cfg = types.SimpleNamespace(resume="latest", mixed_precision="auto", channels_last=None,
+                                resolved_run_dir=lambda: tmp_path)
+    monkeypatch.setattr(hardware, "device_name", lambda device: "CPU AMD EPYC Zen 4")
+    kept = autotune.kept_on_resume(cfg, torch.device("cpu"))
+    assert kept is not None and (kept.precision, kept.channels_last) == ("bf16", True)
+    monkeypatch.setattr(hardware, "device_name", lambda device: "CPU AMD EPYC Zen 3")
+    assert autotune.kept_on_resume(cfg, torch.device("cpu")) is None

@@ -65,6 +65,24 @@ def test_a_signal_raises_the_flag_and_close_restores_the_handlers():
     untouched.close()
 
 
+def test_copies_of_one_signal_stop_cleanly_and_a_later_repeat_stops_at_once(monkeypatch):
+    """SLURM signals every process and the launchers forward their own copy: copies that arrive
+    together are one request; the same signal again after the grace period kills at once."""
+    killed = []
+    monkeypatch.setattr(preempt.os, "kill", lambda pid, sig: killed.append(sig))
+    clock = iter([100.0, 100.01, 100.02, 100.0 + preempt.REPEAT_GRACE_S + 1])
+    monkeypatch.setattr(preempt.time, "monotonic", lambda: next(clock))
+    stopper = preempt.StopOnSignal("TERM+USR1", world_size=1)
+    try:
+        for _ in range(3):  # SLURM's copy, the batch shell's, segtrain.launch's
+            stopper._handle(signal.SIGTERM, None)
+        assert killed == [] and stopper.should_stop()
+        stopper._handle(signal.SIGTERM, None)  # a person insisting
+        assert killed == [signal.SIGTERM]
+    finally:
+        stopper.close()
+
+
 def test_sigterm_to_the_whole_process_group_spares_the_loader_workers(packed_shards, tmp_path):
     """A cluster ending a job signals all of its processes, loader workers included: the run
     still stops after a whole step, with its checkpoint, and exits 75."""
@@ -198,3 +216,18 @@ def test_slurm_script_forwards_the_signal_and_requeues_only_a_stopped_run(case, 
         assert (tmp_path / "requeued").read_text().split() == ["4242"]
     else:
         assert script.returncode == 0 and not (tmp_path / "requeued").exists()
+
+
+def test_resume_auto_of_a_finished_run_keeps_its_final_checkpoint(packed_shards, tmp_path, capsys):
+    """A resubmitted job whose run already finished: nothing is trained and final.pt keeps its metrics."""
+    from segtrain.train import train
+
+    run_dir = tmp_path / "run"
+    args = run_args(packed_shards["train"], run_dir, "--iterations", "2", "--val-every", "2")
+    train(parse_config(args))
+    final = torch.load(run_dir / "final.pt", weights_only=True)
+    assert final["metrics"]["miou"] >= 0
+    result = train(parse_config(args + ["--resume", "auto"]))
+    assert "has trained all 2 steps; nothing to do" in capsys.readouterr().out
+    assert torch.load(run_dir / "final.pt", weights_only=True)["metrics"] == final["metrics"]
+    assert result.metrics == {}

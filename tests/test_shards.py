@@ -375,3 +375,18 @@ def test_two_process_ddp_batches_equal_and_cover_the_epoch_and_validation_exactl
         expected = [sid for sid, _, _ in iter_samples(data, "val")]
         assert len(seen) == len(set(seen)) and sorted(seen) == sorted(expected), name
     assert len(ranks[0]["val"]["one"]) == len(ranks[1]["val"]["one"]) == 5  # one shard, split by sample
+
+
+def test_training_checks_the_last_shard_of_its_share_too(packed_shards):
+    """A worker that has its last sample reads the range on to its end: the shard that ends the
+    epoch's share is counted and (remote shards) hash-checked like the others."""
+    from segtrain.transforms import train_transforms
+
+    source = resolve_data(packed_shards["train"], "train")
+    sizes = shards._shard_sizes(source)
+    last = list(itertools.islice(shards._shard_cycle(len(sizes), 0, 0), len(sizes)))[-1]
+    stream = shards._TrainShardStream(source.urls, sizes, train_transforms(33, normalize=False), 1, sum(sizes),
+                                      seed=0, epoch=0, rank=0, spec=source.spec,
+                                      digests={source.urls[last]: "0" * 64})
+    with pytest.raises(DataError, match=re.escape(source.urls[last]) + ": sha256"):
+        list(stream)

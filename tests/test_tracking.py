@@ -179,6 +179,17 @@ def test_sync_message_names_every_offline_folder_in_order(packed_shards, tmp_pat
     assert len(tracking.offline_folders(run_dir)) == 2
 
 
+def test_resume_from_a_checkpoint_before_the_first_log_line(packed_shards, tmp_path, offline_env):
+    """A stop signal (or --checkpoint-every below --log-every) can checkpoint before metrics.jsonl
+    exists: the resumed run has nothing to replay, and goes on."""
+    run_dir = tmp_path / "early"
+    flags = ["--log-every", "100", "--checkpoint-every", "1", "--val-every", "100"]
+    train(parse_config(args(packed_shards["train"], run_dir, "--iterations", "1", *flags)))
+    (run_dir / "metrics.jsonl").unlink()  # as after a stop at step 1, before any line was written
+    train(parse_config(args(packed_shards["train"], run_dir, "--iterations", "2", *flags, "--resume", "auto")))
+    assert (run_dir / "final.pt").exists() and len(tracking.offline_folders(run_dir)) == 2
+
+
 def test_online_when_wandb_finds_a_key_for_its_self_hosted_host(tmp_path, offline_env, monkeypatch):
     assert tracking.wandb_mode() == "offline"
     from wandb.sdk import wandb_setup
