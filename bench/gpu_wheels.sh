@@ -20,7 +20,7 @@ fi
 specs=()
 PACKAGES=(webdataset braceexpand segment-anything matplotlib contourpy cycler fonttools kiwisolver pyparsing
           python-dateutil tzdata six packaging tqdm pyyaml)
-IMAGE_HAS=(torch torchvision numpy pillow timm accelerate)  # a CUDA torch image's own, with their dependencies
+IMAGE_HAS=(torch torchvision numpy pillow timm accelerate psutil)  # a CUDA torch image's own, with their dependencies (psutil: accelerate's, used by segtrain.launch)
 for name in "${PACKAGES[@]}"; do
   version=$("$PY" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name" 2>/dev/null || true)
   specs+=("$name${version:+==$version}")

@@ -28,3 +28,7 @@ try:
 except DataError as e:
     error = str(e)
 (out / f"rank{state.process_index}.json").write_text(json.dumps({"hashed": hashed, "writes": writes, "error": error}))
+# Leave together, with the group torn down: a rank that exits while the other's gloo threads
+# still talk to it can abort the other ("terminate called without an active exception").
+state.wait_for_everyone()
+state.destroy_process_group()

@@ -96,7 +96,7 @@ def test_slurm_script_gives_every_rank_its_cpus_and_names_no_precision(tmp_path)
         tool.chmod(0o755)
     env = os.environ | {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_SUBMIT_DIR": str(REPO),
                         "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_NNODES": "2", "SLURM_GPUS_ON_NODE": "4",
-                        "SLURM_CPUS_PER_TASK": "32"}
+                        "SLURM_CPUS_PER_TASK": "32", "SLURM_JOB_ID": "123", "SLURM_JOB_NAME": "voc"}
     proc = subprocess.run(["bash", str(REPO / "examples" / "slurm.sh"), "--data", "x.json"], env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
