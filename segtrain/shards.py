@@ -56,8 +56,10 @@ float32 images, int64 masks.
 """
 from __future__ import annotations
 
+import atexit
 import functools
 import itertools
+import multiprocessing
 import re
 import shlex
 import signal
@@ -267,9 +269,20 @@ def _resolve_rank(rank: Optional[int], world_size: Optional[int]) -> tuple[int, 
 def _loader_worker_init(worker_id: int) -> None:
     """Loader workers ignore the stop signals: those are the training process's to handle
     (segtrain/preempt.py), and a cluster that signals every process of a job must not kill a
-    worker first. A worker still ends with its loader, or when its parent process dies."""
+    worker first. A worker still ends with its loader, or when its parent process dies or
+    exits (``_end_loader_workers``)."""
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
+
+
+@atexit.register  # after multiprocessing's own exit handler was registered: so it runs before it
+def _end_loader_workers() -> None:
+    """At exit, multiprocessing ends its daemonic children (DataLoader workers) with SIGTERM and
+    waits for them; workers that ignore SIGTERM would keep a process that left a loader running
+    (a run that raised mid-epoch, a notebook) waiting forever. End them first, with SIGKILL."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
 
 
 def _mix(*words: int) -> int:

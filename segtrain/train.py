@@ -383,65 +383,68 @@ def train(cfg: TrainConfig) -> TrainResult:
     progress = tqdm(total=cfg.iterations, initial=step, disable=not accelerator.is_main_process,
                     dynamic_ncols=True, desc="train")
     stopper = preempt.StopOnSignal(cfg.stop_signals, plan.world_size)  # SIGTERM/USR1: checkpoint, exit 75
-    while step < cfg.iterations and not stopper.stopped:
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * lr_factor(step, cfg)
-        for micro in range(cfg.grad_accum):
-            fetch_start = time.perf_counter()  # includes starting the loader workers (once per run)
-            with errors_of_rank(accelerator.process_index):  # this rank's share of the data
-                images, masks, _ = next(batches)
-            window.data_wait += time.perf_counter() - fetch_start
-            # The loader ships uint8 (a quarter of the bytes to copy): normalise on the device with
-            # the model's own statistics (its backbone's pretrained_cfg, or the --init-from checkpoint's).
-            images = normalize(images.to(device, non_blocking=True), mean, std)
-            masks = masks.to(device, non_blocking=True).long()
-            if cfg.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            # Gradients are all-reduced only on the last micro-batch of a step.
-            sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(model)
-            with sync:
-                out = model(images)
-                loss = criterion(out["out"], masks)
-                if "aux" in out:
-                    loss = loss + cfg.aux_loss_weight * criterion(out["aux"], masks)
-                accelerator.backward(loss / cfg.grad_accum)
-            window.loss += loss.detach() / cfg.grad_accum  # no .item(): no sync per micro-batch
-        if cfg.grad_clip > 0:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step = state.step = step + 1
-        window.steps += 1
-        progress.update(1)
-        if cfg.compile and step == first_step + 1:
-            confirm_compiled(model, plan, accelerator)
+    try:
+        while step < cfg.iterations and not stopper.stopped:
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * lr_factor(step, cfg)
+            for micro in range(cfg.grad_accum):
+                fetch_start = time.perf_counter()  # includes starting the loader workers (once per run)
+                with errors_of_rank(accelerator.process_index):  # this rank's share of the data
+                    images, masks, _ = next(batches)
+                window.data_wait += time.perf_counter() - fetch_start
+                # The loader ships uint8 (a quarter of the bytes to copy): normalise on the device with
+                # the model's own statistics (its backbone's pretrained_cfg, or the --init-from checkpoint's).
+                images = normalize(images.to(device, non_blocking=True), mean, std)
+                masks = masks.to(device, non_blocking=True).long()
+                if cfg.channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                # Gradients are all-reduced only on the last micro-batch of a step.
+                sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(model)
+                with sync:
+                    out = model(images)
+                    loss = criterion(out["out"], masks)
+                    if "aux" in out:
+                        loss = loss + cfg.aux_loss_weight * criterion(out["aux"], masks)
+                    accelerator.backward(loss / cfg.grad_accum)
+                window.loss += loss.detach() / cfg.grad_accum  # no .item(): no sync per micro-batch
+            if cfg.grad_clip > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step = state.step = step + 1
+            window.steps += 1
+            progress.update(1)
+            if cfg.compile and step == first_step + 1:
+                confirm_compiled(model, plan, accelerator)
 
-        if plan.logs_at(step):
-            data_wait, peak_memory = window.data_wait, window.peak_memory()
-            mean_loss, images_per_s = window.take(accelerator, cfg.batch_size)
-            record = {"step": step, "epoch": step / plan.steps_per_epoch, "train/loss": mean_loss,
-                      "lr/backbone": optimizer.param_groups[0]["lr"], "lr/head": optimizer.param_groups[1]["lr"],
-                      "images_per_s": images_per_s, "data_wait_s": data_wait} | peak_memory
-            publish(accelerator, log, record)
-            progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr/head']:.2e}", img_s=f"{images_per_s:.1f}")
-        if plan.validates_at(step):
-            progress.clear()
-            val_start = time.perf_counter()
-            window.set_peak_aside()  # validation's peak memory is logged on its own
-            metrics = validate(model, accelerator, plan, log, step)
-            if metrics["miou"] > state.best_miou:
-                state.best_miou = metrics["miou"]
-                save_model(accelerator, model, plan, "best.pt", step, metrics)
-            say(f"step {step}: val mIoU {metrics['miou']:.4f}, pixel acc {metrics['pixel_acc']:.4f} "
-                f"(best {state.best_miou:.4f})")
-            window.start += time.perf_counter() - val_start  # not training throughput
-        # After validation, so the checkpoint carries the best mIoU it just measured. All ranks
-        # skip should_stop() on the same (checkpoint) steps, so its collectives stay matched.
-        if plan.checkpoints_at(step) or stopper.should_stop():
-            save_training_state(accelerator, plan.run_dir, step, cfg.keep_checkpoints)
-    progress.close()
-    batches.close()
-    stopper.close()
+            if plan.logs_at(step):
+                data_wait, peak_memory = window.data_wait, window.peak_memory()
+                mean_loss, images_per_s = window.take(accelerator, cfg.batch_size)
+                record = {"step": step, "epoch": step / plan.steps_per_epoch, "train/loss": mean_loss,
+                          "lr/backbone": optimizer.param_groups[0]["lr"], "lr/head": optimizer.param_groups[1]["lr"],
+                          "images_per_s": images_per_s, "data_wait_s": data_wait} | peak_memory
+                publish(accelerator, log, record)
+                progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr/head']:.2e}",
+                                     img_s=f"{images_per_s:.1f}")
+            if plan.validates_at(step):
+                progress.clear()
+                val_start = time.perf_counter()
+                window.set_peak_aside()  # validation's peak memory is logged on its own
+                metrics = validate(model, accelerator, plan, log, step)
+                if metrics["miou"] > state.best_miou:
+                    state.best_miou = metrics["miou"]
+                    save_model(accelerator, model, plan, "best.pt", step, metrics)
+                say(f"step {step}: val mIoU {metrics['miou']:.4f}, pixel acc {metrics['pixel_acc']:.4f} "
+                    f"(best {state.best_miou:.4f})")
+                window.start += time.perf_counter() - val_start  # not training throughput
+            # After validation, so the checkpoint carries the best mIoU it just measured. All ranks
+            # skip should_stop() on the same (checkpoint) steps, so its collectives stay matched.
+            if plan.checkpoints_at(step) or stopper.should_stop():
+                save_training_state(accelerator, plan.run_dir, step, cfg.keep_checkpoints)
+    finally:  # also when a step raises: the loader's workers live for the whole run
+        progress.close()
+        batches.close()
+        stopper.close()
     if stopper.stopped:
         accelerator.end_training()
         raise stopper.exit(step, plan.run_dir, say)

@@ -390,3 +390,18 @@ def test_training_checks_the_last_shard_of_its_share_too(packed_shards):
                                       digests={source.urls[last]: "0" * 64})
     with pytest.raises(DataError, match=re.escape(source.urls[last]) + ": sha256"):
         list(stream)
+
+
+def test_a_process_that_leaves_a_loader_running_still_exits(packed_shards):
+    """Loader workers ignore SIGTERM (a cluster's stop signal is the training process's), and
+    multiprocessing ends daemonic children at exit with SIGTERM: a loader left running (a run that
+    raised mid-epoch, a notebook) must not make the process wait on its workers forever."""
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom segtrain.shards import train_loader\n"
+              "loader, _ = train_loader(sys.argv[1], batch_size=2, crop_size=33, num_workers=2, endless=True)\n"
+              "batches = iter(loader)\nnext(batches)\nprint('left running', flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(packed_shards["train"])], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and "left running" in proc.stdout, proc.stderr[-2000:]

@@ -296,3 +296,25 @@ def test_two_processes_with_different_clocks_share_one_run_and_draw_their_own_dr
     assert capsys.readouterr().err.strip() == (f"segtrain: error: resume: {step} was saved by 2 process(es), this run "
                                                "has 1; resume with 2 (accelerate launch --num_processes 2), or start a "
                                                "new run with --init-from RUN_DIR/best.pt")
+
+
+def test_a_step_that_raises_stops_the_loader_workers(packed_shards, tmp_path, monkeypatch):
+    """The training loader lives for the whole run: a step that raises must not leave its
+    workers running (or the stop-signal handlers installed) in a process that goes on."""
+    import multiprocessing
+    import signal
+
+    from segtrain import train as train_module
+
+    before = signal.getsignal(signal.SIGTERM)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a failing step")
+    monkeypatch.setattr(train_module, "lr_factor", lambda step, cfg: broken() if step == 2 else 1.0)
+    with pytest.raises(RuntimeError, match="a failing step"):
+        train_module.train(parse_config(["--data", str(packed_shards["train"]), "--run-dir", str(tmp_path / "r"),
+                                         "--backbone", "resnet18", "--pretrained", "false", "--crop-size", "33",
+                                         "--batch-size", "2", "--iterations", "4", "--workers", "2",
+                                         "--tracker", "none", "--mixed-precision", "no"]))
+    assert [p for p in multiprocessing.active_children() if p.is_alive()] == []
+    assert signal.getsignal(signal.SIGTERM) is before
