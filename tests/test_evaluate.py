@@ -227,3 +227,20 @@ def test_cli_batch_size_groups_images(setup, tmp_path):
           "--protocol", "ms-flip", "--workers", "0", "--out", str(out)])
     result = json.loads(out.read_text())
     assert result["num_images"] == 7 and result["num_pixels"] == setup["manifest"]["labelled_pixel_count"]
+
+
+def test_evaluate_gives_what_the_runs_validation_gave_for_best_pt(packed_shards, tmp_path):
+    """best.pt evaluated on the val split reproduces the run's own validation figure: same
+    precision and the run's memory format (bf16 kernels differ between layouts)."""
+    from segtrain.config import parse_config
+    from segtrain.train import train
+
+    run = tmp_path / "run"
+    train(parse_config(["--data", str(packed_shards["train"]), "--run-dir", str(run), "--backbone", "resnet18",
+                        "--pretrained", "false", "--crop-size", "65", "--batch-size", "4", "--iterations", "4",
+                        "--val-every", "4", "--workers", "0", "--tracker", "none", "--mixed-precision", "bf16",
+                        "--channels-last", "true", "--val-protocol", "whole"]))
+    best = torch.load(run / "best.pt", weights_only=True)["metrics"]["miou"]
+    main(["--checkpoint", str(run / "best.pt"), "--data", str(packed_shards["val"]), "--mixed-precision", "bf16",
+          "--workers", "0", "--out", str(tmp_path / "eval.json")])
+    assert json.loads((tmp_path / "eval.json").read_text())["miou"] == best
