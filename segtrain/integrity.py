@@ -32,7 +32,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .io import DataError, PathLike, atomic_write_bytes, read_manifest
+from .io import DataError, PathLike, atomic_write_bytes, read_manifest, user_cache_dir
 
 VERIFY_MODES = ("off", "once", "always")
 DEFAULT_VERIFY = "once"
@@ -154,7 +154,7 @@ def check_mode(mode: str) -> str:
 def _cache_paths(manifest_path: Path) -> list[Path]:
     """Where verified shards are remembered: next to the manifest, else the user's cache."""
     resolved = manifest_path.resolve()
-    user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "segtrain" / "verified"
+    user_cache = user_cache_dir() / "verified"
     key = hashlib.sha256(str(resolved).encode()).hexdigest()[:16]
     return [resolved.with_name(f".{resolved.stem}.verified.json"), user_cache / f"{resolved.stem}-{key}.json"]
 
