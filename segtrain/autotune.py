@@ -37,7 +37,7 @@ from typing import Any, Optional
 import torch
 import yaml
 
-from segtrain import hardware, steptime
+from segtrain import distributed, hardware, steptime
 from segtrain.io import DataError, atomic_write_bytes, user_cache_dir
 
 ENV_OFF = "SEGTRAIN_NO_AUTOTUNE"
@@ -213,12 +213,9 @@ def choice_line(runtime: dict) -> str:
 def decide_once(decide_here: Callable[[], Choice], state: Any = None) -> Choice:
     """``decide_here()`` on the main process only; every process gets its result (others wait,
     so the timing is not slowed down by them, and all ranks run the same setting)."""
-    if state is None or state.num_processes == 1:
+    if state is None:  # no run around it: this process alone
         return decide_here()
-    from accelerate.utils import broadcast_object_list
-    box = [decide_here() if state.is_main_process else None]
-    broadcast_object_list(box, from_process=0)
-    return box[0]
+    return distributed.decided_by_main(decide_here, state)
 
 
 def runtime_of(choice: Choice, device: torch.device, mode: str, crop: int, batch: int) -> dict:

@@ -14,10 +14,13 @@ from __future__ import annotations
 import dataclasses
 import os
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from accelerate import PartialState
-from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
+from accelerate.utils import InitProcessGroupKwargs, set_seed
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:  # config.py takes its timeout setting from here
     from segtrain.config import TrainConfig
@@ -51,12 +54,23 @@ def process_group_kwargs(minutes: float = DIST_TIMEOUT_MIN) -> InitProcessGroupK
     return InitProcessGroupKwargs(timeout=process_group_timeout(minutes))
 
 
+def decided_by_main(decide: Callable[[], T], state: Any = None) -> T:
+    """``decide()`` on the main process only, its result on every process (a collective: call on
+    all). ``state``: anything with ``num_processes`` and ``is_main_process`` (default PartialState)."""
+    state = state if state is not None else PartialState()
+    if state.num_processes == 1:
+        return decide()
+    from accelerate import utils  # looked up at call time: tests replace broadcast_object_list
+
+    box = [decide() if state.is_main_process else None]
+    utils.broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
 def agree_on_run_name(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with rank 0's ``name`` and ``run_dir`` on every process (a collective: call on all)."""
-    if PartialState().num_processes == 1:
-        return cfg
-    name_and_dir = broadcast_object_list([cfg.name, cfg.run_dir], from_process=0)
-    return dataclasses.replace(cfg, name=name_and_dir[0], run_dir=name_and_dir[1])
+    name, run_dir = decided_by_main(lambda: (cfg.name, cfg.run_dir))
+    return dataclasses.replace(cfg, name=name, run_dir=run_dir)
 
 
 def seed_process(seed: int) -> None:

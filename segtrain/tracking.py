@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 import torch
 
+from segtrain import distributed
 from segtrain.io import atomic_write_bytes, read_metrics_log
 from segtrain.transforms import denormalize
 
@@ -93,18 +94,14 @@ def shared_run_id(accelerator: "Accelerator", run_dir: Path, resuming: bool) -> 
     A fresh run gets a new id (never merged into an older run of the same --name); a resumed
     one gets a new id too, and the one it resumes (see ``start``).
     """
-    from accelerate.utils import broadcast_object_list
-
-    decided: list[Any] = [None, None]
-    if accelerator.is_main_process:
+    def decide() -> tuple[str, Optional[str]]:
         id_file = run_dir / ID_FILE
         previous = id_file.read_text().strip() if resuming and id_file.is_file() else None
         run_id = uuid.uuid4().hex[:16]
         atomic_write_bytes(id_file, run_id.encode())
-        decided = [run_id, previous]
-    if accelerator.num_processes > 1:
-        broadcast_object_list(decided, from_process=0)
-    return decided[0], decided[1]
+        return run_id, previous
+
+    return distributed.decided_by_main(decide, accelerator.state)
 
 
 # ----------------------------------------------------------------------------- config
