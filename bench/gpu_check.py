@@ -270,7 +270,7 @@ def repeat_train_split(root: Path, count: int) -> None:
     Rendering is the slow part of making data; a long train split keeps loader workers
     from being restarted every few steps (a new epoch), which would not be the steady state.
     """
-    from segtrain.io import atomic_write_bytes
+    from segtrain.files import atomic_write_bytes
     split_file = root / "ImageSets" / "Segmentation" / "train.txt"
     ids = split_file.read_text().split()
     out = []
@@ -396,7 +396,7 @@ def section_train(ctx: Context) -> None:
     import train_bench
     from accelerate.state import AcceleratorState
     from segtrain.config import TrainConfig
-    from segtrain.io import read_metrics_log
+    from segtrain.files import read_metrics_log
     p, dev = ctx.profile, device()
     default = TrainConfig().mixed_precision  # what a user who passes no --mixed-precision gets
     resolved: dict[int, str] = {}
@@ -602,7 +602,7 @@ def run_section(name: str, profile: Profile, work: Path, deadline: float) -> int
 
 def write_json(path: Path, data: Any) -> None:
     """Strict JSON (NaN -> null), written atomically: a reader never sees half a file."""
-    from segtrain.io import atomic_write_bytes
+    from segtrain.files import atomic_write_bytes
     from segtrain.metrics import to_jsonable
     atomic_write_bytes(path, (json.dumps(to_jsonable(data), indent=1, default=str, allow_nan=False) + "\n").encode())
 
@@ -813,7 +813,7 @@ def report(out: Path, profile: Profile, results: dict, wall_s: float) -> None:
         if result.get("error"):
             lines += ["", f"**{result.get('status')}**: {result['error']}"]
         lines += [""] + [f"- {note}" for note in result.get("notes", [])]
-    from segtrain.io import atomic_write_bytes
+    from segtrain.files import atomic_write_bytes
     atomic_write_bytes(out / "gpu_check.md", ("\n".join(lines) + "\n").encode())
     write_json(out / "gpu_check.json", {"profile": dataclasses.asdict(profile), "wall_s": wall_s,
                                         "goals": {"speedup": GOAL_SPEEDUP, "reference_mb": REFERENCE_MB,

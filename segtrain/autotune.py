@@ -38,7 +38,7 @@ import torch
 import yaml
 
 from segtrain import distributed, hardware, steptime
-from segtrain.io import DataError, atomic_write_bytes, user_cache_dir
+from segtrain.files import DataError, atomic_write_bytes, user_cache_dir
 
 ENV_OFF = "SEGTRAIN_NO_AUTOTUNE"
 CHANNELS_LAST_HELP = ("NHWC memory format: auto (measured on CPUs together with the precision, on on GPUs) | "

@@ -24,7 +24,7 @@ import sys
 from collections.abc import Iterator
 from typing import Optional
 
-from segtrain.io import ConfigError, DataError
+from segtrain.files import ConfigError, DataError
 
 USER_ERROR_EXIT = 2
 

@@ -25,7 +25,7 @@ import yaml
 
 from segtrain import autotune, distributed, evaluate, hardware, integrity, losses, model, preempt, schedule, tracking
 from segtrain.cli import ArgumentParser
-from segtrain.io import ConfigError, atomic_write_bytes
+from segtrain.files import ConfigError, atomic_write_bytes
 
 MIXED_PRECISIONS = (None,) + hardware.PRECISIONS  # chosen by segtrain/hardware.py (None: accelerate's config)
 TRACKERS = ("wandb", "none")  # the train loop's

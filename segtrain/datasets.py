@@ -46,7 +46,7 @@ import numpy as np
 from PIL import Image
 
 from . import voc
-from .io import DataError, PathLike, atomic_write_bytes
+from .files import DataError, PathLike, atomic_write_bytes
 
 IGNORE_INDEX = 255  # the ignore label of mapped masks, everywhere in segtrain
 MAX_CLASSES = 255   # uint8 masks, 255 reserved for ignore

@@ -35,7 +35,7 @@ from typing import Optional, Sequence
 from tqdm import tqdm
 
 from segtrain.cli import user_errors
-from segtrain.io import DataError, PathLike, atomic_write_bytes
+from segtrain.files import DataError, PathLike, atomic_write_bytes
 
 USER_AGENT = "segtrain-download/1 (+urllib)"
 

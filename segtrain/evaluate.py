@@ -60,7 +60,7 @@ from tqdm import tqdm
 
 from segtrain import autotune, distributed, hardware, integrity, tracking
 from segtrain.cli import ArgumentParser, OtherProcessFailed, check_launch, rank_specific, user_errors
-from segtrain.io import DataError, atomic_write_bytes
+from segtrain.files import DataError, atomic_write_bytes
 from segtrain.metrics import ConfusionMatrix, format_metrics_table, to_jsonable
 from segtrain.datasets import IGNORE_INDEX, spec_from_checkpoint
 from segtrain.model import check_fits_data, load_checkpoint

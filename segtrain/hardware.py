@@ -39,7 +39,7 @@ from typing import Optional, Union
 
 import torch
 
-from segtrain.io import ConfigError
+from segtrain.files import ConfigError
 
 # Accepted values of --mixed-precision; "no" is Accelerate's spelling of fp32.
 PRECISIONS = ("auto", "no", "fp32", "bf16", "fp16")

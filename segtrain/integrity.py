@@ -32,7 +32,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .io import DataError, PathLike, atomic_write_bytes, read_manifest, user_cache_dir
+from .files import DataError, PathLike, atomic_write_bytes, read_manifest, user_cache_dir
 
 VERIFY_MODES = ("off", "once", "always")
 DEFAULT_VERIFY = "once"

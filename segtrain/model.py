@@ -28,7 +28,7 @@ from timm.models import FeatureInfo
 from torch import nn
 from torchvision.models.segmentation.fcn import FCNHead
 
-from segtrain.io import DataError, atomic_write_bytes
+from segtrain.files import DataError, atomic_write_bytes
 from segtrain.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 PathLike = Union[str, os.PathLike]

@@ -24,7 +24,7 @@ import torch
 from segtrain import distributed, hardware, integrity, shards
 from segtrain.config import TrainConfig
 from segtrain.evaluate import loader_protocol
-from segtrain.io import ConfigError, checkpoint_dirs
+from segtrain.files import ConfigError, checkpoint_dirs
 from segtrain.losses import LOSS_OPTIONS
 from segtrain.datasets import DatasetSpec
 from segtrain.voc import read_split

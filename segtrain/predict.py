@@ -28,7 +28,7 @@ from segtrain import autotune, hardware
 from segtrain.cli import user_errors
 from segtrain.datasets import save_label_png, spec_from_checkpoint
 from segtrain.evaluate import predict_logits
-from segtrain.io import DataError, save_image
+from segtrain.files import DataError, save_image
 from segtrain.model import load_checkpoint
 from segtrain.transforms import normalize
 from segtrain.visualize import overlay

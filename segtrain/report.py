@@ -31,7 +31,7 @@ import yaml
 from segtrain import autotune, hardware, shards, stats, visualize
 from segtrain.cli import user_errors
 from segtrain.datasets import DatasetSpec, decode_target, spec_from_checkpoint
-from segtrain.io import DataError, atomic_write_bytes, read_metrics_log
+from segtrain.files import DataError, atomic_write_bytes, read_metrics_log
 from segtrain.metrics import subset_miou
 from segtrain.model import check_fits_data, load_checkpoint, read_checkpoint
 from segtrain.predict import predict_mask

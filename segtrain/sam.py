@@ -44,7 +44,7 @@ from tqdm import tqdm
 from segtrain import autotune, hardware
 from segtrain.cli import user_errors
 from segtrain.datasets import IGNORE_INDEX, VOC, DatasetSpec, decode_target, spec_from_checkpoint
-from segtrain.io import PathLike, atomic_write_bytes, save_image
+from segtrain.files import PathLike, atomic_write_bytes, save_image
 from segtrain.metrics import confusion_matrix, segmentation_metrics, to_jsonable
 from segtrain.model import CheckpointError, check_fits_data, load_checkpoint, load_weights, torch_load
 from segtrain.predict import predict_mask

@@ -77,7 +77,7 @@ from torchvision.transforms.v2 import functional as F
 
 from . import integrity, voc
 from .datasets import IGNORE_INDEX, VOC, DatasetSpec, decode_label, load_pair, spec_from_manifest
-from .io import DataError, parse_manifest, read_manifest
+from .files import DataError, parse_manifest, read_manifest
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, PairTransform, normalize, train_transforms, val_transforms
 
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]

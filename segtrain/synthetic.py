@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from . import datasets
-from .io import atomic_write_bytes
+from .files import atomic_write_bytes
 from .voc import IGNORE_INDEX, NUM_CLASSES, label_to_png_bytes
 
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from segtrain import distributed
-from segtrain.io import atomic_write_bytes, read_metrics_log
+from segtrain.files import atomic_write_bytes, read_metrics_log
 from segtrain.transforms import denormalize
 
 if TYPE_CHECKING:

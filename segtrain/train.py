@@ -49,7 +49,7 @@ from segtrain import autotune, distributed, hardware, preempt, shards, tracking
 from segtrain.cli import check_launch, errors_of_rank, user_errors
 from segtrain.config import TrainConfig, config_to_dict, parse_config, save_config, update_saved_config
 from segtrain.evaluate import evaluate
-from segtrain.io import ConfigError, atomic_write_bytes, checkpoint_dirs, naming_write_errors, read_metrics_log
+from segtrain.files import ConfigError, atomic_write_bytes, checkpoint_dirs, naming_write_errors, read_metrics_log
 from segtrain.losses import build_loss
 from segtrain.metrics import to_jsonable
 from segtrain.model import PretrainedWeightsUnavailable, build_model, init_from_checkpoint, save_checkpoint

@@ -22,7 +22,7 @@ from matplotlib.patches import Patch
 
 from .cli import user_errors
 from .datasets import IGNORE_INDEX, VOC, DatasetSpec, decode_target
-from .io import DataError
+from .files import DataError
 from .shards import image_classes, iter_samples, resolve_data
 
 

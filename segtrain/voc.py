@@ -13,7 +13,7 @@ from typing import Callable, Optional
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .io import DataError, PathLike, atomic_write_bytes, read_bytes
+from .files import DataError, PathLike, atomic_write_bytes, read_bytes
 
 CLASSES: tuple[str, ...] = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car",

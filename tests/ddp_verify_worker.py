@@ -12,7 +12,7 @@ from pathlib import Path
 from accelerate import PartialState
 
 from segtrain import integrity, shards
-from segtrain.io import DataError
+from segtrain.files import DataError
 
 state = PartialState(cpu=True)
 out, good, bad = Path(sys.argv[1]), sys.argv[2], sys.argv[3]

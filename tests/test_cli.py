@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from segtrain.cli import ArgumentParser, fail, rank_specific
-from segtrain.io import DataError
+from segtrain.files import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,7 @@ from PIL import Image
 from segtrain import datasets, evaluate, predict, report
 from segtrain.datasets import (ADE20K, CITYSCAPES, DATASETS, VOC, DatasetSpec, decode_label, folder_spec,
                                spec_from_checkpoint, spec_from_manifest)
-from segtrain.io import DataError, read_manifest
+from segtrain.files import DataError, read_manifest
 from segtrain.model import build_model, init_from_checkpoint, load_checkpoint
 from segtrain.pack import pack_split
 from segtrain.synthetic import FOLDER_CLASSES, generate_layout

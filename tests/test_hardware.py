@@ -7,7 +7,7 @@ import yaml
 
 from segtrain import hardware
 from segtrain.config import parse_config, save_config
-from segtrain.io import ConfigError
+from segtrain.files import ConfigError
 from segtrain.train import train
 
 

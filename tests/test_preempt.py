@@ -14,7 +14,7 @@ import torch
 from conftest import REPO, _free_port
 from segtrain import preempt
 from segtrain.config import parse_config
-from segtrain.io import ConfigError
+from segtrain.files import ConfigError
 from segtrain.model import load_checkpoint
 from segtrain.plan import plan_run, resolve_resume
 

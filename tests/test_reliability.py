@@ -17,7 +17,7 @@ import yaml
 from segtrain import integrity, pack, voc
 from segtrain.cli import one_line
 from segtrain.evaluate import main as evaluate_main
-from segtrain.io import DataError, atomic_write_bytes
+from segtrain.files import DataError, atomic_write_bytes
 from segtrain.model import CheckpointError, build_model, load_checkpoint, save_checkpoint
 from segtrain.shards import iter_samples, train_loader, val_loader
 
@@ -288,12 +288,12 @@ def test_full_disk_through_the_pack_command_is_one_line(synthetic_voc, tmp_path)
 
 
 def test_full_disk_during_an_atomic_write_removes_the_temp_file(tmp_path, monkeypatch):
-    import segtrain.io as io
+    import segtrain.files as files
 
     def no_space(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(io.os, "fsync", no_space)
+    monkeypatch.setattr(files.os, "fsync", no_space)
     model = build_model(backbone="resnet18", pretrained=False)
     with pytest.raises(DataError, match=r"best\.pt: disk full \(No space left on device\); free space"):
         save_checkpoint(tmp_path / "best.pt", model)
@@ -454,7 +454,7 @@ def test_resume_with_more_iterations_updates_config_yaml(packed_shards, tmp_path
 def test_write_failures_from_native_writers_are_classified():
     from safetensors import SafetensorError
 
-    from segtrain.io import write_failure
+    from segtrain.files import write_failure
 
     full = [OSError(errno.ENOSPC, "No space left on device"), OSError(errno.EDQUOT, "Disk quota exceeded"),
             SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "x" })'),

@@ -14,7 +14,7 @@ import pytest
 from segtrain import integrity, shards
 from segtrain.config import parse_config
 from segtrain.evaluate import main as evaluate_main
-from segtrain.io import DataError
+from segtrain.files import DataError
 from segtrain.model import build_model, save_checkpoint
 from segtrain.train import main as train_main
 

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from segtrain import stats
-from segtrain.io import read_manifest
+from segtrain.files import read_manifest
 from segtrain.voc import CLASSES, COLORMAP, DataError
 
 AEROPLANE, PERSON = CLASSES.index("aeroplane"), CLASSES.index("person")
