@@ -43,10 +43,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from . import voc
-from .files import DataError, PathLike, atomic_write_bytes
+from .files import DataError, PathLike, atomic_write_bytes, read_bytes
 
 IGNORE_INDEX = 255  # the ignore label of mapped masks, everywhere in segtrain
 MAX_CLASSES = 255   # uint8 masks, 255 reserved for ignore
@@ -186,9 +186,36 @@ def table_from_mapping(mapping: Mapping[int, int], default: int = -1) -> tuple[i
 
 # ----------------------------------------------------------------------------- decoding
 
+def decode_image(data: bytes, name: str) -> Image.Image:
+    """JPEG (or any PIL image) bytes -> RGB PIL image; a clear DataError when corrupt."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()  # force the full decode now so truncation is caught here
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DataError(f"{name}: corrupt or unreadable image ({e})") from None
+    return img.convert("RGB")
+
+
+def read_index_png(data: bytes, name: str) -> np.ndarray:
+    """Index PNG bytes -> (H, W) uint8 raw values (palette "P" or grayscale "L"), unchecked.
+
+    Accepts palette and single-channel index images, as VOC's SegmentationClass and SBD's
+    SegmentationClassAug use; never converts colour (that would destroy the indices)."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DataError(f"{name}: corrupt or unreadable label PNG ({e})") from None
+    if img.mode not in ("P", "L"):
+        raise DataError(
+            f"{name}: label is a {img.mode!r} image, not an index image (palette 'P' or "
+            "grayscale 'L'); colourised labels must be converted with segtrain.voc.encode_target")
+    return np.array(img, dtype=np.uint8)
+
+
 def decode_label(data: bytes, name: str, spec: DatasetSpec) -> np.ndarray:
     """Label PNG bytes -> (H, W) uint8 class indices, mapped through ``spec`` and checked."""
-    return spec.map_label(voc.read_index_png(data, name), name)
+    return spec.map_label(read_index_png(data, name), name)
 
 
 def load_pair(image_bytes: bytes, label_bytes: bytes, name: str, spec: DatasetSpec,
@@ -198,7 +225,7 @@ def load_pair(image_bytes: bytes, label_bytes: bytes, name: str, spec: DatasetSp
     Errors name the sample ``name`` and, given ``files`` (image path, label path), the file."""
     image_name, label_name = (f"{name} ({files[0]})", f"{name} ({files[1]})") if files else \
         (f"{name} (image)", f"{name} (label)")
-    image = voc.decode_image(image_bytes, image_name)
+    image = decode_image(image_bytes, image_name)
     label = decode_label(label_bytes, label_name, spec)
     if (label.shape[1], label.shape[0]) != image.size:
         raise DataError(
@@ -228,7 +255,7 @@ def save_label_png(label: np.ndarray, path: PathLike, spec: DatasetSpec) -> None
 # ----------------------------------------------------------------------------- layouts
 
 def _voc_pairs(root: Path, split: str, label_dir: Optional[str]) -> list[Pair]:
-    dataset = voc.VOCSegmentation(root, split, label_dir=label_dir)
+    dataset = VOCSegmentation(root, split, label_dir=label_dir)
     if not (dataset.root / dataset.label_dir).is_dir():
         raise DataError(f"{dataset.root / dataset.label_dir}: label folder not found "
                         f"(use --label-dir; SBD's train_aug needs SegmentationClassAug)")
@@ -351,6 +378,47 @@ def dataset_spec(name: str, root: Optional[PathLike] = None) -> DatasetSpec:
         raise DataError(f"unknown dataset {name!r}; built-in: {', '.join(DATASETS)}")
     spec = DATASETS[name]
     return spec.at(root) if root is not None else spec
+
+
+# ----------------------------------------------------------------------------- the VOC folder
+
+class VOCSegmentation:
+    """Map-style dataset over a ``VOCdevkit/VOC2012`` folder.
+
+    ``__getitem__`` returns ``(image, mask)`` with ``image`` an RGB PIL image and
+    ``mask`` an (H, W) uint8 array of class indices (decoded by ``load_pair`` with the
+    ``VOC`` spec), or whatever ``transforms`` makes of that pair. ``ids[i]`` is the VOC id
+    of sample ``i``.
+    """
+
+    def __init__(self, root: PathLike, split: str = "train",
+                 transforms: Optional[Callable] = None, label_dir: Optional[str] = None):
+        self.root = Path(root)
+        if not (self.root / "JPEGImages").is_dir():
+            raise DataError(f"{self.root}: not a VOC root (no JPEGImages folder); "
+                            "pass the VOCdevkit/VOC2012 folder")
+        self.split = split
+        self.label_dir = label_dir or voc.default_label_dir(split)
+        self.transforms = transforms
+        self.ids = voc.read_split(self.root, split)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def paths(self, index: int) -> tuple[Path, Path]:
+        sid = self.ids[index]
+        return self.root / "JPEGImages" / f"{sid}.jpg", self.root / self.label_dir / f"{sid}.png"
+
+    def load_raw(self, index: int) -> tuple[bytes, bytes]:
+        """The original JPEG and PNG bytes (what the shard packer stores)."""
+        img_path, lbl_path = self.paths(index)
+        return read_bytes(img_path, "image (JPEG)"), read_bytes(lbl_path, "label (PNG)")
+
+    def __getitem__(self, index: int):
+        image, label = load_pair(*self.load_raw(index), self.ids[index], VOC)
+        if self.transforms is not None:
+            return self.transforms(image, label)
+        return image, label
 
 
 # ----------------------------------------------------------------------------- folder datasets

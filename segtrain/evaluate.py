@@ -64,7 +64,8 @@ from segtrain.files import DataError, atomic_write_bytes
 from segtrain.metrics import ConfusionMatrix, format_metrics_table, to_jsonable
 from segtrain.datasets import IGNORE_INDEX, spec_from_checkpoint
 from segtrain.model import check_fits_data, load_checkpoint
-from segtrain.shards import class_names, manifest_split, resolve_data, val_loader
+from segtrain.loaders import val_loader
+from segtrain.sources import class_names, manifest_split, resolve_data
 
 PROTOCOLS = {  # --protocol here, --val-protocol in training (see the module docstring)
     "whole": "each image at its own size (standard VOC)",
@@ -185,7 +186,7 @@ def evaluate(model: nn.Module, loader, device: Union[torch.device, str], num_cla
              class_names: Optional[Sequence[str]] = None, threads: Optional[int] = None) -> dict[str, Any]:
     """Run ``model`` over ``loader`` and return the metrics of the whole split.
 
-    ``loader`` yields ``(images, masks, ids)`` batches (``shards.val_loader``; with
+    ``loader`` yields ``(images, masks, ids)`` batches (``loaders.val_loader``; with
     ``accelerator``, built for this rank so ranks see disjoint samples). Pass the BARE
     model (``accelerator.unwrap_model(model)``), already on ``device``; it is put in
     eval mode and given back in the mode it came in. With ``accelerator``, the counts
@@ -339,7 +340,7 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
     num_classes = spec.num_classes
     accelerator.print(f"evaluating the {split} split of {args.data} ({source.num_samples or '?'} images"
                       + (", the split the manifest names; --split chooses another)" if not args.split else ")"))
-    loader = val_loader(args.data, split=split, num_workers=args.workers,
+    loader = val_loader(source, num_workers=args.workers,
                         protocol=loader_protocol(args.protocol),
                         crop_size=args.crop_size, rank=accelerator.process_index,
                         world_size=accelerator.num_processes, mean=model.mean, std=model.std,

@@ -1,9 +1,9 @@
 """Files segtrain reads and writes, and the errors that name them.
 
 One owner for: the user-facing error types, atomic writes (a crash or a full disk
-never leaves a half file, nor the temp file that would have become it), the shard
-manifest schema, and the plain-text files of a run directory (metrics.jsonl,
-checkpoints/step_*). Nothing here knows what a dataset is.
+never leaves a half file, nor the temp file that would have become it), and the
+plain-text files of a run directory (metrics.jsonl, checkpoints/step_*). Nothing here
+knows what a dataset is (the shard manifest is ``segtrain.sources``').
 """
 from __future__ import annotations
 
@@ -115,66 +115,6 @@ def sha256_file(path: PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------- shard manifests
-
-MANIFEST_FORMAT = "segtrain-shards/1"
-REQUIRED_KEYS = ("format", "split", "num_samples", "shards", "class_names", "class_pixel_counts",
-                 "class_image_counts", "ignore_pixel_count", "labelled_pixel_count")
-
-
-def read_manifest(path: PathLike) -> dict:
-    """Read and check a manifest written by the packer; errors name the file and the problem."""
-    path = Path(path)
-    try:
-        text = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: manifest not found (tools/pack.py writes shards/voc-SPLIT.json)") from None
-    return parse_manifest(text, str(path))
-
-
-def parse_manifest(text: bytes | str, where: str) -> dict:
-    """A manifest's JSON text (read from a file, a URL or a command), checked; errors name ``where``."""
-    try:
-        manifest = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{where}: not a JSON manifest ({e})") from None
-    check_manifest(manifest, where)
-    return manifest
-
-
-def check_manifest(manifest: dict, where: str = "manifest") -> None:
-    """Raise DataError, naming ``where``, unless the manifest is complete and consistent."""
-    if not isinstance(manifest, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(manifest).__name__}")
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise DataError(f"{where}: not a segtrain shard manifest (format {manifest.get('format')!r}, "
-                        f"expected {MANIFEST_FORMAT!r})")
-    missing = [key for key in REQUIRED_KEYS if key not in manifest]
-    if missing:
-        raise DataError(f"{where}: manifest lacks {', '.join(missing)}")
-    if not manifest["shards"]:
-        raise DataError(f"{where}: manifest lists no shards")
-    # The loaders cut each epoch out of the shards by these counts: they must be right.
-    sizes = [shard.get("samples") if isinstance(shard, dict) else None for shard in manifest["shards"]]
-    if not all(isinstance(size, int) and size >= 0 for size in sizes):
-        raise DataError(f"{where}: every shard in the manifest needs a sample count (\"samples\")")
-    if sum(sizes) != manifest["num_samples"]:
-        raise DataError(f"{where}: shard sample counts add up to {sum(sizes)}, "
-                        f"but num_samples is {manifest['num_samples']}")
-    num_classes = len(manifest["class_names"])
-    for key in ("class_pixel_counts", "class_image_counts"):
-        counts = manifest[key]
-        if not isinstance(counts, list) or len(counts) != num_classes:
-            raise DataError(f"{where}: {key} must list {num_classes} counts, one per class name")
-        if not all(isinstance(c, int) and c >= 0 for c in counts):
-            raise DataError(f"{where}: {key} must hold non-negative integers")
-    if sum(manifest["class_pixel_counts"]) != manifest["labelled_pixel_count"]:
-        raise DataError(f"{where}: class_pixel_counts sum to {sum(manifest['class_pixel_counts'])}, "
-                        f"but labelled_pixel_count is {manifest['labelled_pixel_count']}")
-    if max(manifest["class_image_counts"], default=0) > manifest["num_samples"]:
-        raise DataError(f"{where}: a class_image_counts entry exceeds num_samples ({manifest['num_samples']})")
 
 
 # ----------------------------------------------------------------------------- run directories

@@ -32,7 +32,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .files import DataError, PathLike, atomic_write_bytes, read_manifest, user_cache_dir
+from .files import DataError, PathLike, atomic_write_bytes, user_cache_dir
+from .sources import DataSource, read_manifest
 
 VERIFY_MODES = ("off", "once", "always")
 DEFAULT_VERIFY = "once"
@@ -257,8 +258,8 @@ def verify_shards(manifest_path: PathLike, manifest: Optional[dict] = None, mode
     return problems
 
 
-def verify_source(source, mode: str) -> None:
-    """``verify_shards`` for a ``shards.DataSource`` that comes with a local manifest; others have
+def verify_source(source: DataSource, mode: str) -> None:
+    """``verify_shards`` for a ``DataSource`` that comes with a local manifest; others have
     nothing to verify against (their counts come from reading the shards), or are remote: their
     shards are checked while they stream in (``shard_samples(digests=...)``), never downloaded twice.
 
@@ -267,7 +268,7 @@ def verify_source(source, mode: str) -> None:
     processes reading the whole dataset at once, over NFS on clusters, would each take as long
     as all of them. A problem found on any machine is raised on every process.
     """
-    if source.manifest is None or source.digests is not None or not is_local(source.location):
+    if source.manifest is None or source.digests is not None or not source.local:
         return
     import torch.distributed as dist
 
@@ -285,11 +286,6 @@ def verify_source(source, mode: str) -> None:
     found = next((p for p in problems if p is not None), None)
     if found is not None:
         raise DataError(found)
-
-
-def is_local(location: str) -> bool:
-    """Whether data at ``location`` is on this machine's filesystem (not a URL or a ``pipe:`` command)."""
-    return not location.startswith("pipe:") and "://" not in location
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -3,7 +3,8 @@
 Every loss maps logits (N, C, H, W) and a target (N, H, W) of class indices to
 a scalar, and shares three guarantees (see ``SegmentationLoss``):
 
-* pixels labelled ``ignore_index`` (255, VOC's object boundaries) contribute
+* pixels labelled ``ignore_index`` (255: ``datasets.IGNORE_INDEX``, what every dataset's void
+  pixels are mapped to, e.g. VOC's object boundaries) contribute
   neither to the value nor to the gradient;
 * the loss is computed in float32 with autocast off, so bf16/fp16 logits from
   a mixed-precision forward pass do not lose the small probabilities that the
@@ -26,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from segtrain.voc import IGNORE_INDEX, NUM_CLASSES
+from segtrain.datasets import IGNORE_INDEX
 
 WEIGHTINGS = {  # --class-weighting (see class_weights)
     "inverse": "1/freq, scaled to mean 1",
@@ -129,7 +130,7 @@ class SegmentationLoss(nn.Module):
                      class_pixel_counts: Optional[Sequence[int]] = None) -> SegmentationLoss:
         return cls(num_classes, ignore_index, **cls.option_kwargs(options))
 
-    def __init__(self, num_classes: int = NUM_CLASSES, ignore_index: int = IGNORE_INDEX) -> None:
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.ignore_index = ignore_index
@@ -154,7 +155,7 @@ class CrossEntropyLoss(SegmentationLoss):
     so scaling all weights changes nothing and all-ones weights equal plain CE.
     """
 
-    def __init__(self, num_classes: int = NUM_CLASSES, ignore_index: int = IGNORE_INDEX,
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX,
                  weight: Optional[Tensor] = None) -> None:
         super().__init__(num_classes, ignore_index)
         if weight is not None and tuple(weight.shape) != (num_classes,):
@@ -182,7 +183,7 @@ class WeightedCrossEntropyLoss(CrossEntropyLoss):
     options = {"class_weighting": LossOption("weighting", "how weighted_ce turns class pixel counts into weights",
                                              choices=WEIGHTINGS)}
 
-    def __init__(self, num_classes: int = NUM_CLASSES, ignore_index: int = IGNORE_INDEX,
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX,
                  class_pixel_counts: Optional[Sequence[int]] = None, weighting: str = "enet") -> None:
         if class_pixel_counts is None:
             raise ValueError("weighted_ce needs class pixel counts (the train manifest's class_pixel_counts)")
@@ -210,7 +211,7 @@ class FocalLoss(SegmentationLoss):
 
     options = {"focal_gamma": LossOption("gamma", "focal loss exponent; 0 = cross-entropy", minimum=0)}
 
-    def __init__(self, num_classes: int = NUM_CLASSES, ignore_index: int = IGNORE_INDEX,
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX,
                  gamma: float = 2.0, alpha: Optional[float | Sequence[float]] = None) -> None:
         super().__init__(num_classes, ignore_index)
         if gamma < 0:
@@ -253,7 +254,7 @@ class DiceLoss(SegmentationLoss):
     penalise (softmax mass on a wrong class is missing from the right one).
     """
 
-    def __init__(self, num_classes: int = NUM_CLASSES, ignore_index: int = IGNORE_INDEX,
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX,
                  smooth: float = 1.0) -> None:
         super().__init__(num_classes, ignore_index)
         if smooth <= 0:
@@ -329,7 +330,7 @@ class OhemCrossEntropyLoss(SegmentationLoss):
                "ohem_min_kept": LossOption("min_kept", "ohem: keep at least this many hardest pixels per batch",
                                            minimum=0)}
 
-    def __init__(self, num_classes: int = NUM_CLASSES, ignore_index: int = IGNORE_INDEX,
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX,
                  thresh: float = 0.7, min_kept: int = 100_000) -> None:
         super().__init__(num_classes, ignore_index)
         if not 0 < thresh <= 1 or min_kept < 0:
@@ -410,7 +411,7 @@ def parse_loss_spec(spec: str) -> list[tuple[float, str]]:
     return terms
 
 
-def build_loss(spec: str, num_classes: int = NUM_CLASSES, ignore_index: int = IGNORE_INDEX,
+def build_loss(spec: str, num_classes: int, ignore_index: int = IGNORE_INDEX,
                class_pixel_counts: Optional[Sequence[int]] = None,
                options: Optional[Mapping[str, Any]] = None) -> nn.Module:
     """The loss named by ``spec``: one of LOSS_NAMES, or ``[coef*]name`` terms joined by '+'.

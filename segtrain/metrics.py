@@ -18,10 +18,10 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
-from segtrain.voc import IGNORE_INDEX, NUM_CLASSES
+from segtrain.datasets import IGNORE_INDEX
 
 
-def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int = NUM_CLASSES,
+def confusion_matrix(pred: Tensor, target: Tensor, num_classes: int,
                      ignore_index: int = IGNORE_INDEX) -> Tensor:
     """(num_classes, num_classes) int64 counts; entry [t, p] = pixels of class t predicted as p.
 
@@ -107,7 +107,7 @@ class ConfusionMatrix:
     ``update`` never copies predictions to the host.
     """
 
-    def __init__(self, num_classes: int = NUM_CLASSES, ignore_index: int = IGNORE_INDEX,
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX,
                  device: Optional[torch.device | str] = None) -> None:
         self.num_classes = num_classes
         self.ignore_index = ignore_index

@@ -41,7 +41,8 @@ from tqdm import tqdm
 from . import integrity
 from .cli import user_errors
 from .datasets import DATASETS, IGNORE_INDEX, DatasetSpec, dataset_spec, load_pair
-from .files import MANIFEST_FORMAT, DataError, atomic_write_bytes, naming_write_errors, read_bytes, sha256_file
+from .files import DataError, atomic_write_bytes, naming_write_errors, read_bytes, sha256_file
+from .sources import MANIFEST_FORMAT
 from .voc import default_label_dir
 
 # Sample ids become tar member names (webdataset groups members by the text before the

@@ -8,9 +8,11 @@ run directory): it starts no process, builds no model and opens no loader, so te
 check its arithmetic and its errors directly. A bad config fails here, with one
 ConfigError/DataError, before anything is written. New checks of a run belong here.
 
-The loader arguments are kept as the very keyword arguments ``train()`` passes to
-``shards.train_loader`` / ``shards.val_loader``; the record a resume compares
-(``RunPlan.data_order``) is built from them, so it cannot drift from what the loader gets.
+Each data source is resolved here, once (``sources.resolve_data``): the loader arguments
+are kept as the very keyword arguments ``train()`` passes to ``loaders.train_loader`` /
+``loaders.val_loader``, the resolved ``DataSource`` among them (``RunPlan.train_source``,
+``val_source``); the record a resume compares (``RunPlan.data_order``) is built from them,
+so it cannot drift from what the loader gets.
 """
 from __future__ import annotations
 
@@ -21,12 +23,13 @@ from typing import Any, Optional
 
 import torch
 
-from segtrain import distributed, hardware, integrity, shards
+from segtrain import distributed, hardware, integrity, loaders
 from segtrain.config import TrainConfig
 from segtrain.evaluate import loader_protocol
 from segtrain.files import ConfigError, checkpoint_dirs
 from segtrain.losses import LOSS_OPTIONS
 from segtrain.datasets import DatasetSpec
+from segtrain.sources import DataSource, manifest_split, resolve_data
 from segtrain.voc import read_split
 
 
@@ -40,8 +43,8 @@ class RunPlan:
     world_size: int                   # processes
     per_process_batch: int            # images per process per micro-batch
     steps_per_epoch: int              # optimizer steps
-    train_loader: dict[str, Any]      # shards.train_loader's keyword arguments, but epoch and rank
-    val_loader: dict[str, Any]        # shards.val_loader's keyword arguments, but rank
+    train_loader: dict[str, Any]      # loaders.train_loader's keyword arguments (its source resolved), but epoch and rank
+    val_loader: dict[str, Any]        # loaders.val_loader's keyword arguments (its source resolved), but rank
     loss_options: dict[str, Any]      # build_loss(options=...): the config's value of every loss option
     class_pixel_counts: Optional[list[int]]  # for weighted_ce, from the train manifest
     eval_autocast_dtype: Optional[torch.dtype]  # validation runs under the training precision
@@ -52,9 +55,18 @@ class RunPlan:
     @property
     def data_order(self) -> dict[str, Any]:
         """Every setting the sequence of batches depends on: a resume must match them all (the
-        loader workers and pinning are not among them: a resume may run on other hardware)."""
-        order = {k: v for k, v in self.train_loader.items() if k not in shards.ORDER_FREE}
-        return dict(order, grad_accum=self.cfg.grad_accum)
+        loader workers and pinning are not among them: a resume may run on other hardware). The
+        data is recorded as the user named it (``--data``) and the split it resolved to."""
+        order = {k: v for k, v in self.train_loader.items() if k not in loaders.ORDER_FREE and k != "source"}
+        return dict(order, data=self.cfg.data, split=self.train_source.split, grad_accum=self.cfg.grad_accum)
+
+    @property
+    def train_source(self) -> DataSource:
+        return self.train_loader["source"]
+
+    @property
+    def val_source(self) -> DataSource:
+        return self.val_loader["source"]
 
     @property
     def workers(self) -> int:
@@ -79,7 +91,7 @@ def plan_run(cfg: TrainConfig, world_size: int = 1, device_type: str = "cpu",
     runtime = dict(runtime or {"mixed_precision": "fp32", "precision_reason": "requested"})
     if cfg.train_split is None:
         # --data voc-train_aug.json means train_aug: never silently its voc-train.json sibling.
-        named = shards.manifest_split(cfg.data)
+        named = manifest_split(cfg.data)
         cfg = dataclasses.replace(cfg, train_split=named or "train")
     per_process_batch, notes = check_batch(cfg, world_size, device_type)
     run_dir = cfg.resolved_run_dir()
@@ -91,28 +103,25 @@ def plan_run(cfg: TrainConfig, world_size: int = 1, device_type: str = "cpu",
         raise ConfigError(f"run_dir: {run_dir} already holds a run; pass --resume latest (or auto) to continue "
                           "it, or choose another --run-dir")
 
-    workers = loader_workers(cfg.workers)
-    pin = device_type == "cuda"  # pinned batches: .to(device, non_blocking=True) copies asynchronously
-    train_loader = dict(data=cfg.data, batch_size=per_process_batch, crop_size=cfg.crop_size,
-                        split=cfg.train_split, num_workers=workers, seed=cfg.seed, world_size=world_size,
-                        color_jitter=cfg.color_jitter, scale=(cfg.scale_min, cfg.scale_max), pin_memory=pin)
-    val_data = cfg.val_data or cfg.data  # a train manifest stands for its voc-val.json sibling
-    val_loader = dict(data=val_data, split=cfg.val_split, num_workers=min(workers, 2),
-                      protocol=loader_protocol(cfg.val_protocol), crop_size=cfg.crop_size, world_size=world_size,
-                      pin_memory=pin)
-
-    train_source = shards.resolve_data(cfg.data, cfg.train_split)
-    val_source = shards.resolve_data(val_data, cfg.val_split)
+    train_source = resolve_data(cfg.data, cfg.train_split)
+    val_source = resolve_data(cfg.val_data or cfg.data, cfg.val_split)  # voc-train.json stands for voc-val.json
     check_disjoint(train_source, val_source)
-    if workers > 1 and not integrity.is_local(train_source.location):
+    workers = loader_workers(cfg.workers)
+    if workers > 1 and not train_source.local:
         # The batch order is fixed whatever the worker count (exact resume), so every worker reads
         # the rank's whole share and decodes only its own batches: over a network that is W fetches.
         notes = notes + (f"remote training data: each of the {workers} loader workers fetches this process's "
                          "share of every shard per epoch (decoding is split, reading is not); --workers 1 "
                          "fetches each once, or copy the shards to local disk",)
+    pin = device_type == "cuda"  # pinned batches: .to(device, non_blocking=True) copies asynchronously
+    train_loader = dict(source=train_source, batch_size=per_process_batch, crop_size=cfg.crop_size,
+                        num_workers=workers, seed=cfg.seed, world_size=world_size,
+                        color_jitter=cfg.color_jitter, scale=(cfg.scale_min, cfg.scale_max), pin_memory=pin)
+    val_loader = dict(source=val_source, num_workers=min(workers, 2), protocol=loader_protocol(cfg.val_protocol),
+                      crop_size=cfg.crop_size, world_size=world_size, pin_memory=pin)
     for source in (train_source, val_source):  # damaged shards fail here, before RUN_DIR exists
         integrity.verify_source(source, cfg.verify_shards)
-    batches = shards.batches_per_epoch(train_source, per_process_batch, world_size)
+    batches = loaders.batches_per_epoch(train_source, per_process_batch, world_size)
     if batches < cfg.grad_accum:
         raise ConfigError(f"grad_accum: an epoch has only {batches} batches of {per_process_batch} "
                           f"per process, fewer than grad_accum={cfg.grad_accum}")
@@ -157,8 +166,8 @@ def check_batch(cfg: TrainConfig, world_size: int, device_type: str) -> tuple[in
     return per_process_batch, ()
 
 
-def check_classes(cfg: TrainConfig, train_source: shards.DataSource,
-                  val_source: shards.DataSource) -> DatasetSpec:
+def check_classes(cfg: TrainConfig, train_source: DataSource,
+                  val_source: DataSource) -> DatasetSpec:
     """The data says what the classes are (its manifest's dataset spec; VOC without one): a
     --num-classes that differs, or validation data with another label set, is refused."""
     spec = train_source.spec
@@ -201,7 +210,7 @@ def check_resume_processes(checkpoint: Path, world_size: int) -> None:
                           "with --init-from RUN_DIR/best.pt")
 
 
-def sample_ids(source: shards.DataSource) -> Optional[set]:
+def sample_ids(source: DataSource) -> Optional[set]:
     """The sample ids a data source holds, when it says (manifests and VOC folders do)."""
     if source.manifest is not None:
         return {sid for shard in source.manifest["shards"] for sid in shard.get("ids", ())} or None
@@ -210,7 +219,7 @@ def sample_ids(source: shards.DataSource) -> Optional[set]:
     return None
 
 
-def check_disjoint(train_source: shards.DataSource, val_source: shards.DataSource) -> None:
+def check_disjoint(train_source: DataSource, val_source: DataSource) -> None:
     """Refuse to validate (and pick best.pt) on images the model trains on."""
     train_ids, val_ids = sample_ids(train_source), sample_ids(val_source)
     if train_ids is None or val_ids is None:

@@ -26,13 +26,12 @@ from tqdm import tqdm
 
 from segtrain import autotune, hardware
 from segtrain.cli import user_errors
-from segtrain.datasets import save_label_png, spec_from_checkpoint
+from segtrain.datasets import decode_image, save_label_png, spec_from_checkpoint
 from segtrain.evaluate import predict_logits
 from segtrain.files import DataError, save_image
 from segtrain.model import load_checkpoint
 from segtrain.transforms import normalize
 from segtrain.visualize import overlay
-from segtrain.voc import decode_image
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 PROTOCOLS = ("whole", "ms-flip")

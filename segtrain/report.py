@@ -28,7 +28,8 @@ import numpy as np
 import torch
 import yaml
 
-from segtrain import autotune, hardware, shards, stats, visualize
+from segtrain import autotune, hardware, loaders, stats, visualize
+from segtrain.sources import DataSource, class_names, resolve_data
 from segtrain.cli import user_errors
 from segtrain.datasets import DatasetSpec, decode_target, spec_from_checkpoint
 from segtrain.files import DataError, atomic_write_bytes, read_metrics_log
@@ -183,11 +184,11 @@ def results_table(runs: list[Run], rare: Sequence[int] = (),
     return head + body + "\n**Per-class IoU (%) at each run's best step**\n\n" + per_class, rows
 
 
-def prediction_rows(runs: list[Run], data: str, split: str, ids: Sequence[str],
+def prediction_rows(runs: list[Run], source: DataSource, ids: Sequence[str],
                     device: torch.device, autocast_dtype: Optional[torch.dtype] = None) -> tuple[list[list[np.ndarray]], list[np.ndarray], list[np.ndarray]]:
     """Grid rows | RGB | GT | run... |, plus the images and labels (for optional SAM columns)."""
-    spec = shards.resolve_data(data, split).spec
-    samples = {sid: (img, lbl) for sid, img, lbl in shards.iter_samples(data, split, ids=ids)}
+    spec = source.spec
+    samples = {sid: (img, lbl) for sid, img, lbl in loaders.iter_samples(source, ids=ids)}
     images = [np.asarray(samples[sid][0]) for sid in ids]
     labels = [samples[sid][1] for sid in ids]
     rows = [[img, decode_target(lbl, spec)] for img, lbl in zip(images, labels)]
@@ -201,12 +202,11 @@ def prediction_rows(runs: list[Run], data: str, split: str, ids: Sequence[str],
     return rows, images, labels
 
 
-def check_runs_fit(runs: list[Run], data: str, split: str) -> None:
+def check_runs_fit(runs: list[Run], source: DataSource) -> None:
     """Every run has a best.pt whose classes are the data's."""
-    source = shards.resolve_data(data, split)
     for run in runs:
         best = best_checkpoint(run)
-        check_fits_data(read_checkpoint(best), best, shards.class_names(source), source.location)
+        check_fits_data(read_checkpoint(best), best, class_names(source), source.location)
 
 
 def build_report(run_dirs: Sequence[Path], out: Path, data: Optional[str] = None, split: str = "val",
@@ -224,8 +224,9 @@ def build_report(run_dirs: Sequence[Path], out: Path, data: Optional[str] = None
     train_data = runs[0].config["data"]
     val_data = data or runs[0].config.get("val_data") or train_data
 
-    check_runs_fit(runs, val_data, split)  # before any figure is written
-    manifest = shards.resolve_data(train_data, runs[0].config.get("train_split") or "train").manifest
+    val_source = resolve_data(val_data, split)
+    check_runs_fit(runs, val_source)  # before any figure is written
+    manifest = resolve_data(train_data, runs[0].config.get("train_split") or "train").manifest
     spec = run_spec(runs[0])
     plot_curves(runs, out / "curves.png")
     table, rows = results_table(runs, stats.rarest_classes(manifest) if manifest else (), spec.classes)
@@ -246,10 +247,10 @@ def build_report(run_dirs: Sequence[Path], out: Path, data: Optional[str] = None
         sections += ["## Class balance\n", f"`{train_data}` has no manifest with class counts; "
                      "pack it with tools/pack.py to get the class-balance chart.\n"]
 
-    chosen = list(ids) if ids else visualize.covering_ids(val_data, split, num_images)
+    chosen = list(ids) if ids else visualize.covering_ids(val_source, num_images)
     amp = autotune.inference_autocast(mixed_precision, dev, load_checkpoint(runs[0].path / "best.pt",
                                                                             map_location=dev)[0])
-    grid_rows, images, labels = prediction_rows(runs, val_data, split, chosen, dev, amp)
+    grid_rows, images, labels = prediction_rows(runs, val_source, chosen, dev, amp)
     columns = ["RGB", "Ground truth"] + [r.name for r in runs]
     if sam_checkpoint:
         from segtrain import sam

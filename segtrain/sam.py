@@ -48,7 +48,8 @@ from segtrain.files import PathLike, atomic_write_bytes, save_image
 from segtrain.metrics import confusion_matrix, segmentation_metrics, to_jsonable
 from segtrain.model import CheckpointError, check_fits_data, load_checkpoint, load_weights, torch_load
 from segtrain.predict import predict_mask
-from segtrain.shards import class_names, iter_samples, resolve_data
+from segtrain.loaders import iter_samples
+from segtrain.sources import DataSource, class_names, resolve_data
 from segtrain.visualize import covering_ids, overlay
 
 __all__ = [
@@ -348,7 +349,7 @@ def report_columns(sam_checkpoint: PathLike, model_type: str, images: Sequence[n
     return {"titles": titles, "images": rows}
 
 
-def run_sam_comparison(sam: Sam, data: PathLike, split: str, ids: Sequence[str], out_dir: PathLike,
+def run_sam_comparison(sam: Sam, source: DataSource, ids: Sequence[str], out_dir: PathLike,
                        semantic_model: Optional[nn.Module] = None, points_per_side: int = 32,
                        min_box_area: int = MIN_BOX_AREA, progress: bool = True,
                        semantic_autocast: Optional[torch.dtype] = None,
@@ -364,11 +365,11 @@ def run_sam_comparison(sam: Sam, data: PathLike, split: str, ids: Sequence[str],
     generator = mask_generator(sam, points_per_side)
     if semantic_model is not None:
         semantic_model = semantic_model.to(sam.device).eval()
-    spec = spec or resolve_data(data, split).spec
+    spec = spec or source.spec
     num_classes = spec.num_classes
     confusion = {m: torch.zeros(num_classes, num_classes, dtype=torch.int64) for m in METHODS}
     per_image = {}
-    samples = iter_samples(data, split, ids)
+    samples = iter_samples(source, ids)
     for sid, pil_image, label in tqdm(samples, total=len(ids), desc="SAM", unit="img", disable=not progress):
         image = np.asarray(pil_image)
         semantic = None if semantic_model is None else predict_mask(semantic_model, pil_image, sam.device,
@@ -440,18 +441,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.num < 1 or args.points_per_side < 1:
             raise ValueError("--num and --points-per-side must be at least 1")
         device = resolve_device(args.device)
-        ids = args.ids or covering_ids(str(args.data), args.split, args.num)
+        source = resolve_data(args.data, args.split)
+        ids = args.ids or covering_ids(source, args.num)
         semantic_model, spec = None, None
         if args.semantic:
             semantic_model, ckpt = load_checkpoint(args.semantic)
-            source = resolve_data(args.data, args.split)
             check_fits_data(ckpt, args.semantic, class_names(source), source.location)
             spec = source.spec
         print(f"SAM {args.model_type} from {args.sam_checkpoint} on {device}; images: {', '.join(ids)}")
         amp = (autotune.inference_autocast(args.mixed_precision, device, semantic_model)
                if semantic_model is not None else None)
         sam = load_sam(args.sam_checkpoint, args.model_type, device)
-        result = run_sam_comparison(sam, args.data, args.split, ids, args.out, semantic_model,
+        result = run_sam_comparison(sam, source, ids, args.out, semantic_model,
                                     args.points_per_side, args.min_box_area, semantic_autocast=amp, spec=spec)
     if "metrics" in result:
         print(format_comparison(result["metrics"]))

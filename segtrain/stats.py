@@ -17,7 +17,8 @@ from matplotlib.figure import Figure
 
 from segtrain.cli import user_errors
 from segtrain.datasets import spec_from_manifest
-from segtrain.files import PathLike, check_manifest, read_manifest
+from segtrain.files import PathLike
+from segtrain.sources import check_manifest, read_manifest
 from segtrain.visualize import save_figure
 
 def class_balance(manifest: dict) -> list[dict]:

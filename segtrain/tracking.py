@@ -115,20 +115,17 @@ def loss_options_used(loss: str) -> set[str]:
 
 def dashboard_config(plan: "RunPlan") -> dict[str, Any]:
     """The run's config as users filter and group the runs table by it."""
-    from segtrain import shards
     from segtrain.losses import LOSS_OPTIONS
 
     cfg = plan.cfg
     used = loss_options_used(cfg.loss)
     config = {k: v for k, v in dataclasses.asdict(cfg).items()
               if (k not in LOSS_OPTIONS or k in used) and k != "resume"}
-    train_source = shards.resolve_data(cfg.data, cfg.train_split)
-    val_source = shards.resolve_data(plan.val_loader["data"], cfg.val_split)
     config.update(
         mixed_precision=plan.runtime["mixed_precision"],  # what ran, not "auto"
         mixed_precision_requested=cfg.mixed_precision, processes=plan.world_size,
         per_process_batch=plan.per_process_batch, steps_per_epoch=plan.steps_per_epoch,
-        dataset=plan.spec.name, train_images=train_source.num_samples, val_images=val_source.num_samples,
+        dataset=plan.spec.name, train_images=plan.train_source.num_samples, val_images=plan.val_source.num_samples,
         data_name=Path(cfg.data).name, resolved=plan.runtime)
     return config
 

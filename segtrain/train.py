@@ -45,7 +45,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import parse_flag_from_env, set_seed
 from tqdm import tqdm
 
-from segtrain import autotune, distributed, hardware, preempt, shards, tracking
+from segtrain import autotune, distributed, hardware, loaders, preempt, tracking
 from segtrain.cli import check_launch, errors_of_rank, user_errors
 from segtrain.config import TrainConfig, config_to_dict, parse_config, save_config, update_saved_config
 from segtrain.evaluate import evaluate
@@ -236,7 +236,7 @@ def start_run(plan: RunPlan, accelerator: Accelerator) -> tuple[TrainState, Metr
     return state, log
 
 
-def micro_batches(plan: RunPlan, rank: int, step: int) -> Iterator[shards.Batch]:
+def micro_batches(plan: RunPlan, rank: int, step: int) -> Iterator[loaders.Batch]:
     """This rank's training micro-batches from optimizer step ``step`` on, epoch after epoch.
 
     Each batch is a function of (seed, epoch, rank, batch index), which is what makes resuming
@@ -247,8 +247,8 @@ def micro_batches(plan: RunPlan, rank: int, step: int) -> Iterator[shards.Batch]
     per_epoch = plan.steps_per_epoch * plan.cfg.grad_accum
     epoch, skip = divmod(step * plan.cfg.grad_accum, per_epoch)
     last_epoch = (plan.cfg.iterations * plan.cfg.grad_accum - 1) // per_epoch  # no reading ahead past the run
-    loader, _ = shards.train_loader(**plan.train_loader, epoch=epoch, rank=rank, skip=skip, take=per_epoch,
-                                    endless=True, last_epoch=last_epoch)
+    loader, _ = loaders.train_loader(**plan.train_loader, epoch=epoch, rank=rank, skip=skip, take=per_epoch,
+                                     endless=True, last_epoch=last_epoch)
     yield from loader
 
 
@@ -294,7 +294,7 @@ def validate(model: torch.nn.Module, accelerator: Accelerator, plan: RunPlan, lo
     bare = accelerator.unwrap_model(model)
     # The dashboard's mask overlays: the same val images (smallest ids) for any process count.
     overlays = tracking.OverlayPicker(cfg.num_val_images, bare.mean, bare.std)
-    loader = shards.val_loader(**plan.val_loader, rank=accelerator.process_index, mean=bare.mean, std=bare.std)
+    loader = loaders.val_loader(**plan.val_loader, rank=accelerator.process_index, mean=bare.mean, std=bare.std)
     with hardware.evaluation_kernels():  # eager, no cuDNN autotuning: image sizes vary
         metrics = evaluate(bare, loader, accelerator.device, num_classes=cfg.num_classes,
                            class_names=plan.spec.classes, protocol=cfg.val_protocol,

@@ -23,7 +23,8 @@ from matplotlib.patches import Patch
 from .cli import user_errors
 from .datasets import IGNORE_INDEX, VOC, DatasetSpec, decode_target
 from .files import DataError
-from .shards import image_classes, iter_samples, resolve_data
+from .loaders import image_classes, iter_samples
+from .sources import DataSource, resolve_data
 
 
 def object_classes(spec: DatasetSpec) -> list[int]:
@@ -84,9 +85,9 @@ def greedy_class_cover(image_classes: dict[str, list[int]], k: int = 20,
 
 
 
-def covering_ids(data: str, split: str, k: int) -> list[str]:
-    """``k`` ids of ``split`` that together show as many object classes as possible (figures, report, SAM)."""
-    return greedy_class_cover(image_classes(data, split), k, object_classes(resolve_data(data, split).spec))
+def covering_ids(source: DataSource, k: int) -> list[str]:
+    """``k`` ids of ``source`` that together show as many object classes as possible (figures, report, SAM)."""
+    return greedy_class_cover(image_classes(source), k, object_classes(source.spec))
 
 
 def _legend_handles(spec: DatasetSpec, classes: Iterable[int]) -> list[Patch]:
@@ -154,11 +155,12 @@ def dataset_figure(data: str, out: os.PathLike | str, split: str = "train", k: i
     20 images -> 4 rows of 5 (image, label) pairs = 10 columns, with a class legend.
     Returns the chosen ids, in figure order (row by row).
     """
-    spec = resolve_data(data, split).spec
-    chosen = covering_ids(data, split, k)
+    source = resolve_data(data, split)
+    spec = source.spec
+    chosen = covering_ids(source, k)
     if not chosen:
         raise DataError(f"{data}: split {split!r} has no images")
-    samples = {sid: (np.asarray(image), label) for sid, image, label in iter_samples(data, split, chosen)}
+    samples = {sid: (np.asarray(image), label) for sid, image, label in iter_samples(source, chosen)}
     rows, titles, present = [], [], set()
     for start in range(0, len(chosen), pairs_per_row):
         row, row_titles = [], []

@@ -1,19 +1,19 @@
-"""PASCAL VOC 2012: class names, the palette, label I/O and the folder dataset.
+"""PASCAL VOC 2012: class names, the palette, label colours and the folder's split lists.
 
 Labels are palette ("P" mode) PNGs whose pixel values ARE the class indices
-(0..20, 255 = ignore/boundary). They are read with ``np.array(Image.open(p))``
-and never converted to RGB: a colour conversion would destroy the indices.
+(0..20, 255 = ignore/boundary). Decoding them (never converting to RGB: a colour
+conversion would destroy the indices) is ``segtrain.datasets``' (``decode_label``,
+``load_pair``, with the ``VOC`` spec), as is the folder dataset ``VOCSegmentation``.
 """
 from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from .files import DataError, PathLike, atomic_write_bytes, read_bytes
+from .files import DataError, PathLike, atomic_write_bytes
 
 CLASSES: tuple[str, ...] = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car",
@@ -23,6 +23,7 @@ CLASSES: tuple[str, ...] = (
 NUM_CLASSES = len(CLASSES)  # 21
 IGNORE_INDEX = 255
 VALID_LABEL_VALUES = frozenset(range(NUM_CLASSES)) | {IGNORE_INDEX}
+
 
 def voc_colormap(n: int = 256) -> np.ndarray:
     """The standard VOC palette: bits of the class index interleaved into R, G, B.
@@ -86,59 +87,6 @@ def save_label_png(label: np.ndarray, path: PathLike) -> None:
     atomic_write_bytes(path, label_to_png_bytes(label))
 
 
-def decode_image(data: bytes, name: str) -> Image.Image:
-    """JPEG (or any PIL image) bytes -> RGB PIL image; a clear DataError when corrupt."""
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()  # force the full decode now so truncation is caught here
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise DataError(f"{name}: corrupt or unreadable image ({e})") from None
-    return img.convert("RGB")
-
-
-def decode_label(data: bytes, name: str) -> np.ndarray:
-    """Label PNG bytes -> (H, W) uint8 class indices, validated.
-
-    Accepts palette ("P") and single-channel ("L") index images, as VOC's
-    SegmentationClass and SBD's SegmentationClassAug use. Never converts colour.
-    """
-    label = read_index_png(data, name)
-    check_label_values(label, name)
-    return label
-
-
-def read_index_png(data: bytes, name: str) -> np.ndarray:
-    """Index PNG bytes -> (H, W) uint8 raw values (palette "P" or grayscale "L"), unchecked."""
-    try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise DataError(f"{name}: corrupt or unreadable label PNG ({e})") from None
-    if img.mode not in ("P", "L"):
-        raise DataError(
-            f"{name}: label is a {img.mode!r} image, not an index image (palette 'P' or "
-            "grayscale 'L'); colourised labels must be converted with segtrain.voc.encode_target")
-    return np.array(img, dtype=np.uint8)
-
-
-def check_label_values(label: np.ndarray, name: str) -> None:
-    present = np.unique(label)
-    bad = [int(v) for v in present if int(v) not in VALID_LABEL_VALUES]
-    if bad:
-        raise DataError(f"{name}: label values {bad[:10]} outside 0..{NUM_CLASSES - 1} and {IGNORE_INDEX}")
-
-
-def load_pair(image_bytes: bytes, label_bytes: bytes, name: str) -> tuple[Image.Image, np.ndarray]:
-    """Decode and validate one (image, label) pair; sizes must match."""
-    image = decode_image(image_bytes, f"{name} (image)")
-    label = decode_label(label_bytes, f"{name} (label)")
-    if (label.shape[1], label.shape[0]) != image.size:
-        raise DataError(
-            f"{name}: image is {image.size[0]}x{image.size[1]} but label is "
-            f"{label.shape[1]}x{label.shape[0]} (width x height)")
-    return image, label
-
-
 def read_split(voc_root: PathLike, split: str) -> list[str]:
     """Ids listed in ``ImageSets/Segmentation/{split}.txt``."""
     path = Path(voc_root) / "ImageSets" / "Segmentation" / f"{split}.txt"
@@ -155,41 +103,3 @@ def read_split(voc_root: PathLike, split: str) -> list[str]:
 def default_label_dir(split: str) -> str:
     """SBD's train_aug split lives in SegmentationClassAug; everything else in SegmentationClass."""
     return "SegmentationClassAug" if split == "train_aug" else "SegmentationClass"
-
-
-class VOCSegmentation:
-    """Map-style dataset over a ``VOCdevkit/VOC2012`` folder.
-
-    ``__getitem__`` returns ``(image, mask)`` with ``image`` an RGB PIL image and
-    ``mask`` an (H, W) uint8 array of class indices, or whatever ``transforms``
-    makes of that pair. ``ids[i]`` is the VOC id of sample ``i``.
-    """
-
-    def __init__(self, root: PathLike, split: str = "train",
-                 transforms: Optional[Callable] = None, label_dir: Optional[str] = None):
-        self.root = Path(root)
-        if not (self.root / "JPEGImages").is_dir():
-            raise DataError(f"{self.root}: not a VOC root (no JPEGImages folder); "
-                            "pass the VOCdevkit/VOC2012 folder")
-        self.split = split
-        self.label_dir = label_dir or default_label_dir(split)
-        self.transforms = transforms
-        self.ids = read_split(self.root, split)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def paths(self, index: int) -> tuple[Path, Path]:
-        sid = self.ids[index]
-        return self.root / "JPEGImages" / f"{sid}.jpg", self.root / self.label_dir / f"{sid}.png"
-
-    def load_raw(self, index: int) -> tuple[bytes, bytes]:
-        """The original JPEG and PNG bytes (what the shard packer stores)."""
-        img_path, lbl_path = self.paths(index)
-        return read_bytes(img_path, "image (JPEG)"), read_bytes(lbl_path, "label (PNG)")
-
-    def __getitem__(self, index: int):
-        image, label = load_pair(*self.load_raw(index), name=self.ids[index])
-        if self.transforms is not None:
-            return self.transforms(image, label)
-        return image, label

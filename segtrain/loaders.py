@@ -1,25 +1,9 @@
-"""Streaming data: one ``--data`` argument, three kinds of source, two loaders.
+"""The loaders: batches from a resolved ``DataSource`` (``segtrain.sources``).
 
-``data`` may be
-
-* a shard manifest ``.../voc-train.json`` written by ``tools/pack.py`` (asking it for
-  another split uses the sibling manifest, e.g. ``voc-val.json``, so one ``--data``
-  serves training and evaluation), or a folder holding one ``*-{split}.json``;
-* a remote manifest: ``https://host/data/voc-train.json``, or a ``pipe:`` command that
-  prints one (``pipe:aws s3 cp s3://bucket/data/voc-train.json -``, ``pipe:gcloud storage
-  cat gs://bucket/data/voc-train.json``). Its shards are read from next to it: the same
-  URL, or the same command, with the shard's file name in place of the manifest's. The
-  sample counts come from the manifest (no shard is read to count them), and each shard's
-  sha256 is checked on the bytes as they stream in (``integrity.shard_samples``): a shard
-  read to its end is checked, without a second download;
-* a shard pattern: anything webdataset opens (``shards/voc-train-{000000..000005}.tar``,
-  a URL, ``pipe:curl ...``); its sample count is counted once by reading the shards;
-* a VOC folder: ``VOCdevkit/VOC2012`` itself, or a folder holding ``VOCdevkit/VOC2012``
-  or ``VOC2012``.
-
-What the labels mean (classes, colours, the label lookup table) is the manifest's
-dataset spec (``segtrain.datasets``); the loaders map every label through it. A VOC
-folder and a bare shard pattern carry no spec: they are read as VOC.
+Every loader takes the ``DataSource`` value (``sources.resolve_data(data, split)``, which
+``plan_run`` does once per run), never the ``--data`` string. Shards are read through
+``integrity.shard_samples`` (a damaged tar or a sha256 that differs is a one-line DataError);
+the labels are mapped through the source's dataset spec (``datasets.decode_label``).
 
 Training (``train_loader``) gives every rank exactly ``steps_per_epoch`` batches of
 exactly ``batch_size`` samples, whatever the shard count, and is a pure function of
@@ -61,11 +45,8 @@ import functools
 import itertools
 import multiprocessing
 import re
-import shlex
 import signal
 from collections.abc import Collection, Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -75,9 +56,10 @@ import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate, get_worker_info
 from torchvision.transforms.v2 import functional as F
 
-from . import integrity, voc
-from .datasets import IGNORE_INDEX, VOC, DatasetSpec, decode_label, load_pair, spec_from_manifest
-from .files import DataError, parse_manifest, read_manifest
+from . import integrity
+from .datasets import IGNORE_INDEX, DatasetSpec, VOCSegmentation, decode_label, load_pair
+from .files import DataError, read_bytes
+from .sources import DataSource
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, PairTransform, normalize, train_transforms, val_transforms
 
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
@@ -88,169 +70,20 @@ Batch = tuple[torch.Tensor, torch.Tensor, list[str]]
 RAW_SHUFFLE_BUFFER = 256
 
 
-# --------------------------------------------------------------------------- sources
-
-@dataclass(frozen=True)
-class DataSource:
-    """What a ``--data`` argument resolved to, for one split."""
-
-    kind: str                        # "shards" or "folder"
-    split: str
-    location: str                    # for messages: manifest, pattern or folder
-    urls: tuple[str, ...] = ()       # shard paths/URLs (kind == "shards")
-    voc_root: Optional[Path] = None  # the VOC2012 folder (kind == "folder")
-    manifest: Optional[dict] = None
-    num_samples: Optional[int] = None  # None: a bare shard pattern, counted on demand
-    shard_sizes: Optional[tuple[int, ...]] = None  # samples per shard, from the manifest
-    spec: DatasetSpec = VOC          # what the labels mean (the manifest's; VOC without one)
-    digests: Optional[tuple[str, ...]] = None  # remote manifests: sha256 per shard, checked while streaming
-
-    def checks(self) -> Optional[dict[str, str]]:
-        """url -> sha256 for ``integrity.shard_samples`` (remote manifests; local shards are verified up front)."""
-        return dict(zip(self.urls, self.digests)) if self.digests is not None else None
-
-
-def _looks_like_shards(data: str) -> bool:
-    return (data.startswith("pipe:") or "://" in data or "::" in data
-            or bool(re.search(r"\{.*\}", data)) or data.endswith((".tar", ".tar.gz", ".tgz")))
-
-
-def _find_voc_root(folder: Path) -> Optional[Path]:
-    for root in (folder, folder / "VOCdevkit" / "VOC2012", folder / "VOC2012"):
-        if (root / "JPEGImages").is_dir():
-            return root
-    return None
-
-
-def _manifest_source(path: Path, split: str) -> DataSource:
-    manifest = read_manifest(path)
-    if manifest["split"] != split:
-        # One --data for both splits: voc-train.json stands for its sibling voc-val.json.
-        suffix = f"-{manifest['split']}.json"
-        sibling = path.with_name(path.name[: -len(suffix)] + f"-{split}.json") \
-            if path.name.endswith(suffix) else None
-        if sibling is None or not sibling.is_file():
-            raise DataError(f"{path}: manifest is for split {manifest['split']!r}, not {split!r}"
-                            + (f", and {sibling} does not exist" if sibling else ""))
-        return _manifest_source(sibling, split)
-    urls = tuple(str(path.parent / shard["file"]) for shard in manifest["shards"])
-    _check_local_shards(urls, str(path))
-    return DataSource("shards", split, str(path), urls=urls, manifest=manifest,
-                      num_samples=int(manifest["num_samples"]),
-                      shard_sizes=tuple(shard["samples"] for shard in manifest["shards"]),
-                      spec=spec_from_manifest(manifest, str(path)))
-
-
-def _manifest_word(data: str) -> Optional[str]:
-    """The manifest URL in a remote ``--data`` (the URL itself, or the ``pipe:`` command's
-    ``.json`` argument); None when ``data`` names no remote manifest."""
-    if data.startswith("pipe:"):
-        words = [w for w in shlex.split(data[len("pipe:"):]) if w.endswith(".json")]
-        return words[-1] if words else None
-    return data if "://" in data and data.split("?")[0].endswith(".json") else None
-
-
-def _next_to(data: str, name: str) -> str:
-    """The file ``name`` next to the remote manifest of ``data`` (same URL folder, same command)."""
-    word = _manifest_word(data)
-    replaced = word.rsplit("/", 1)[0] + "/" + name if "/" in word else name
-    if data.startswith("pipe:"):  # rebuild the command with the one argument replaced
-        words = shlex.split(data[len("pipe:"):])
-        index = len(words) - 1 - words[::-1].index(word)
-        return "pipe:" + shlex.join(words[:index] + [replaced] + words[index + 1:])
-    return replaced
-
-
-@functools.lru_cache(maxsize=32)
-def _fetch_manifest(data: str) -> dict:
-    """A remote manifest, read once per process (webdataset's gopen: curl for http(s), the shell for pipe:)."""
-    from webdataset.gopen import gopen
-
-    try:
-        with gopen(data) as stream:
-            text = stream.read()
-    except (OSError, ValueError) as e:
-        raise DataError(f"{data}: cannot read the manifest ({str(e).splitlines()[0] if str(e) else e!r})") from None
-    return parse_manifest(text, data)
-
-
-def manifest_split(data: str) -> Optional[str]:
-    """The split of the manifest ``data`` names (local or remote); None for other kinds of data."""
-    if _manifest_word(str(data)) is not None:
-        return _fetch_manifest(str(data))["split"]
-    return read_manifest(data)["split"] if str(data).endswith(".json") else None
-
-
-def _remote_manifest_source(data: str, split: str) -> DataSource:
-    manifest = _fetch_manifest(data)
-    if manifest["split"] != split:  # as for a local manifest: its sibling for the other split
-        name = _manifest_word(data).rsplit("/", 1)[-1]
-        suffix = f"-{manifest['split']}.json"
-        if not name.endswith(suffix):
-            raise DataError(f"{data}: manifest is for split {manifest['split']!r}, not {split!r}")
-        return _remote_manifest_source(_next_to(data, name[: -len(suffix)] + f"-{split}.json"), split)
-    urls = tuple(_next_to(data, shard["file"]) for shard in manifest["shards"])
-    digests = tuple(shard.get("sha256") for shard in manifest["shards"])
-    return DataSource("shards", split, data, urls=urls, manifest=manifest, num_samples=int(manifest["num_samples"]),
-                      shard_sizes=tuple(shard["samples"] for shard in manifest["shards"]),
-                      spec=spec_from_manifest(manifest, data), digests=digests if all(digests) else None)
-
-
-def _check_local_shards(urls: Iterable[str], where: str) -> None:
-    for url in urls:
-        if not url.startswith("pipe:") and "://" not in url and not Path(url).is_file():
-            raise DataError(f"{where}: shard {url} does not exist")
-
-
-def resolve_data(data: str | Path, split: str) -> DataSource:
-    """Turn a ``--data`` argument (manifest, shard pattern or VOC folder) into a source."""
-    text = str(data)
-    path = Path(text)
-    if _manifest_word(text) is not None:
-        return _remote_manifest_source(text, split)
-    if text.endswith(".json"):
-        return _manifest_source(path, split)
-    if path.is_dir():
-        root = _find_voc_root(path)
-        if root is not None:
-            num = len(voc.read_split(root, split))
-            return DataSource("folder", split, str(root), voc_root=root, num_samples=num)
-        manifests = sorted(path.glob(f"*-{split}.json"))
-        if len(manifests) == 1:
-            return _manifest_source(manifests[0], split)
-        if len(manifests) > 1:
-            raise DataError(f"{path}: several shard manifests for split {split!r} "
-                            f"({', '.join(m.name for m in manifests)}); pass one of them")
-        raise DataError(f"{path}: folder holds neither VOCdevkit/VOC2012 (with JPEGImages) "
-                        f"nor a shard manifest NAME-{split}.json")
-    if _looks_like_shards(text):
-        urls = tuple(wds.shardlists.expand_urls(text))
-        _check_local_shards(urls, text)
-        return DataSource("shards", split, text, urls=urls)
-    raise DataError(f"{text}: not a shard manifest (.json), a shard pattern (.tar, "
-                    "{a..b}, URL, pipe:) or a VOCdevkit folder"
-                    + (" (no such file or folder)" if not path.exists() else ""))
-
-
-def class_names(source: DataSource) -> Optional[list[str]]:
-    """The data's class names (its dataset spec's: the manifest's, VOC's for a VOC folder); None for
-    bare shards, which do not say (they are read as VOC, but may hold anything)."""
-    return list(source.spec.classes) if source.manifest is not None or source.kind == "folder" else None
-
-
 @functools.lru_cache(maxsize=None)
 def _count_shard_samples(urls: tuple[str, ...]) -> tuple[int, ...]:
     """Samples per shard for shards that come without a manifest (read once per process)."""
     return tuple(sum(1 for _ in _raw_shard_samples([url])) for url in urls)
 
 
-def _shard_sizes(source: DataSource) -> tuple[int, ...]:
+def shard_sizes(source: DataSource) -> tuple[int, ...]:
+    """Samples per shard: the manifest's, else counted by reading the shards once per process."""
     return source.shard_sizes if source.shard_sizes is not None else _count_shard_samples(source.urls)
 
 
 def batches_per_epoch(source: DataSource, batch_size: int, world_size: int) -> int:
     """Batches of ``batch_size`` that ``train_loader`` gives each of ``world_size`` ranks per epoch."""
-    num_samples = sum(_shard_sizes(source)) if source.kind == "shards" else source.num_samples
+    num_samples = sum(shard_sizes(source)) if source.kind == "shards" else source.num_samples
     if num_samples == 0:
         raise DataError(f"{source.location}: no {source.split} samples to train on")
     return max(1, num_samples // (world_size * batch_size))
@@ -292,7 +125,7 @@ def _mix(*words: int) -> int:
 
 # --------------------------------------------------------------------------- decoding
 
-def decode_sample(jpeg: bytes, png: bytes, name: str, spec: DatasetSpec = VOC) -> tuple[torch.Tensor, np.ndarray]:
+def decode_sample(jpeg: bytes, png: bytes, name: str, spec: DatasetSpec) -> tuple[torch.Tensor, np.ndarray]:
     """Image (JPEG or PNG) + label PNG bytes -> (uint8 (3, H, W) tensor, uint8 (H, W) class
     indices mapped through ``spec``'s label table), checked.
 
@@ -449,7 +282,7 @@ class _TrainShardStream(_EpochBatches):
     reads, cheap next to decoding and augmenting), the decoding never."""
 
     def __init__(self, urls: tuple[str, ...], sizes: tuple[int, ...], transform: PairTransform,
-                 batch_size: int, steps: int, seed: int, epoch: int, rank: int, spec: DatasetSpec = VOC,
+                 batch_size: int, steps: int, seed: int, epoch: int, rank: int, spec: DatasetSpec,
                  digests: Optional[dict[str, str]] = None, **span):
         super().__init__(batch_size, steps, seed, epoch, rank, **span)
         self.urls, self.sizes, self.transform, self.spec, self.digests = urls, sizes, transform, spec, digests
@@ -493,10 +326,10 @@ class _TrainFolderBatches(_EpochBatches):
     rank) dealt ``rank::world_size``; sample ``i`` of the rank's epoch is augmented from its own
     seed. More than one pass only when the data holds fewer than world_size x batch_size."""
 
-    def __init__(self, dataset: voc.VOCSegmentation, transform: PairTransform, world_size: int,
-                 batch_size: int, steps: int, seed: int, epoch: int, rank: int, **span):
+    def __init__(self, dataset: VOCSegmentation, transform: PairTransform, world_size: int,
+                 batch_size: int, steps: int, seed: int, epoch: int, rank: int, spec: DatasetSpec, **span):
         super().__init__(batch_size, steps, seed, epoch, rank, **span)
-        self.dataset, self.transform, self.world_size = dataset, transform, world_size
+        self.dataset, self.transform, self.world_size, self.spec = dataset, transform, world_size, spec
 
     def _batches(self, epoch: int, batches: list[int]) -> Iterator[Batch]:
         needed = self.steps * self.batch_size * self.world_size
@@ -504,7 +337,7 @@ class _TrainFolderBatches(_EpochBatches):
         order = np.concatenate([np.random.default_rng([self.seed, epoch, p]).permutation(len(self.dataset))
                                 for p in range(passes)])
         samples = _FolderSamples(self.dataset, order[self.rank:needed:self.world_size].tolist(), self.transform,
-                                 seed=_mix(self.seed, epoch, self.rank))
+                                 self.spec, seed=_mix(self.seed, epoch, self.rank))
         for b in batches:
             yield _stack([samples[i] for i in range(b * self.batch_size, (b + 1) * self.batch_size)])
 
@@ -516,9 +349,10 @@ class _FolderSamples(Dataset):
     result does not depend on which DataLoader worker loads it.
     """
 
-    def __init__(self, dataset: voc.VOCSegmentation, indices: list[int], transform: PairTransform,
-                 seed: Optional[int] = None):
+    def __init__(self, dataset: VOCSegmentation, indices: list[int], transform: PairTransform,
+                 spec: DatasetSpec, seed: Optional[int] = None):
         self.dataset, self.indices, self.transform, self.seed = dataset, indices, transform, seed
+        self.spec = spec
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -526,7 +360,7 @@ class _FolderSamples(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, str]:
         index = self.indices[i]
         sid = self.dataset.ids[index]
-        image, mask = decode_sample(*self.dataset.load_raw(index), f"{sid} in {self.dataset.root}")
+        image, mask = decode_sample(*self.dataset.load_raw(index), f"{sid} in {self.dataset.root}", self.spec)
         if self.seed is None:
             image, mask = self.transform(image, mask)
         else:
@@ -539,33 +373,33 @@ class _FolderSamples(Dataset):
 ORDER_FREE = ("num_workers", "pin_memory")
 
 
-def train_loader(data: str | Path, batch_size: int, crop_size: int, *, split: str = "train",
-                 num_workers: int = 2, seed: int = 0, epoch: int = 0, rank: Optional[int] = None,
-                 world_size: Optional[int] = None, color_jitter: bool = False,
+def train_loader(source: DataSource, batch_size: int, crop_size: int, *, num_workers: int = 2, seed: int = 0,
+                 epoch: int = 0, rank: Optional[int] = None, world_size: Optional[int] = None,
+                 color_jitter: bool = False,
                  scale: tuple[float, float] = (0.5, 2.0), pin_memory: bool = False, skip: int = 0,
                  take: Optional[int] = None, endless: bool = False,
                  last_epoch: Optional[int] = None) -> tuple[Iterable[Batch], int]:
-    """Augmented uint8 training batches for this rank and epoch, and the number of steps.
+    """Augmented uint8 training batches of ``source`` for this rank and epoch, and the number of steps.
 
     ``batch_size`` is per process. Every rank yields exactly ``steps_per_epoch =
     max(1, num_samples // (world_size * batch_size))`` batches of exactly
     ``batch_size`` samples, the same whatever ``num_workers``. Iterating the loader again
     replays the same batches. ``skip`` starts at that batch of ``epoch``; ``take`` uses only the
     first ``take`` batches of each epoch; ``endless`` goes on epoch after epoch in one loader
-    (its workers started once), up to ``last_epoch`` if given: ``train()`` resumes with ``epoch`` and ``skip``. ``pin_memory``
-    (for CUDA) makes ``.to(device, non_blocking=True)`` asynchronous. Normalise the images
+    (its workers started once), up to ``last_epoch`` if given: ``train()`` resumes with ``epoch``
+    and ``skip``. ``pin_memory`` (for CUDA) makes ``.to(device, non_blocking=True)`` asynchronous. Normalise the images
     (``transforms.normalize``) and cast the masks to int64 on the device that uses them.
     """
     rank, world_size = _resolve_rank(rank, world_size)
-    source = resolve_data(data, split)
     steps = batches_per_epoch(source, batch_size, world_size)
     transform = train_transforms(crop_size, scale=scale, color_jitter=color_jitter, normalize=False)
     span = dict(skip=skip, take=take, endless=endless, last_epoch=last_epoch)
     if source.kind == "folder":
-        dataset = voc.VOCSegmentation(source.voc_root, split)
-        batches = _TrainFolderBatches(dataset, transform, world_size, batch_size, steps, seed, epoch, rank, **span)
+        dataset = VOCSegmentation(source.voc_root, source.split)
+        batches = _TrainFolderBatches(dataset, transform, world_size, batch_size, steps, seed, epoch, rank,
+                                      source.spec, **span)
     else:
-        batches = _TrainShardStream(source.urls, _shard_sizes(source), transform, batch_size, steps, seed, epoch,
+        batches = _TrainShardStream(source.urls, shard_sizes(source), transform, batch_size, steps, seed, epoch,
                                     rank, source.spec, source.checks(), **span)
     # batch_size=None: the workers batch (into shared memory) and the DataLoader passes their
     # batches through. A worker beyond `steps` would have no batch to make. The workers' base
@@ -584,18 +418,17 @@ def _decode_val(sample: dict, transform: PairTransform, spec: DatasetSpec) -> tu
     return image, mask, sid
 
 
-def val_loader(data: str | Path, *, split: str = "val", batch_size: int = 1, num_workers: int = 1,
+def val_loader(source: DataSource, *, batch_size: int = 1, num_workers: int = 1,
                protocol: str = "whole", crop_size: int = 513, rank: Optional[int] = None,
                world_size: Optional[int] = None, mean: tuple[float, ...] = IMAGENET_MEAN,
                std: tuple[float, ...] = IMAGENET_STD, pin_memory: bool = False) -> Iterable[Batch]:
-    """Every sample of ``split`` exactly once across ranks, normalised (the model's ``mean`` and
+    """Every sample of ``source`` exactly once across ranks, normalised (the model's ``mean`` and
     ``std``: ``model.mean``, ``model.std``), un-augmented.
 
     Batches of differently sized images are padded (image 0, mask 255). A rank that
     gets no sample (more ranks than samples) yields nothing.
     """
     rank, world_size = _resolve_rank(rank, world_size)
-    source = resolve_data(data, split)
     # Workers send single uint8 samples; pad_collate normalises and pads in this process.
     transform = val_transforms(protocol, crop_size, normalize=False)
     collate = functools.partial(pad_collate, mean=tuple(mean), std=tuple(std))
@@ -603,15 +436,15 @@ def val_loader(data: str | Path, *, split: str = "val", batch_size: int = 1, num
         collate = functools.partial(_pinned, collate)
 
     if source.kind == "folder":
-        dataset = voc.VOCSegmentation(source.voc_root, split)
-        samples = _FolderSamples(dataset, list(range(rank, len(dataset), world_size)), transform)
+        dataset = VOCSegmentation(source.voc_root, source.split)
+        samples = _FolderSamples(dataset, list(range(rank, len(dataset), world_size)), transform, source.spec)
         loader = DataLoader(samples, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                             collate_fn=list, worker_init_fn=_loader_worker_init)
         return wds.DataPipeline(loader, wds.map(collate))
 
     # By sample, not by shard: VOC val (1449 images) is 6 shards, Cityscapes val 2, so 8 ranks
     # splitting shards would leave 2 (6) of them idle, waiting in the metrics' all-reduce.
-    sizes = _shard_sizes(source)
+    sizes = shard_sizes(source)
     start, end = val_share(sizes, rank, world_size)
     if start == end:
         return []
@@ -658,7 +491,7 @@ class _ValRange(IterableDataset):
 def _raw_pairs(source: DataSource, wanted: Optional[set[str]] = None) -> Iterator[tuple[str, bytes, bytes, str]]:
     """(id, jpeg, png, name) in dataset order; ``wanted`` skips reading other folder files."""
     if source.kind == "folder":
-        dataset = voc.VOCSegmentation(source.voc_root, source.split)
+        dataset = VOCSegmentation(source.voc_root, source.split)
         for index, sid in enumerate(dataset.ids):
             if wanted is None or sid in wanted:
                 yield (sid, *dataset.load_raw(index), f"{sid} in {source.voc_root}")
@@ -667,14 +500,13 @@ def _raw_pairs(source: DataSource, wanted: Optional[set[str]] = None) -> Iterato
             yield _shard_pair(sample)
 
 
-def iter_samples(data: str | Path, split: str,
+def iter_samples(source: DataSource,
                  ids: Optional[Collection[str]] = None) -> Iterator[tuple[str, PIL.Image.Image, np.ndarray]]:
     """Decoded ``(id, RGB PIL image, (H, W) uint8 label)`` pairs in dataset order.
 
     With ``ids``, only those (stopping once all are found); ids that are not in the
     split raise a DataError listing them.
     """
-    source = resolve_data(data, split)
     wanted = None if ids is None else set(ids)
     for sid, jpeg, png, name in _raw_pairs(source, wanted):
         if wanted is not None:
@@ -687,24 +519,23 @@ def iter_samples(data: str | Path, split: str,
             return
     if wanted:
         missing = sorted(wanted)
-        raise DataError(f"{source.location}: {len(missing)} id(s) not in split {split!r}: "
+        raise DataError(f"{source.location}: {len(missing)} id(s) not in split {source.split!r}: "
                         + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
 
 
-def image_classes(data: str | Path, split: str) -> dict[str, list[int]]:
+def image_classes(source: DataSource) -> dict[str, list[int]]:
     """Classes present in each image's label, by id: background 0 included, 255 not.
 
     Read from the manifest when it has them, else computed by decoding every label.
     """
-    source = resolve_data(data, split)
     if source.manifest is not None and "image_classes" in source.manifest:
         return {sid: list(map(int, classes)) for sid, classes in source.manifest["image_classes"].items()}
     classes = {}
     if source.kind == "folder":
-        dataset = voc.VOCSegmentation(source.voc_root, split)
+        dataset = VOCSegmentation(source.voc_root, source.split)
         for index, sid in enumerate(dataset.ids):
             label_path = dataset.paths(index)[1]
-            label = decode_label(voc.read_bytes(label_path, "label (PNG)"), str(label_path), source.spec)
+            label = decode_label(read_bytes(label_path, "label (PNG)"), str(label_path), source.spec)
             classes[sid] = _present(label)
     else:
         for sid, _, png, name in _raw_pairs(source):
