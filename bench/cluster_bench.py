@@ -28,7 +28,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from segtrain import shards  # noqa: E402
+from segtrain import loaders, sources  # noqa: E402
 from segtrain.pack import pack_split  # noqa: E402
 from segtrain.synthetic import generate  # noqa: E402
 
@@ -64,8 +64,9 @@ def bytes_per_epoch(shard_dir: Path, batch: int) -> None:
         for world in (1, 2):
             server.sent.clear()
             for rank in range(world):
-                loader, steps = shards.train_loader(f"{base}/voc-train.json", batch, 33, num_workers=1,
-                                                    rank=rank, world_size=world, epoch=0)
+                source = sources.resolve_data(f"{base}/voc-train.json", "train")
+                loader, steps = loaders.train_loader(source, batch, 33, num_workers=1, rank=rank, world_size=world,
+                                                     epoch=0)
                 for _ in loader:
                     pass
             tars = {p: n for p, n in server.sent.items() if p.endswith(".tar")}

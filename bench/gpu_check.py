@@ -424,7 +424,7 @@ def section_train(ctx: Context) -> None:
                     lambda: loop(p.batches[0], "bf16"))
     ctx.attempt({"loop": "loader alone (no model)", "batch": p.batches[-1]},
                 lambda: loader_alone(ctx, p.batches[-1]))
-    ctx.notes.append(f"shards -> shards.train_loader ({p.workers} workers requested, train() caps them at the CPU "
+    ctx.notes.append(f"shards -> loaders.train_loader ({p.workers} workers requested, train() caps them at the CPU "
                      f"count) -> train(); {p.train_warmup} warm-up + {p.train_steps} timed steps, logged every step "
                      "(each log syncs the GPU, so time waiting for data is time the GPU sat idle); data wait = time "
                      "in next(batches) and loader start-up (metrics.jsonl data_wait_s)")
@@ -481,10 +481,10 @@ def yaml_resolved(run_dir: Path) -> dict:
 
 
 def loader_alone(ctx: Context, batch: int) -> dict:
-    """Images/s of shards.train_loader with nothing consuming its batches: the most the loop can be fed."""
-    from segtrain import shards
+    """Images/s of loaders.train_loader with nothing consuming its batches: the most the loop can be fed."""
+    from segtrain import loaders, sources
     p = ctx.profile
-    loader, steps = shards.train_loader(ctx.manifest, batch, p.crop, num_workers=p.workers, seed=0, epoch=0)
+    loader, steps = loaders.train_loader(sources.resolve_data(ctx.manifest, "train"), batch, p.crop, num_workers=p.workers, seed=0, epoch=0)
     start = time.perf_counter()
     batches = iter(loader)
     next(batches)
@@ -509,14 +509,15 @@ def section_eval(ctx: Context) -> None:
     import torch
     from segtrain.evaluate import evaluate, loader_protocol
     from segtrain.model import build_model
-    from segtrain.shards import val_loader
+    from segtrain.loaders import val_loader
+    from segtrain.sources import resolve_data
     from segtrain.voc import NUM_CLASSES
     p, dev = ctx.profile, device()
     model = build_model("deeplabv3plus", p.backbone, NUM_CLASSES, output_stride=16).to(dev)
     for protocol in ("whole", "ms-flip"):
         for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
             def measure() -> dict:
-                loader = val_loader(ctx.val_manifest, batch_size=1, num_workers=min(p.workers, 4),
+                loader = val_loader(resolve_data(ctx.val_manifest, "val"), batch_size=1, num_workers=min(p.workers, 4),
                                     protocol=loader_protocol(protocol))
                 first: dict = {}
 
@@ -541,7 +542,8 @@ def section_sam(ctx: Context) -> None:
     import numpy as np
     from segment_anything import sam_model_registry
     from segtrain.sam import mask_generator, sam_masks
-    from segtrain.shards import iter_samples
+    from segtrain.loaders import iter_samples
+    from segtrain.sources import resolve_data
     p, dev = ctx.profile, device()
     if p.sam_model == "tiny":  # SAM's own builder with a 2-block image encoder: the same code, CPU-sized
         from segment_anything.build_sam import _build_sam
@@ -549,7 +551,7 @@ def section_sam(ctx: Context) -> None:
     else:
         sam = sam_model_registry[p.sam_model]()  # no checkpoint: random weights
     generator = mask_generator(sam.to(dev).eval(), points_per_side=p.sam_points)
-    samples = list(itertools.islice(iter_samples(ctx.val_manifest, "val"), p.sam_images + 1))
+    samples = list(itertools.islice(iter_samples(resolve_data(ctx.val_manifest, "val")), p.sam_images + 1))
     if len(samples) < p.sam_images + 1:
         raise ValueError(f"need {p.sam_images + 1} val images, the data section made {len(samples)}")
     sam_masks(generator, np.asarray(samples[0][1]))  # warm-up: CUDA kernels, cuDNN, allocator

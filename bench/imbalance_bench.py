@@ -18,7 +18,7 @@ from segtrain import stats
 from segtrain.hardware import describe
 from segtrain.config import parse_config
 from segtrain.metrics import subset_miou
-from segtrain.files import read_manifest
+from segtrain.sources import read_manifest
 from segtrain.pack import pack_split
 from segtrain.report import build_report
 from segtrain.synthetic import generate

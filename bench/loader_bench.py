@@ -28,7 +28,9 @@ from pathlib import Path
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from segtrain import shards, transforms, voc
+from segtrain import loaders, transforms
+from segtrain.datasets import VOC, VOCSegmentation, decode_label
+from segtrain.sources import resolve_data
 from segtrain.hardware import describe
 from segtrain.pack import pack_split
 from segtrain.synthetic import generate
@@ -36,7 +38,7 @@ from segtrain.synthetic import generate
 
 def raw_decode_rate(root: Path, decode) -> tuple[float, float]:
     """(samples/s, CPU ms per sample) of decode(jpeg, png, id) over the split, bytes in memory."""
-    dataset = voc.VOCSegmentation(root, "train")
+    dataset = VOCSegmentation(root, "train")
     pairs = [(*dataset.load_raw(i), sid) for i, sid in enumerate(dataset.ids)]
     start, cpu_start = time.perf_counter(), time.process_time()
     for jpeg, png, name in pairs:
@@ -47,7 +49,7 @@ def raw_decode_rate(root: Path, decode) -> tuple[float, float]:
 def decode_with_torchvision(jpeg: bytes, png: bytes, name: str):
     """The alternative image decoder (libjpeg-turbo straight to a tensor)."""
     image = decode_jpeg(torch.frombuffer(bytearray(jpeg), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    return image, voc.decode_label(png, name)
+    return image, decode_label(png, name, VOC)
 
 
 def cpu_seconds(who: int) -> float:
@@ -65,7 +67,8 @@ def loader_rate(data: str, workers: int, batch_size: int, crop: int, epochs: int
     samples, seconds, delivered = 0, 0.0, 0
     main_start, workers_start = cpu_seconds(resource.RUSAGE_SELF), cpu_seconds(resource.RUSAGE_CHILDREN)
     for epoch in range(epochs):
-        loader, _ = shards.train_loader(data, batch_size, crop, num_workers=workers, epoch=epoch)
+        loader, _ = loaders.train_loader(resolve_data(data, "train"), batch_size, crop, num_workers=workers,
+                                         epoch=epoch)
         start = None
         for images, _, _ in loader:
             delivered += images.shape[0]
@@ -108,7 +111,8 @@ def main(argv=None) -> None:
         pack_split(root, "train", Path(tmp) / "shards", shard_size=args.shard_size, progress=False)
         manifest = str(Path(tmp) / "shards" / "voc-train.json")
 
-        rows = [("raw decode, PIL JPEG + PNG (used)", "-", *raw_decode_rate(root, shards.decode_sample), None),
+        rows = [("raw decode, PIL JPEG + PNG (used)", "-", *raw_decode_rate(root, lambda j, p, n: loaders.decode_sample(j, p, n, VOC)),
+                 None),
                 ("raw decode, torchvision.io JPEG + PNG", "-", *raw_decode_rate(root, decode_with_torchvision),
                  None)]
         raw = rows[0][2]

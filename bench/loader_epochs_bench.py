@@ -12,25 +12,26 @@ import tempfile
 import time
 from pathlib import Path
 import torch
-from segtrain import shards
+from segtrain import loaders
+from segtrain.sources import resolve_data
 from segtrain.pack import pack_split
 from segtrain.synthetic import generate
 torch.set_num_threads(1)
 tmp = Path(tempfile.mkdtemp())
 root = generate(tmp / "voc", 12, 4, seed=0, min_size=64, max_size=128)
 pack_split(root, "train", tmp / "shards", shard_size=4, progress=False)
-data = tmp / "shards" / "voc-train.json"
+data = resolve_data(tmp / "shards" / "voc-train.json", "train")
 kw = dict(batch_size=4, crop_size=65, num_workers=2, seed=0, rank=0, world_size=1)
 epochs = 10
 for trial in range(2):
     t = time.perf_counter()
     for e in range(epochs):
-        loader, steps = shards.train_loader(data, epoch=e, **kw)
+        loader, steps = loaders.train_loader(data, epoch=e, **kw)
         for _ in loader:
             pass
     per_epoch = time.perf_counter() - t
     t = time.perf_counter()
-    loader, steps = shards.train_loader(data, epoch=0, endless=True, **kw)
+    loader, steps = loaders.train_loader(data, epoch=0, endless=True, **kw)
     for _ in itertools.islice(loader, steps * epochs):
         pass
     endless = time.perf_counter() - t

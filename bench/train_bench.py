@@ -30,11 +30,11 @@ from segtrain.losses import build_loss
 from segtrain.model import build_model
 from segtrain.pack import pack_split
 from segtrain.synthetic import generate
+from segtrain.datasets import VOC, VOCSegmentation
 from segtrain.files import read_metrics_log
 from segtrain.steptime import time_calls
 from segtrain.train import train
 from segtrain.transforms import train_transforms
-from segtrain.voc import VOCSegmentation
 
 
 def plain_loop(voc_root: Path, args, device: torch.device) -> tuple[float, float]:
@@ -45,7 +45,7 @@ def plain_loop(voc_root: Path, args, device: torch.device) -> tuple[float, float
                                          num_workers=args.workers, persistent_workers=args.workers > 0)
     model = build_model("deeplabv3plus", args.backbone).to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    criterion = build_loss("ce")
+    criterion = build_loss("ce", VOC.num_classes)
     batches = itertools.cycle(loader)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from segtrain.shards import train_loader, val_loader
-from segtrain.voc import atomic_write_bytes
+from segtrain.files import atomic_write_bytes
+from segtrain.loaders import train_loader, val_loader
+from segtrain.sources import resolve_data
 
 
 def named(spec: str) -> tuple[str, str]:
@@ -41,7 +42,8 @@ def main() -> None:
     for name, data in args.train:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            loader, steps = train_loader(data, args.batch_size, args.crop, num_workers=args.workers)
+            loader, steps = train_loader(resolve_data(data, "train"), args.batch_size, args.crop,
+                                         num_workers=args.workers)
             batches = [{"ids": ids, "images": list(images.shape), "masks": list(masks.shape)}
                        for images, masks, ids in loader]
         result["train"][name] = {"steps": steps, "batches": batches,
@@ -49,7 +51,8 @@ def main() -> None:
         state.wait_for_everyone()
     for name, data in args.val:
         ids = []
-        for images, masks, batch_ids in val_loader(data, batch_size=args.batch_size, num_workers=args.workers):
+        for images, masks, batch_ids in val_loader(resolve_data(data, "val"), batch_size=args.batch_size,
+                                                   num_workers=args.workers):
             assert images.shape[0] == masks.shape[0] == len(batch_ids)
             ids += batch_ids
         result["val"][name] = ids

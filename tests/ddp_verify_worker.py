@@ -11,7 +11,7 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from segtrain import integrity, shards
+from segtrain import integrity, sources
 from segtrain.files import DataError
 
 state = PartialState(cpu=True)
@@ -21,9 +21,9 @@ hash_and_count, write_cache = integrity.hash_and_count, integrity._write_cache
 integrity.hash_and_count = lambda path: (hashed.append(str(path)), hash_and_count(path))[1]
 integrity._write_cache = lambda *args: (writes.append(str(args[0])), write_cache(*args))[1]
 
-integrity.verify_source(shards.resolve_data(good, "train"), "always")
+integrity.verify_source(sources.resolve_data(good, "train"), "always")
 try:
-    integrity.verify_source(shards.resolve_data(bad, "train"), "always")
+    integrity.verify_source(sources.resolve_data(bad, "train"), "always")
     error = None
 except DataError as e:
     error = str(e)

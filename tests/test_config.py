@@ -32,7 +32,7 @@ def test_loss_options_take_default_help_and_checks_from_the_loss():
     for name, option in losses.LOSS_OPTIONS.items():
         field = config.FIELDS[name]  # a loss option without its config field fails here
         assert field.default == option.default and field.metadata["help"] == option.help
-    assert TrainConfig().focal_gamma == losses.FocalLoss().gamma
+    assert TrainConfig().focal_gamma == losses.FocalLoss(21).gamma
     with pytest.raises(ConfigError, match="focal_gamma: must be >= 0"):
         parse_config(["--focal-gamma", "-1"])
 

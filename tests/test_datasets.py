@@ -14,7 +14,8 @@ from PIL import Image
 from segtrain import datasets, evaluate, predict, report
 from segtrain.datasets import (ADE20K, CITYSCAPES, DATASETS, VOC, DatasetSpec, decode_label, folder_spec,
                                spec_from_checkpoint, spec_from_manifest)
-from segtrain.files import DataError, read_manifest
+from segtrain.files import DataError
+from segtrain.sources import read_manifest, resolve_data
 from segtrain.model import build_model, init_from_checkpoint, load_checkpoint
 from segtrain.pack import pack_split
 from segtrain.synthetic import FOLDER_CLASSES, generate_layout
@@ -201,7 +202,7 @@ def test_pack_train_evaluate_predict_report(runs, layout, tmp_path, capsys):
     text = md.read_text()
     assert f"({spec.name}, {len(expected)} classes)" in text
     assert all(f"| {name} |" in text for name in expected)  # per-class IoU rows named by the data
-    grid, _, labels = report.prediction_rows([report.load_run(run["run"])], str(run["val"]), "val",
+    grid, _, labels = report.prediction_rows([report.load_run(run["run"])], resolve_data(run["val"], "val"),
                                              manifest["shards"][0]["ids"][:1], torch.device("cpu"))
     np.testing.assert_array_equal(grid[0][1], datasets.decode_target(labels[0], spec))
 

@@ -13,9 +13,10 @@ from segtrain.cli import OtherProcessFailed
 from segtrain.evaluate import evaluate, main, ms_flip_logits, same_size_batches
 from segtrain.model import build_model, save_checkpoint
 from segtrain.pack import pack_split
-from segtrain.shards import val_loader
+from segtrain.loaders import val_loader
+from segtrain.sources import resolve_data
 from segtrain.synthetic import generate
-from segtrain.voc import DataError
+from segtrain.files import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,7 +76,7 @@ def test_ms_flip_evaluate_gives_valid_metrics(setup):
     model, seen = setup["model"], []
     model.train()
     manifest = setup["train_manifest"]  # the 4-image split: 12 forward passes per image
-    metrics = evaluate(model, val_loader(setup["data"], split="train"), "cpu", protocol="ms-flip",
+    metrics = evaluate(model, val_loader(resolve_data(setup["data"], "train")), "cpu", protocol="ms-flip",
                        on_batch=lambda images, masks, preds, ids: seen.append((preds.shape == masks.shape, *ids)))
     assert model.training  # given back in the mode it came in
     assert len(seen) == 4 and all(same_shape for same_shape, _ in seen)
@@ -91,7 +92,7 @@ def test_ms_flip_evaluate_gives_valid_metrics(setup):
 def test_the_near_tie_checkpoint_sees_a_thread_count_change(setup):
     """What makes the test below able to fail: with this checkpoint 1 and 2 CPU threads
     give different confusion matrices (oneDNN splits sums differently)."""
-    counts = [evaluate(setup["tied"], val_loader(setup["data"], num_workers=0), "cpu", threads=t)
+    counts = [evaluate(setup["tied"], val_loader(resolve_data(setup["data"], "val"), num_workers=0), "cpu", threads=t)
               for t in (1, 2)]
     assert [c["cpu_threads"] for c in counts] == [1, 2]
     assert not torch.equal(counts[0]["confusion_matrix"], counts[1]["confusion_matrix"])

@@ -71,7 +71,7 @@ def test_confusion_matrix_matches_numpy_reference():
     ref = np.zeros((21, 21), dtype=np.int64)
     np.add.at(ref, (t[keep], p[keep]), 1)
 
-    assert np.array_equal(confusion_matrix(pred, target.to(torch.uint8)).numpy(), ref)
+    assert np.array_equal(confusion_matrix(pred, target.to(torch.uint8), 21).numpy(), ref)
 
 
 def test_update_accumulates_like_one_shot_and_reset():
@@ -93,13 +93,13 @@ def test_update_accumulates_like_one_shot_and_reset():
 
 def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="shape"):
-        confusion_matrix(torch.zeros(2, 3, dtype=torch.long), torch.zeros(3, 2, dtype=torch.long))
+        confusion_matrix(torch.zeros(2, 3, dtype=torch.long), torch.zeros(3, 2, dtype=torch.long), 21)
     with pytest.raises(ValueError, match="outside"):
-        confusion_matrix(torch.tensor([21]), torch.tensor([0]))  # would alias to cell [1, 0]
+        confusion_matrix(torch.tensor([21]), torch.tensor([0]), 21)  # would alias to cell [1, 0]
     with pytest.raises(ValueError, match="outside"):
-        confusion_matrix(torch.tensor([0]), torch.tensor([30]))
+        confusion_matrix(torch.tensor([0]), torch.tensor([30]), 21)
     with pytest.raises(ValueError, match="integer"):
-        confusion_matrix(torch.zeros(4), torch.zeros(4, dtype=torch.long))
+        confusion_matrix(torch.zeros(4), torch.zeros(4, dtype=torch.long), 21)
     with pytest.raises(ValueError, match="class names"):
         segmentation_metrics(torch.eye(3, dtype=torch.long), class_names=["a", "b"])
 

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from segtrain import pack, voc
+from segtrain.datasets import VOCSegmentation
 from segtrain.synthetic import generate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +58,7 @@ def test_shards_hold_the_original_bytes(voc_root, tmp_path):
 def test_manifest_counts_equal_direct_counts(voc_root, tmp_path):
     m = pack.pack_split(voc_root, "val", tmp_path, shard_size=4, workers=2, progress=False)
     assert json.loads((tmp_path / "voc-val.json").read_text()) == m
-    ds = voc.VOCSegmentation(voc_root, "val")
+    ds = VOCSegmentation(voc_root, "val")
     pixels = np.zeros(256, np.int64)
     images = np.zeros(21, np.int64)
     widths, heights = [], []

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from segtrain import shards
+from segtrain import loaders
 from segtrain.config import ConfigError, parse_config
 from segtrain.plan import plan_run
 
@@ -37,16 +37,19 @@ def test_batch_workers_and_steps_per_epoch(cfg_for, monkeypatch):
 
 def test_loader_arguments_are_the_loaders_own_and_make_the_data_order(cfg_for):
     plan = plan_run(cfg_for("--batch-size", "4", "--grad-accum", "2", "--workers", "1", "--color-jitter", "true"))
-    train_params = set(inspect.signature(shards.train_loader).parameters)
+    train_params = set(inspect.signature(loaders.train_loader).parameters)
     assert set(plan.train_loader) == train_params - {"epoch", "rank", "skip", "take", "endless", "last_epoch"}
-    assert set(plan.val_loader) <= set(inspect.signature(shards.val_loader).parameters) - {"rank"}
+    assert set(plan.val_loader) <= set(inspect.signature(loaders.val_loader).parameters) - {"rank"}
     # The workers and pinning are not the data order: a resume on other hardware goes on.
     order_free = {"num_workers", "pin_memory"}
-    assert plan.data_order == {**{k: v for k, v in plan.train_loader.items() if k not in order_free}, "grad_accum": 2}
+    # The data as the user named it, not the resolved source (a checkpoint records plain values).
+    order = {k: v for k, v in plan.train_loader.items() if k not in order_free | {"source"}}
+    assert plan.data_order == {**order, "data": plan.cfg.data, "split": "train", "grad_accum": 2}
+    assert plan.train_source is plan.train_loader["source"] and plan.val_source is plan.val_loader["source"]
     assert plan.train_loader["pin_memory"] is False and plan_run(cfg_for("--batch-size", "4"), device_type="cuda"
                                                                   ).train_loader["pin_memory"] is True
     assert plan.data_order["color_jitter"] is True and plan.data_order["scale"] == (0.5, 2.0)
-    loader, batches = shards.train_loader(**plan.train_loader, epoch=0, rank=0)
+    loader, batches = loaders.train_loader(**plan.train_loader, epoch=0, rank=0)
     assert batches // 2 == plan.steps_per_epoch == 12  # 48 / 2 per micro-batch / 2 micro-batches
     images, masks, _ = next(iter(loader))
     assert images.shape == (2, 3, 65, 65) and masks.shape == (2, 65, 65)
@@ -108,7 +111,7 @@ def test_resume_with_another_process_count_is_refused_before_loading(cfg_for, tm
 def test_train_split_comes_from_the_manifest_and_val_must_be_disjoint(cfg_for, packed_shards):
     val = str(packed_shards["val"])
     plan = plan_run(cfg_for("--val-data", str(packed_shards["train"]), "--val-split", "train", data=val))
-    assert plan.cfg.train_split == "val" and plan.train_loader["split"] == "val"
+    assert plan.cfg.train_split == "val" and plan.train_source.split == "val"
     with pytest.raises(ConfigError, match="16 validation images are also training images"):
         plan_run(cfg_for(data=val))  # val manifest for both
 

@@ -19,7 +19,8 @@ from segtrain.cli import one_line
 from segtrain.evaluate import main as evaluate_main
 from segtrain.files import DataError, atomic_write_bytes
 from segtrain.model import CheckpointError, build_model, load_checkpoint, save_checkpoint
-from segtrain.shards import iter_samples, train_loader, val_loader
+from segtrain.loaders import iter_samples, train_loader, val_loader
+from segtrain.sources import resolve_data
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,8 +93,8 @@ def test_damaged_bare_shard_is_a_named_error_in_training_and_evaluation(packed_s
     shard = tmp_path / "voc-train-000001.tar"
     damage(shard, how)
     pattern = str(tmp_path / "voc-train-{000000..000004}.tar")
-    for read in (lambda: all_batches(val_loader(pattern, split="train", num_workers=workers)),
-                 lambda: all_batches(train_loader(pattern, 4, 33, num_workers=workers)[0])):
+    for read in (lambda: all_batches(val_loader(resolve_data(pattern, "train"), num_workers=workers)),
+                 lambda: all_batches(train_loader(resolve_data(pattern, "train"), 4, 33, num_workers=workers)[0])):
         with pytest.raises(DataError) as info:
             read()
         line = one_line(info.value)
@@ -106,8 +107,8 @@ def test_damaged_shard_with_manifest_and_no_verification_is_named_by_the_readers
     """Verification off: the loaders themselves still name the shard (never a tarfile traceback)."""
     manifest = copy_split(packed_shards, "val", tmp_path)
     damage(tmp_path / "voc-val-000000.tar", how)
-    for read in (lambda: all_batches(val_loader(manifest, num_workers=1)),
-                 lambda: all_batches(train_loader(manifest, 4, 33, split="val", num_workers=1)[0])):
+    for read in (lambda: all_batches(val_loader(resolve_data(manifest, "val"), num_workers=1)),
+                 lambda: all_batches(train_loader(resolve_data(manifest, "val"), 4, 33, num_workers=1)[0])):
         with pytest.raises(DataError, match=r"shard .*voc-val-000000\.tar: ") as info:
             read()
         assert "ReadError" not in one_line(info.value)
@@ -132,7 +133,7 @@ def test_evaluation_notices_a_shard_holding_fewer_samples_than_the_manifest_says
     m["num_samples"] += 1
     manifest.write_text(json.dumps(m))
     with pytest.raises(DataError, match=r"voc-val-000001\.tar: holds 6 samples, the manifest says 7"):
-        all_batches(val_loader(manifest, num_workers=0))
+        all_batches(val_loader(resolve_data(manifest, "val"), num_workers=0))
 
 
 # --------------------------------------------------------------------------- integrity
@@ -421,7 +422,7 @@ def test_a_png_named_jpg_is_packed_under_its_real_type(synthetic_voc, tmp_path):
     assert {f"{sid}.png", f"{sid}.label.png"} <= names and f"{sid}.jpg" not in names
     other = voc.read_split(root, "val")[0]
     assert {f"{other}.jpg", f"{other}.png"} <= names
-    loaded = {s: (img, lbl) for s, img, lbl in iter_samples(tmp_path / "shards" / "voc-val.json", "val",
+    loaded = {s: (img, lbl) for s, img, lbl in iter_samples(resolve_data(tmp_path / "shards" / "voc-val.json", "val"),
                                                                    ids=[sid])}
     assert loaded[sid][0].size == PIL.Image.open(jpg).size
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from segtrain import integrity, shards
+from segtrain import integrity, loaders, sources
 from segtrain.config import parse_config
 from segtrain.evaluate import main as evaluate_main
 from segtrain.files import DataError
@@ -66,21 +66,21 @@ def tar_shards(server):
 
 def test_remote_manifest_resolves_shards_next_to_it_and_takes_counts_from_it(packed_shards, serve):
     base, server = serve(packed_shards["dir"])
-    source = shards.resolve_data(f"{base}/voc-train.json", "train")
+    source = sources.resolve_data(f"{base}/voc-train.json", "train")
     manifest = json.loads(packed_shards["train"].read_text())
     assert source.urls == tuple(f"{base}/{s['file']}" for s in manifest["shards"])
     assert source.digests == tuple(s["sha256"] for s in manifest["shards"])
-    assert shards.batches_per_epoch(source, 4, 1) == 12
-    val = shards.resolve_data(f"{base}/voc-train.json", "val")  # the sibling manifest, as for local files
+    assert loaders.batches_per_epoch(source, 4, 1) == 12
+    val = sources.resolve_data(f"{base}/voc-train.json", "val")  # the sibling manifest, as for local files
     assert val.location == f"{base}/voc-val.json" and val.split == "val"
-    assert shards.manifest_split(f"{base}/voc-val.json") == "val"
+    assert sources.manifest_split(f"{base}/voc-val.json") == "val"
     integrity.verify_source(source, "always")  # nothing up front: checked while streaming
     assert tar_shards(server) == {}
 
 
 def test_pipe_manifest_resolves_shards_in_the_same_command(packed_shards):
     data = f"pipe:cat {packed_shards['dir']}/voc-train.json"
-    source = shards.resolve_data(data, "train")
+    source = sources.resolve_data(data, "train")
     assert source.urls[0] == f"pipe:cat {packed_shards['dir']}/voc-train-000000.tar"
     samples = list(integrity.shard_samples(source.urls[:1], digests=source.checks()))
     assert len(samples) == source.shard_sizes[0]
@@ -124,7 +124,7 @@ def test_a_corrupted_byte_on_the_server_is_a_one_line_sha256_error(packed_shards
     base, _ = serve(served)
     data = f"{base}/voc-val.json"
     with pytest.raises(DataError, match=r"shard .*voc-val-000001\.tar: sha256 \w+\.\.\. differs from its manifest"):
-        list(shards.iter_samples(data, "val"))
+        list(loaders.iter_samples(sources.resolve_data(data, "val")))
     with pytest.raises(SystemExit):
         evaluate_main(["--checkpoint", str(make_checkpoint(tmp_path)), "--data", data, "--workers", "0"])
     err = capsys.readouterr().err

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segtrain import report, sam, shards, visualize
+from segtrain import loaders, report, sam, visualize
+from segtrain.sources import resolve_data
 from segtrain.config import parse_config
 from segtrain.datasets import VOC
 from segtrain.train import train
@@ -61,11 +62,12 @@ def test_report_on_two_runs(two_runs, packed_shards, tmp_path, grid_spy):
     ids = grid["row_titles"]
     assert ids == summary["ids"] and len(set(ids)) == 5
     # The default images cover at least as many classes as the first five of the split.
-    classes = shards.image_classes(packed_shards["val"], "val")
+    source = resolve_data(packed_shards["val"], "val")
+    classes = loaders.image_classes(source)
     first_five = list(classes)[:5]
     assert len(set().union(*(classes[i] for i in ids))) >= len(set().union(*(classes[i] for i in first_five)))
     # Ground-truth column really is the colourised label of that id.
-    (sid, _, label), = shards.iter_samples(packed_shards["val"], "val", ids=[ids[0]])
+    (sid, _, label), = loaders.iter_samples(source, ids=[ids[0]])
     np.testing.assert_array_equal(grid["rows"][0][1], decode_target(label))
 
 

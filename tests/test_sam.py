@@ -19,7 +19,8 @@ from segtrain.model import CheckpointError, build_model, save_checkpoint
 from segtrain.visualize import covering_ids
 from segtrain.sam import (METHODS, assign_majority, box_prompts, draw_sam_masks, load_sam,
                           main, mask_outline, refine_with_boxes, report_columns)
-from segtrain.shards import iter_samples
+from segtrain.loaders import iter_samples
+from segtrain.sources import resolve_data
 from segtrain.voc import decode_target
 
 OFFICIAL_URL = "https://github.com/facebookresearch/segment-anything#model-checkpoints"
@@ -239,8 +240,9 @@ def test_wrong_model_type_names_the_one_that_fits(random_vit_b, tmp_path, capsys
 
 
 def test_cli_end_to_end_one_image(random_vit_b, packed_shards, tmp_path, monkeypatch):
-    [sid] = covering_ids(str(packed_shards["val"]), "val", 1)  # what --num 1 picks
-    [(_, image, label)] = iter_samples(packed_shards["val"], "val", [sid])
+    source = resolve_data(packed_shards["val"], "val")
+    [sid] = covering_ids(source, 1)  # what --num 1 picks
+    [(_, image, label)] = iter_samples(source, [sid])
     # A semantic model that predicts the image's main object class everywhere: its map is
     # known exactly, and it is one blob, so one box prompt (each costs a mask-decoder pass).
     counts = np.bincount(label[label != 255], minlength=21)

@@ -1,5 +1,5 @@
-"""segtrain.shards: one --data for manifests, shard patterns and VOC folders; exact
-batch counts per rank, deterministic augmentation, exactly-once validation."""
+"""segtrain.sources and segtrain.loaders: one --data for manifests, shard patterns and VOC
+folders; exact batch counts per rank, deterministic augmentation, exactly-once validation."""
 import itertools
 import json
 import multiprocessing
@@ -13,14 +13,33 @@ import pytest
 import torch
 import webdataset as wds
 
-from segtrain import shards, voc
-from segtrain.shards import DataError, image_classes, iter_samples, resolve_data, train_loader, val_loader
+from segtrain import loaders, voc
+from segtrain.datasets import VOCSegmentation
+from segtrain.files import DataError
+from segtrain.sources import resolve_data
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def pattern(packed_shards, split: str, first: int, last: int) -> str:
     return str(packed_shards["dir"] / f"voc-{split}-{{{first:06d}..{last:06d}}}.tar")
+
+
+# The loaders take a resolved DataSource; these resolve the test's data first.
+def train_loader(data, *args, split: str = "train", **kwargs):
+    return loaders.train_loader(resolve_data(data, split), *args, **kwargs)
+
+
+def val_loader(data, split: str = "val", **kwargs):
+    return loaders.val_loader(resolve_data(data, split), **kwargs)
+
+
+def iter_samples(data, split: str, ids=None):
+    return loaders.iter_samples(resolve_data(data, split), ids)
+
+
+def image_classes(data, split: str) -> dict:
+    return loaders.image_classes(resolve_data(data, split))
 
 
 def batches_of(loader) -> list[tuple[torch.Tensor, torch.Tensor, list[str]]]:
@@ -100,7 +119,7 @@ def test_shard_readers_read_and_decode_exactly_the_epoch(packed_shards, monkeypa
     # decoded only to be thrown away when the epoch ends; each reads (never decodes) the rank's
     # range up to its last sample, and nothing before it but the start of its first shard.
     read, decoded = multiprocessing.Value("i", 0), multiprocessing.Value("i", 0)  # shared with forked workers
-    raw_samples, decode = shards._raw_shard_samples, shards.decode_sample
+    raw_samples, decode = loaders._raw_shard_samples, loaders.decode_sample
 
     def counting_raw_samples(urls, *args, **kwargs):
         for sample in raw_samples(urls, *args, **kwargs):
@@ -113,8 +132,8 @@ def test_shard_readers_read_and_decode_exactly_the_epoch(packed_shards, monkeypa
             decoded.value += 1
         return decode(*args)
 
-    monkeypatch.setattr(shards, "_raw_shard_samples", counting_raw_samples)
-    monkeypatch.setattr(shards, "decode_sample", counting_decode)
+    monkeypatch.setattr(loaders, "_raw_shard_samples", counting_raw_samples)
+    monkeypatch.setattr(loaders, "decode_sample", counting_decode)
     for workers in (0, 2):
         read.value = decoded.value = 0
         loader, steps = train_loader(packed_shards["train"], 8, 33, num_workers=workers, rank=0, world_size=2)
@@ -230,7 +249,7 @@ def test_manifest_shard_counts_must_add_up_and_match_the_shards(tmp_path, packed
 @pytest.mark.parametrize("key", ["../evil", "a b"])
 def test_sample_keys_that_are_not_plain_ids_are_refused(tmp_path, synthetic_voc, key):
     sid = voc.read_split(synthetic_voc, "val")[0]
-    jpeg, png = voc.VOCSegmentation(synthetic_voc, "val").load_raw(0)
+    jpeg, png = VOCSegmentation(synthetic_voc, "val").load_raw(0)
     bad_shard = tmp_path / "bad-000000.tar"
     with wds.TarWriter(str(bad_shard)) as sink:
         sink.write({"__key__": sid, "jpg": jpeg, "png": png})
@@ -291,13 +310,13 @@ def test_val_split_by_sample_balances_voc_val_over_8_ranks(monkeypatch):
             index = int(url[4:10])
             yield from ({"__key__": f"{index}-{n}"} for n in range(sizes[index]))
 
-    monkeypatch.setattr(shards, "_raw_shard_samples", fake_shard)
-    monkeypatch.setattr(shards, "_decode_val", lambda sample, transform, spec: sample["__key__"])
+    monkeypatch.setattr(loaders, "_raw_shard_samples", fake_shard)
+    monkeypatch.setattr(loaders, "_decode_val", lambda sample, transform, spec: sample["__key__"])
     per_rank = []
     for rank in range(8):
         opened.append([])
-        start, end = shards.val_share(sizes, rank, 8)
-        per_rank.append(list(shards._ValRange(urls, sizes, start, end, None, None)))
+        start, end = loaders.val_share(sizes, rank, 8)
+        per_rank.append(list(loaders._ValRange(urls, sizes, start, end, None, None)))
         bounds = [sum(sizes[:i]) for i in range(7)]
         assert opened[-1] == [urls[i] for i in range(6) if bounds[i] < end and bounds[i + 1] > start]
     seen = [key for keys in per_rank for key in keys]
@@ -328,7 +347,7 @@ def test_iter_samples_and_image_classes_agree_across_sources(synthetic_voc, pack
     got = list(iter_samples(packed_shards["train"], "train", wanted))
     assert [sid for sid, _, _ in got] == [ids[2], ids[30]]  # dataset order
     for sid, image, label in got:
-        ref_image, ref_label = voc.VOCSegmentation(synthetic_voc, "train")[ids.index(sid)]
+        ref_image, ref_label = VOCSegmentation(synthetic_voc, "train")[ids.index(sid)]
         assert np.array_equal(np.asarray(image), np.asarray(ref_image)) and np.array_equal(label, ref_label)
     with pytest.raises(DataError, match="1 id.* not in split 'train': nope"):
         list(iter_samples(synthetic_voc, "train", [ids[0], "nope"]))
@@ -383,11 +402,11 @@ def test_training_checks_the_last_shard_of_its_share_too(packed_shards):
     from segtrain.transforms import train_transforms
 
     source = resolve_data(packed_shards["train"], "train")
-    sizes = shards._shard_sizes(source)
-    last = list(itertools.islice(shards._shard_cycle(len(sizes), 0, 0), len(sizes)))[-1]
-    stream = shards._TrainShardStream(source.urls, sizes, train_transforms(33, normalize=False), 1, sum(sizes),
-                                      seed=0, epoch=0, rank=0, spec=source.spec,
-                                      digests={source.urls[last]: "0" * 64})
+    sizes = loaders.shard_sizes(source)
+    last = list(itertools.islice(loaders._shard_cycle(len(sizes), 0, 0), len(sizes)))[-1]
+    stream = loaders._TrainShardStream(source.urls, sizes, train_transforms(33, normalize=False), 1, sum(sizes),
+                                       seed=0, epoch=0, rank=0, spec=source.spec,
+                                       digests={source.urls[last]: "0" * 64})
     with pytest.raises(DataError, match=re.escape(source.urls[last]) + ": sha256"):
         list(stream)
 
@@ -399,8 +418,8 @@ def test_a_process_that_leaves_a_loader_running_still_exits(packed_shards):
     import subprocess
     import sys
 
-    script = ("import sys\nfrom segtrain.shards import train_loader\n"
-              "loader, _ = train_loader(sys.argv[1], batch_size=2, crop_size=33, num_workers=2, endless=True)\n"
+    script = ("import sys\nfrom segtrain.loaders import train_loader\nfrom segtrain.sources import resolve_data\n"
+              "loader, _ = train_loader(resolve_data(sys.argv[1], 'train'), batch_size=2, crop_size=33, num_workers=2, endless=True)\n"
               "batches = iter(loader)\nnext(batches)\nprint('left running', flush=True)\n")
     proc = subprocess.run([sys.executable, "-c", script, str(packed_shards["train"])], capture_output=True,
                           text=True, timeout=60)

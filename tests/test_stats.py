@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from segtrain import stats
-from segtrain.files import read_manifest
+from segtrain.sources import read_manifest
 from segtrain.voc import CLASSES, COLORMAP, DataError
 
 AEROPLANE, PERSON = CLASSES.index("aeroplane"), CLASSES.index("person")
@@ -121,7 +121,7 @@ def test_cli_error_is_one_line(tmp_path, capsys):
 def test_manifest_from_the_real_packer(tmp_path, capsys):
     from segtrain.pack import pack_split
     from segtrain.synthetic import generate
-    from segtrain.voc import VOCSegmentation
+    from segtrain.datasets import VOCSegmentation
 
     voc_root = generate(tmp_path / "syn", num_train=6, num_val=1, seed=3, min_size=40, max_size=64)
     pack_split(voc_root, "train", tmp_path / "shards", progress=False)

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from segtrain import shards, tracking
+from segtrain import loaders, tracking
+from segtrain.sources import resolve_data
 from segtrain.config import parse_config
 from segtrain.train import train
 from wandb_reader import read_run
@@ -232,7 +233,7 @@ def test_processes_share_one_wandb_id_and_pick_the_same_overlays(packed_shards, 
     assert {r["id"] for r in ranks} == {written}
     # the same overlay ids as one process reading the whole split
     picker = tracking.OverlayPicker(3, (0.5,) * 3, (0.25,) * 3)
-    for images, masks, ids in shards.val_loader(packed_shards["train"], num_workers=0):
+    for images, masks, ids in loaders.val_loader(resolve_data(packed_shards["train"], "val"), num_workers=0):
         picker(images.float(), masks, masks, ids)
     assert ranks[0]["overlays"] == sorted(picker.kept)
 

@@ -11,7 +11,8 @@ import yaml
 from segtrain.config import ConfigError, parse_config
 from segtrain.evaluate import evaluate
 from segtrain.model import load_checkpoint
-from segtrain import shards
+from segtrain import loaders
+from segtrain.sources import resolve_data
 from segtrain.train import lr_factor, main, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,7 +146,7 @@ def test_two_process_ddp_matches_single_process(single_run, packed_shards, tmp_p
     final_val = [r for r in records if "val/miou" in r][-1]
     model, _ = load_checkpoint(run_dir / "final.pt")
     torch.set_num_threads(1)
-    metrics = evaluate(model, shards.val_loader(packed_shards["train"], num_workers=0), "cpu")
+    metrics = evaluate(model, loaders.val_loader(resolve_data(packed_shards["train"], "val"), num_workers=0), "cpu")
     assert final_val["step"] == 6
     assert final_val["val/miou"] == pytest.approx(metrics["miou"], abs=1e-12)
     assert final_val["val/pixel_acc"] == pytest.approx(metrics["pixel_acc"], abs=1e-12)

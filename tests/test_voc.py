@@ -1,4 +1,5 @@
-"""voc.py: palette, encode/decode, exact label indices, split lists, clear errors."""
+"""voc.py and the VOC folder (datasets.VOCSegmentation, decoded by datasets.load_pair with the VOC spec):
+palette, encode/decode, exact label indices, split lists, clear errors."""
 import io
 
 import numpy as np
@@ -6,6 +7,7 @@ import pytest
 from PIL import Image
 
 from segtrain import voc
+from segtrain.datasets import VOC, VOCSegmentation, decode_label, load_pair
 from segtrain.synthetic import generate
 
 
@@ -55,7 +57,7 @@ def test_dataset_returns_exact_indices_including_255(tmp_path):
     _write_pair(root, "2007_000001", np.full((20, 30, 3), 90, np.uint8), label)
     (root / "ImageSets" / "Segmentation").mkdir(parents=True)
     (root / "ImageSets" / "Segmentation" / "train.txt").write_text("2007_000001\n")
-    ds = voc.VOCSegmentation(root, "train")
+    ds = VOCSegmentation(root, "train")
     image, mask = ds[0]
     assert image.size == (30, 20) and image.mode == "RGB"
     assert mask.dtype == np.uint8
@@ -69,12 +71,12 @@ def test_missing_split_list_names_the_file(tmp_path):
     root = tmp_path / "VOC2012"
     (root / "JPEGImages").mkdir(parents=True)
     with pytest.raises(voc.DataError, match=r"ImageSets/Segmentation/val\.txt: missing split list"):
-        voc.VOCSegmentation(root, "val")
+        VOCSegmentation(root, "val")
 
 
 def test_not_a_voc_root(tmp_path):
     with pytest.raises(voc.DataError, match="not a VOC root"):
-        voc.VOCSegmentation(tmp_path, "train")
+        VOCSegmentation(tmp_path, "train")
 
 
 @pytest.mark.parametrize("problem, match", [
@@ -105,7 +107,7 @@ def test_load_pair_errors_name_sample_and_problem(problem, match):
     elif problem == "size_mismatch":
         png = voc.label_to_png_bytes(np.zeros((20, 31), np.uint8))
     with pytest.raises(voc.DataError, match=match) as info:
-        voc.load_pair(jpg, png, "2008_000123")
+        load_pair(jpg, png, "2008_000123", VOC)
     assert "2008_000123" in str(info.value)
 
 
@@ -113,7 +115,7 @@ def test_grayscale_sbd_style_labels_are_accepted():
     label = np.array([[0, 15], [255, 20]], np.uint8)
     b = io.BytesIO()
     Image.fromarray(label, mode="L").save(b, format="PNG")
-    np.testing.assert_array_equal(voc.decode_label(b.getvalue(), "x"), label)
+    np.testing.assert_array_equal(decode_label(b.getvalue(), "x", VOC), label)
 
 
 def test_synthetic_tree_layout_classes_and_determinism(tmp_path):
@@ -121,8 +123,8 @@ def test_synthetic_tree_layout_classes_and_determinism(tmp_path):
     assert root == tmp_path / "a" / "VOCdevkit" / "VOC2012"
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         assert (root / sub).is_dir()
-    train = voc.VOCSegmentation(root, "train")
-    val = voc.VOCSegmentation(root, "val")
+    train = VOCSegmentation(root, "train")
+    val = VOCSegmentation(root, "val")
     assert len(train) == 30 and len(val) == 8 and not set(train.ids) & set(val.ids)
     present, pixels = set(), np.zeros(256, np.int64)
     for i in range(len(train)):
