@@ -65,7 +65,7 @@ from segtrain.metrics import ConfusionMatrix, format_metrics_table, to_jsonable
 from segtrain.datasets import IGNORE_INDEX, spec_from_checkpoint
 from segtrain.model import check_fits_data, load_checkpoint
 from segtrain.loaders import val_loader
-from segtrain.sources import class_names, manifest_split, resolve_data
+from segtrain.sources import class_names, resolve_data
 
 PROTOCOLS = {  # --protocol here, --val-protocol in training (see the module docstring)
     "whole": "each image at its own size (standard VOC)",
@@ -324,8 +324,10 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
     """Evaluate as ``args`` say; every process returns the same result dict."""
     # Loaded on the CPU, then moved: torch.load cannot map to the "cpu:0" device that
     # Accelerate reports for multi-process CPU runs.
-    split = args.split or manifest_split(args.data) or "val"  # the manifest's split, as training reads --data
-    source = resolve_data(args.data, split)  # fails early, and identically on every rank
+    # No --split: the manifest's split, as training reads --data (else val). Fails early, and
+    # identically on every rank.
+    source = resolve_data(args.data, args.split, default="val")
+    split = source.split
     integrity.verify_source(source, args.verify_shards)
     model, ckpt = load_checkpoint(args.checkpoint)
     check_fits_data(ckpt, args.checkpoint, class_names(source), source.location)

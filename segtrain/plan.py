@@ -29,7 +29,7 @@ from segtrain.evaluate import loader_protocol
 from segtrain.files import ConfigError, checkpoint_dirs
 from segtrain.losses import LOSS_OPTIONS
 from segtrain.datasets import DatasetSpec
-from segtrain.sources import DataSource, manifest_split, resolve_data
+from segtrain.sources import DataSource, resolve_data
 from segtrain.voc import read_split
 
 
@@ -89,10 +89,6 @@ def plan_run(cfg: TrainConfig, world_size: int = 1, device_type: str = "cpu",
     devices (``accelerator.device.type``) with ``runtime``, what autotune.training_runtime chose
     for this machine (default: fp32)."""
     runtime = dict(runtime or {"mixed_precision": "fp32", "precision_reason": "requested"})
-    if cfg.train_split is None:
-        # --data voc-train_aug.json means train_aug: never silently its voc-train.json sibling.
-        named = manifest_split(cfg.data)
-        cfg = dataclasses.replace(cfg, train_split=named or "train")
     per_process_batch, notes = check_batch(cfg, world_size, device_type)
     run_dir = cfg.resolved_run_dir()
     resume_from = resolve_resume(cfg.resume, run_dir) if cfg.resume else None
@@ -103,7 +99,8 @@ def plan_run(cfg: TrainConfig, world_size: int = 1, device_type: str = "cpu",
         raise ConfigError(f"run_dir: {run_dir} already holds a run; pass --resume latest (or auto) to continue "
                           "it, or choose another --run-dir")
 
-    train_source = resolve_data(cfg.data, cfg.train_split)
+    train_source = resolve_data(cfg.data, cfg.train_split)  # None: the split the manifest names, else train
+    cfg = dataclasses.replace(cfg, train_split=train_source.split)
     val_source = resolve_data(cfg.val_data or cfg.data, cfg.val_split)  # voc-train.json stands for voc-val.json
     check_disjoint(train_source, val_source)
     workers = loader_workers(cfg.workers)

@@ -85,8 +85,9 @@ def _find_voc_root(folder: Path) -> Optional[Path]:
     return None
 
 
-def _manifest_source(path: Path, split: str) -> DataSource:
+def _manifest_source(path: Path, split: Optional[str]) -> DataSource:
     manifest = read_manifest(path)
+    split = split or manifest["split"]
     if manifest["split"] != split:
         # One --data for both splits: voc-train.json stands for its sibling voc-val.json.
         suffix = f"-{manifest['split']}.json"
@@ -137,15 +138,9 @@ def _fetch_manifest(data: str) -> dict:
     return parse_manifest(text, data)
 
 
-def manifest_split(data: str) -> Optional[str]:
-    """The split of the manifest ``data`` names (local or remote); None for other kinds of data."""
-    if _manifest_word(str(data)) is not None:
-        return _fetch_manifest(str(data))["split"]
-    return read_manifest(data)["split"] if str(data).endswith(".json") else None
-
-
-def _remote_manifest_source(data: str, split: str) -> DataSource:
+def _remote_manifest_source(data: str, split: Optional[str]) -> DataSource:
     manifest = _fetch_manifest(data)
+    split = split or manifest["split"]
     if manifest["split"] != split:  # as for a local manifest: its sibling for the other split
         name = _manifest_word(data).rsplit("/", 1)[-1]
         suffix = f"-{manifest['split']}.json"
@@ -165,14 +160,19 @@ def _check_local_shards(urls: Iterable[str], where: str) -> None:
             raise DataError(f"{where}: shard {url} does not exist")
 
 
-def resolve_data(data: str | Path, split: str) -> DataSource:
-    """Turn a ``--data`` argument (manifest, shard pattern or VOC folder) into a source."""
+def resolve_data(data: str | Path, split: Optional[str] = None, default: str = "train") -> DataSource:
+    """Turn a ``--data`` argument (manifest, shard pattern or VOC folder) into the source of ``split``.
+
+    ``split`` None: the split a manifest ``data`` names (``--data voc-train_aug.json`` means
+    train_aug, never silently its ``voc-train.json`` sibling), ``default`` for other data.
+    """
     text = str(data)
     path = Path(text)
     if _manifest_word(text) is not None:
         return _remote_manifest_source(text, split)
     if text.endswith(".json"):
         return _manifest_source(path, split)
+    split = split or default
     if path.is_dir():
         root = _find_voc_root(path)
         if root is not None:

@@ -73,7 +73,7 @@ def test_remote_manifest_resolves_shards_next_to_it_and_takes_counts_from_it(pac
     assert loaders.batches_per_epoch(source, 4, 1) == 12
     val = sources.resolve_data(f"{base}/voc-train.json", "val")  # the sibling manifest, as for local files
     assert val.location == f"{base}/voc-val.json" and val.split == "val"
-    assert sources.manifest_split(f"{base}/voc-val.json") == "val"
+    assert sources.resolve_data(f"{base}/voc-val.json").split == "val"  # no split asked: the manifest's
     integrity.verify_source(source, "always")  # nothing up front: checked while streaming
     assert tar_shards(server) == {}
 
