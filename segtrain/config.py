@@ -23,7 +23,8 @@ from typing import Any, Optional
 
 import yaml
 
-from segtrain import autotune, distributed, evaluate, hardware, integrity, losses, model, preempt, schedule, tracking
+from segtrain import (autotune, distributed, evaluate, hardware, integrity, losses, model, preempt, schedule,
+                      shardcache, tracking)
 from segtrain.cli import ArgumentParser
 from segtrain.files import ConfigError, atomic_write_bytes
 
@@ -70,6 +71,7 @@ class TrainConfig:
     val_split: str = setting("val", "split to validate on")
     workers: int = setting(4, "data loading workers per process (capped at the CPUs per process)", minimum=0)
     verify_shards: str = setting(integrity.DEFAULT_VERIFY, integrity.VERIFY_HELP, choices=integrity.VERIFY_MODES)
+    remote_cache_gb: float = setting(shardcache.DEFAULT_GB, shardcache.HELP, minimum=0)
     # run
     run_dir: Optional[str] = setting(None, "where the run writes everything; default: runs/<name>")
     name: Optional[str] = setting(None, "run name; default: <arch>-<backbone>-<loss>-<time>")

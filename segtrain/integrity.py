@@ -28,7 +28,7 @@ import sys
 import tarfile
 import warnings
 import zlib
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -115,33 +115,72 @@ def _stream_samples(url: str, stream: _TrackedStream, expected: Optional[int] = 
 
 
 def shard_samples(urls: Iterable[str], expected: Optional[Mapping[str, int]] = None,
-                  digests: Optional[Mapping[str, str]] = None) -> Iterator[dict]:
+                  digests: Optional[Mapping[str, str]] = None,
+                  fetch: Optional[Callable[[str, Optional[str]], Optional[str]]] = None) -> Iterator[dict]:
     """Raw webdataset samples (``__key__``, ``__url__``, one entry per member suffix) of
     ``urls`` in order. With ``expected`` (url -> sample count, from the manifest), a shard
     holding another number of samples is a DataError too. With ``digests`` (url -> sha256,
     for shards streamed from a remote manifest), the bytes are hashed as they are read and a
     shard read to its end with another sha256 is a DataError: verified in the one pass that
-    reads it (a reader that stops early, e.g. at the end of its share, checks nothing)."""
+    reads it (a reader that stops early, e.g. at the end of its share, checks nothing). With
+    ``fetch`` (``shardcache.NodeCache.local``: url, sha256 -> a local copy, checked when it was
+    downloaded, or None), a shard is read from its local copy; messages still name the url."""
     from webdataset.gopen import gopen
 
     for url in urls:
+        want = None if digests is None else digests.get(url)
+        local = None if fetch is None else fetch(url, want)
         try:
-            raw = gopen(url)
+            raw = gopen(local or url)
         except _READ_ERRORS as e:
             raise DataError(f"shard {url}: cannot open ({_reason(e)})") from None
-        want = None if digests is None else digests.get(url)
+        want = None if local else want  # a local copy was checked as it was downloaded
         stream = _TrackedStream(raw, hashlib.sha256() if want else None)
         try:
             yield from _stream_samples(url, stream, None if expected is None else expected.get(url))
             if want and stream.hasher.hexdigest() != want:
-                raise DataError(f"shard {url}: sha256 {stream.hasher.hexdigest()[:12]}... differs from its manifest "
-                                f"({want[:12]}...): the file changed or was damaged in transfer; upload it again "
-                                "or re-pack with tools/pack.py")
+                raise _digest_differs(url, stream.hasher.hexdigest(), want)
         finally:
             try:
                 stream.close()
             except _READ_ERRORS:  # a pipe: command that failed; its error was raised above
                 pass
+
+
+def _digest_differs(url: str, got: str, want: str) -> DataError:
+    return DataError(f"shard {url}: sha256 {got[:12]}... differs from its manifest ({want[:12]}...): the file "
+                     "changed or was damaged in transfer; upload it again or re-pack with tools/pack.py")
+
+
+def fetch_verified(url: str, dest: Path, digest: Optional[str] = None) -> None:
+    """Download ``url`` (a URL or a ``pipe:`` command) to ``dest`` atomically, its sha256 checked
+    against ``digest`` on the way in: ``dest`` never holds bytes that differ from the manifest's."""
+    from webdataset.gopen import gopen
+
+    hasher = hashlib.sha256()
+    tmp = dest.with_name(f".{dest.name}.part-{os.getpid()}")
+    try:
+        try:
+            raw = gopen(url)
+        except _READ_ERRORS as e:
+            raise DataError(f"shard {url}: cannot open ({_reason(e)})") from None
+        try:
+            with open(tmp, "wb") as out:
+                for chunk in iter(lambda: raw.read(1 << 20), b""):
+                    hasher.update(chunk)
+                    out.write(chunk)
+        except _READ_ERRORS as e:
+            raise DataError(f"shard {url}: download failed ({_reason(e)})") from None
+        finally:
+            try:
+                raw.close()
+            except _READ_ERRORS as e:  # curl or a pipe: command that exited with an error
+                raise DataError(f"shard {url}: download failed ({_reason(e)})") from None
+        if digest and hasher.hexdigest() != digest:
+            raise _digest_differs(url, hasher.hexdigest(), digest)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- verification

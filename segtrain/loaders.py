@@ -59,6 +59,7 @@ from torchvision.transforms.v2 import functional as F
 from . import integrity
 from .datasets import IGNORE_INDEX, DatasetSpec, VOCSegmentation, decode_label, load_pair
 from .files import DataError, read_bytes
+from .shardcache import NodeCache
 from .sources import DataSource
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, PairTransform, normalize, train_transforms, val_transforms
 
@@ -162,9 +163,37 @@ def _shard_pair(sample: dict) -> tuple[str, bytes, bytes, str]:
 
 
 def _raw_shard_samples(urls: Iterable[str], expected: Optional[dict[str, int]] = None,
-                       digests: Optional[dict[str, str]] = None) -> Iterator[dict]:
+                       digests: Optional[dict[str, str]] = None, fetch: Optional[_Fetch] = None) -> Iterator[dict]:
     # The one shard reader: a truncated or corrupt tar is a DataError naming the shard.
-    return integrity.shard_samples(urls, expected, digests)
+    return integrity.shard_samples(urls, expected, digests, fetch)
+
+
+class _Fetch:
+    """url, sha256 -> this node's copy of a remote shard (``NodeCache.local``, with the size the
+    manifest gives, so room is made before the download); a value loader workers receive."""
+
+    def __init__(self, cache: NodeCache, source: DataSource) -> None:
+        self.cache = cache
+        shards = source.manifest["shards"] if source.manifest else ()
+        self.bytes = {url: shard.get("bytes") for url, shard in zip(source.urls, shards)}
+
+    def __call__(self, url: str, digest: Optional[str]) -> Optional[str]:
+        return self.cache.local(url, digest, self.bytes.get(url))
+
+
+class _UsingCache:
+    """A loader whose iterations hold the node's shard cache open (``NodeCache.using``): the
+    last process on the node to finish its pass over the data removes the cache."""
+
+    def __init__(self, loader: DataLoader, cache: NodeCache) -> None:
+        self.loader, self.cache = loader, cache
+
+    def __iter__(self) -> Iterator[Batch]:
+        with self.cache.using():
+            yield from self.loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
 
 
 def _seeded(transform: PairTransform, image, mask, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,7 +238,8 @@ def _shard_cycle(num_shards: int, seed: int, epoch: int) -> Iterator[int]:
 
 
 def _stream_range(urls: tuple[str, ...], sizes: tuple[int, ...], order: Iterable[int],
-                  start: int, end: int, digests: Optional[dict[str, str]] = None) -> Iterator[dict]:
+                  start: int, end: int, digests: Optional[dict[str, str]] = None,
+                  fetch: Optional[_Fetch] = None) -> Iterator[dict]:
     """Raw samples ``[start, end)`` of the stream that concatenates the shards in ``order``.
 
     Opens only the shards that overlap the range; the samples before ``start`` in the
@@ -228,7 +258,7 @@ def _stream_range(urls: tuple[str, ...], sizes: tuple[int, ...], order: Iterable
             # Read to its end, a shard is also counted (more or fewer samples than `sizes` say is an
             # error) and, for remote shards, its streamed bytes checked against their sha256 `digests`.
             full = stop == size
-            reader = _raw_shard_samples([urls[index]], {urls[index]: size} if full else None, digests)
+            reader = _raw_shard_samples([urls[index]], {urls[index]: size} if full else None, digests, fetch=fetch)
             raw = reader if full else itertools.islice(reader, stop)
             for count, sample in enumerate(raw, 1):
                 if count > skip:
@@ -279,13 +309,15 @@ class _TrainShardStream(_EpochBatches):
     each window (seed, epoch, rank, window) deals its samples into batches. A worker reads the
     rank's share once, in order, keeps undecoded only the samples of its own batches, and
     decodes a batch when it has all of them: the reading is repeated per worker (raw tar
-    reads, cheap next to decoding and augmenting), the decoding never."""
+    reads, cheap next to decoding and augmenting; remote shards come from the node's copy,
+    ``fetch``), the decoding never."""
 
     def __init__(self, urls: tuple[str, ...], sizes: tuple[int, ...], transform: PairTransform,
                  batch_size: int, steps: int, seed: int, epoch: int, rank: int, spec: DatasetSpec,
-                 digests: Optional[dict[str, str]] = None, **span):
+                 digests: Optional[dict[str, str]] = None, fetch: Optional[_Fetch] = None, **span):
         super().__init__(batch_size, steps, seed, epoch, rank, **span)
         self.urls, self.sizes, self.transform, self.spec, self.digests = urls, sizes, transform, spec, digests
+        self.fetch = fetch
         self.window = batch_size * max(1, -(-RAW_SHUFFLE_BUFFER // batch_size))
 
     def _batches(self, epoch: int, batches: list[int]) -> Iterator[Batch]:
@@ -297,7 +329,7 @@ class _TrainShardStream(_EpochBatches):
         position = min(windows) * self.window
         last = min((max(windows) + 1) * self.window, share)
         raw = iter(_stream_range(self.urls, self.sizes, _shard_cycle(len(self.urls), self.seed, epoch),
-                                 base + position, base + last, self.digests))
+                                 base + position, base + last, self.digests, self.fetch))
         for k, in_window in windows.items():
             start = k * self.window
             order = np.random.default_rng(_mix(self.seed, epoch, self.rank, k)).permutation(
@@ -370,15 +402,15 @@ class _FolderSamples(Dataset):
 
 # Loader arguments the batch sequence does not depend on: a resume may change them (another
 # machine's cores, another device); every other train_loader argument is its data order.
-ORDER_FREE = ("num_workers", "pin_memory")
+ORDER_FREE = ("num_workers", "pin_memory", "node_cache_gb")
 
 
 def train_loader(source: DataSource, batch_size: int, crop_size: int, *, num_workers: int = 2, seed: int = 0,
                  epoch: int = 0, rank: Optional[int] = None, world_size: Optional[int] = None,
                  color_jitter: bool = False,
                  scale: tuple[float, float] = (0.5, 2.0), pin_memory: bool = False, skip: int = 0,
-                 take: Optional[int] = None, endless: bool = False,
-                 last_epoch: Optional[int] = None) -> tuple[Iterable[Batch], int]:
+                 take: Optional[int] = None, endless: bool = False, last_epoch: Optional[int] = None,
+                 node_cache_gb: float = 0.0) -> tuple[Iterable[Batch], int]:
     """Augmented uint8 training batches of ``source`` for this rank and epoch, and the number of steps.
 
     ``batch_size`` is per process. Every rank yields exactly ``steps_per_epoch =
@@ -387,8 +419,11 @@ def train_loader(source: DataSource, batch_size: int, crop_size: int, *, num_wor
     replays the same batches. ``skip`` starts at that batch of ``epoch``; ``take`` uses only the
     first ``take`` batches of each epoch; ``endless`` goes on epoch after epoch in one loader
     (its workers started once), up to ``last_epoch`` if given: ``train()`` resumes with ``epoch``
-    and ``skip``. ``pin_memory`` (for CUDA) makes ``.to(device, non_blocking=True)`` asynchronous. Normalise the images
-    (``transforms.normalize``) and cast the masks to int64 on the device that uses them.
+    and ``skip``. ``pin_memory`` (for CUDA) makes ``.to(device, non_blocking=True)``
+    asynchronous. Normalise the images (``transforms.normalize``) and cast the masks to int64 on
+    the device that uses them. ``node_cache_gb`` > 0 reads remote shards through one copy per node
+    (``shardcache``): each is fetched once per node per epoch, not once per loader worker, and the
+    batches stay the same.
     """
     rank, world_size = _resolve_rank(rank, world_size)
     steps = batches_per_epoch(source, batch_size, world_size)
@@ -399,15 +434,17 @@ def train_loader(source: DataSource, batch_size: int, crop_size: int, *, num_wor
         batches = _TrainFolderBatches(dataset, transform, world_size, batch_size, steps, seed, epoch, rank,
                                       source.spec, **span)
     else:
+        cache = None if source.local else NodeCache.for_source(source.location, node_cache_gb)
         batches = _TrainShardStream(source.urls, shard_sizes(source), transform, batch_size, steps, seed, epoch,
-                                    rank, source.spec, source.checks(), **span)
+                                    rank, source.spec, source.checks(), cache and _Fetch(cache, source), **span)
     # batch_size=None: the workers batch (into shared memory) and the DataLoader passes their
     # batches through. A worker beyond `steps` would have no batch to make. The workers' base
     # seed would come from the global RNG without a generator (nothing here draws from it).
     generator = torch.Generator().manual_seed(_mix(seed, epoch, rank, 1))
     loader = DataLoader(batches, batch_size=None, num_workers=min(num_workers, steps), generator=generator,
                         pin_memory=pin_memory, worker_init_fn=_loader_worker_init)
-    return loader, steps
+    fetch = getattr(batches, "fetch", None)
+    return (loader if fetch is None else _UsingCache(loader, fetch.cache)), steps
 
 
 # --------------------------------------------------------------------------- evaluation

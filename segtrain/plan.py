@@ -43,8 +43,9 @@ class RunPlan:
     world_size: int                   # processes
     per_process_batch: int            # images per process per micro-batch
     steps_per_epoch: int              # optimizer steps
-    train_loader: dict[str, Any]      # loaders.train_loader's keyword arguments (its source resolved), but epoch and rank
-    val_loader: dict[str, Any]        # loaders.val_loader's keyword arguments (its source resolved), but rank
+    train_loader: dict[str, Any]      # loaders.train_loader's keyword arguments (source: the DataSource), but
+                                      # epoch and rank
+    val_loader: dict[str, Any]        # loaders.val_loader's keyword arguments (source: the DataSource), but rank
     loss_options: dict[str, Any]      # build_loss(options=...): the config's value of every loss option
     class_pixel_counts: Optional[list[int]]  # for weighted_ce, from the train manifest
     eval_autocast_dtype: Optional[torch.dtype]  # validation runs under the training precision
@@ -104,16 +105,17 @@ def plan_run(cfg: TrainConfig, world_size: int = 1, device_type: str = "cpu",
     val_source = resolve_data(cfg.val_data or cfg.data, cfg.val_split)  # voc-train.json stands for voc-val.json
     check_disjoint(train_source, val_source)
     workers = loader_workers(cfg.workers)
-    if workers > 1 and not train_source.local:
+    if workers > 1 and not train_source.local and not cfg.remote_cache_gb:
         # The batch order is fixed whatever the worker count (exact resume), so every worker reads
-        # the rank's whole share and decodes only its own batches: over a network that is W fetches.
-        notes = notes + (f"remote training data: each of the {workers} loader workers fetches this process's "
-                         "share of every shard per epoch (decoding is split, reading is not); --workers 1 "
-                         "fetches each once, or copy the shards to local disk",)
+        # the rank's whole share and decodes only its own batches: without the node's copy
+        # (segtrain/shardcache.py) that is W fetches over the network.
+        notes = notes + (f"remote training data with --remote-cache-gb 0: each of the {workers} loader workers "
+                         "fetches this process's share of every shard per epoch; a cache fetches each once",)
     pin = device_type == "cuda"  # pinned batches: .to(device, non_blocking=True) copies asynchronously
     train_loader = dict(source=train_source, batch_size=per_process_batch, crop_size=cfg.crop_size,
                         num_workers=workers, seed=cfg.seed, world_size=world_size,
-                        color_jitter=cfg.color_jitter, scale=(cfg.scale_min, cfg.scale_max), pin_memory=pin)
+                        color_jitter=cfg.color_jitter, scale=(cfg.scale_min, cfg.scale_max), pin_memory=pin,
+                        node_cache_gb=cfg.remote_cache_gb)
     val_loader = dict(source=val_source, num_workers=min(workers, 2), protocol=loader_protocol(cfg.val_protocol),
                       crop_size=cfg.crop_size, world_size=world_size, pin_memory=pin)
     for source in (train_source, val_source):  # damaged shards fail here, before RUN_DIR exists

@@ -41,7 +41,7 @@ def test_loader_arguments_are_the_loaders_own_and_make_the_data_order(cfg_for):
     assert set(plan.train_loader) == train_params - {"epoch", "rank", "skip", "take", "endless", "last_epoch"}
     assert set(plan.val_loader) <= set(inspect.signature(loaders.val_loader).parameters) - {"rank"}
     # The workers and pinning are not the data order: a resume on other hardware goes on.
-    order_free = {"num_workers", "pin_memory"}
+    order_free = {"num_workers", "pin_memory", "node_cache_gb"}
     # The data as the user named it, not the resolved source (a checkpoint records plain values).
     order = {k: v for k, v in plan.train_loader.items() if k not in order_free | {"source"}}
     assert plan.data_order == {**order, "data": plan.cfg.data, "split": "train", "grad_accum": 2}

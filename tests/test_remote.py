@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 from segtrain import integrity, loaders, sources
 from segtrain.config import parse_config
@@ -18,7 +19,7 @@ from segtrain.files import DataError
 from segtrain.model import build_model, save_checkpoint
 from segtrain.train import main as train_main
 
-SERVE_TIMEOUT_S = 120  # the server thread stops by itself after this, whatever the test does
+SERVE_TIMEOUT_S = 600  # the server thread stops by itself after this, whatever the test does
 
 
 class CountingHandler(http.server.SimpleHTTPRequestHandler):
@@ -89,10 +90,11 @@ def test_pipe_manifest_resolves_shards_in_the_same_command(packed_shards):
 def test_training_and_evaluation_read_by_url_each_shard_once_per_epoch(packed_shards, serve, tmp_path, capsys):
     base, server = serve(packed_shards["dir"])
     run_dir = tmp_path / "run"
-    # 48 samples, 12 steps of 4 = one epoch, one process and one loader worker; one validation at the end.
+    # 48 samples, 12 steps of 4 = one epoch, one process and two loader workers reading through the
+    # node's copy; one validation at the end.
     train_main(["--data", f"{base}/voc-train.json", "--run-dir", str(run_dir), "--backbone", "resnet18",
                 "--pretrained", "false", "--crop-size", "33", "--batch-size", "4", "--iterations", "12",
-                "--workers", "1", "--mixed-precision", "no", "--tracker", "none", "--log-every", "6"])
+                "--workers", "2", "--mixed-precision", "no", "--tracker", "none", "--log-every", "6"])
     manifests = {name: json.loads((packed_shards["dir"] / name).read_text()) for name in ("voc-train.json",
                                                                                           "voc-val.json")}
     files = {f"/{s['file']}": s["bytes"] for m in manifests.values() for s in m["shards"]}
@@ -105,6 +107,75 @@ def test_training_and_evaluation_read_by_url_each_shard_once_per_epoch(packed_sh
     evaluate_main(["--checkpoint", str(run_dir / "best.pt"), "--data", f"{base}/voc-val.json", "--workers", "0"])
     assert tar_shards(server) == {f"/{s['file']}": 1 for s in manifests["voc-val.json"]["shards"]}
     assert "mIoU" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- one copy per node
+
+def split_bytes(packed_shards, split: str) -> dict[str, int]:
+    return {f"/{s['file']}": s["bytes"] for s in json.loads(packed_shards[split].read_text())["shards"]}
+
+
+def batches(loader) -> list:
+    return [(images, masks, list(ids)) for images, masks, ids in loader]
+
+
+def same(a, b) -> bool:
+    return len(a) == len(b) and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) and x[2] == y[2]
+                                    for x, y in zip(a, b))
+
+
+def test_remote_training_data_is_fetched_once_per_node_per_epoch_with_two_workers(packed_shards, serve):
+    """Two ranks of one node, two loader workers each: every shard crosses the network once, the
+    batches are those of a local read, and the node's copy is gone when the ranks are done."""
+    base, server = serve(packed_shards["dir"])
+    files = split_bytes(packed_shards, "train")
+    source = sources.resolve_data(f"{base}/voc-train.json", "train")
+    kwargs = dict(batch_size=4, crop_size=33, seed=3, world_size=2)
+    local = sources.resolve_data(packed_shards["train"], "train")
+    expected = [batches(loaders.train_loader(local, num_workers=0, rank=r, **kwargs)[0]) for r in range(2)]
+
+    streamed = [loaders.train_loader(source, num_workers=2, rank=r, node_cache_gb=0, **kwargs)[0] for r in range(2)]
+    got = [batches(loader) for loader in streamed]
+    assert got[0] and all(same(g, e) for g, e in zip(got, expected))
+    without = sum(server.bytes_sent[p] for p in files)
+    assert without > 1.9 * sum(files.values())  # what it fixes: each worker fetched its rank's share
+
+    server.bytes_sent.clear()
+    cached = [loaders.train_loader(source, num_workers=2, rank=r, node_cache_gb=1, **kwargs)[0] for r in range(2)]
+    got = [[], []]
+    for pair in zip(*cached):  # the ranks run side by side, as on one node
+        for rank, batch in enumerate(pair):
+            got[rank].append((batch[0], batch[1], list(batch[2])))
+    assert all(same(g, e) for g, e in zip(got, expected))
+    assert {p: server.bytes_sent[p] for p in files} == files  # 1.0x the split: each shard once
+    assert not cached[0].cache.folder.exists()  # the last rank to finish removed it
+
+
+def test_the_node_copy_serves_every_epoch_stays_within_its_bound_and_checks_sha256(packed_shards, serve, tmp_path):
+    base, server = serve(packed_shards["dir"])
+    files = split_bytes(packed_shards, "train")
+    source = sources.resolve_data(f"{base}/voc-train.json", "train")
+    loader, steps = loaders.train_loader(source, 4, 33, num_workers=2, node_cache_gb=1, endless=True, last_epoch=1)
+    assert len(batches(loader)) == 2 * steps
+    assert {p: server.bytes_sent[p] for p in files} == files  # the split fits: one fetch for both epochs
+
+    server.bytes_sent.clear()
+    bound = 2.5 * max(files.values()) / 1e9  # room for two shards: older ones make way
+    loader, _ = loaders.train_loader(source, 4, 33, num_workers=2, node_cache_gb=bound)
+    held = []
+    for _ in loader:
+        held.append(loader.cache.nbytes())
+    assert max(held) <= bound * 1e9 and sum(server.bytes_sent[p] for p in files) >= sum(files.values())
+
+    served = tmp_path / "served"
+    shutil.copytree(packed_shards["dir"], served)
+    corrupt_padding_byte(served / "voc-train-000002.tar")
+    base, _ = serve(served)
+    source = sources.resolve_data(f"{base}/voc-train.json", "train")
+    loader, _ = loaders.train_loader(source, 4, 33, num_workers=2, node_cache_gb=1)
+    with pytest.raises(DataError, match=r"shard .*voc-train-000002\.tar: sha256 \w+\.\.\. differs from its manifest"):
+        batches(loader)
+    assert not loader.cache.folder.exists()
 
 
 def corrupt_padding_byte(shard: Path) -> None:

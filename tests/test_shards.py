@@ -304,7 +304,7 @@ def test_val_split_by_sample_balances_voc_val_over_8_ranks(monkeypatch):
     urls = tuple(f"val-{i:06d}.tar" for i in range(6))
     opened: list[list[str]] = []
 
-    def fake_shard(urls_, expected=None, digests=None):
+    def fake_shard(urls_, expected=None, digests=None, fetch=None):
         for url in urls_:
             opened[-1].append(url)
             index = int(url[4:10])
