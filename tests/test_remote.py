@@ -97,9 +97,13 @@ def test_training_and_evaluation_read_by_url_each_shard_once_per_epoch(packed_sh
                 "--workers", "2", "--mixed-precision", "no", "--tracker", "none", "--log-every", "6"])
     manifests = {name: json.loads((packed_shards["dir"] / name).read_text()) for name in ("voc-train.json",
                                                                                           "voc-val.json")}
-    files = {f"/{s['file']}": s["bytes"] for m in manifests.values() for s in m["shards"]}
-    assert tar_shards(server) == {path: 1 for path in files}  # train shards once in the epoch, val shards once
-    assert sum(server.bytes_sent[p] for p in files) == sum(files.values())
+    train_files = split_bytes(packed_shards, "train")
+    fetched = tar_shards(server)
+    assert {p: fetched[p] for p in train_files} == {p: 1 for p in train_files}  # once in the epoch, 2 workers
+    assert sum(server.bytes_sent[p] for p in train_files) == sum(train_files.values())
+    # Validation splits its 16 samples by sample over its 2 workers: [0, 8) and [8, 16) both open shard 0.
+    assert {p: n for p, n in fetched.items() if p not in train_files} == {"/voc-val-000000.tar": 2,
+                                                                           "/voc-val-000001.tar": 1}
     config = parse_config(["--config", str(run_dir / "config.yaml")])
     assert config.data == f"{base}/voc-train.json"
 
