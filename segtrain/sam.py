@@ -387,7 +387,7 @@ def run_sam_comparison(sam: Sam, source: DataSource, ids: Sequence[str], out_dir
             confusion[method] += cm
             per_image[sid][method] = segmentation_metrics(cm)["miou"]
     result: dict[str, Any] = {
-        "ids": list(per_image), "split": split, "model_type": sam_model_type(sam),
+        "ids": list(per_image), "split": source.split, "model_type": sam_model_type(sam),
         "points_per_side": points_per_side, "device": str(sam.device), "per_image": per_image,
     }
     if semantic_model is not None:
