@@ -396,7 +396,7 @@ def section_train(ctx: Context) -> None:
     import train_bench
     from accelerate.state import AcceleratorState
     from segtrain.config import TrainConfig
-    from segtrain.files import read_metrics_log
+    from segtrain.checkpoints import read_metrics_log
     p, dev = ctx.profile, device()
     default = TrainConfig().mixed_precision  # what a user who passes no --mixed-precision gets
     resolved: dict[int, str] = {}

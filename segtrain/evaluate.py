@@ -63,7 +63,8 @@ from segtrain.cli import ArgumentParser, OtherProcessFailed, check_launch, rank_
 from segtrain.files import DataError, atomic_write_bytes
 from segtrain.metrics import ConfusionMatrix, format_metrics_table, to_jsonable
 from segtrain.datasets import IGNORE_INDEX, spec_from_checkpoint
-from segtrain.model import check_fits_data, load_checkpoint
+from segtrain.checkpoints import RunDir, check_fits_data
+from segtrain.model import load_checkpoint
 from segtrain.shards import class_names, manifest_split, resolve_data, val_loader
 
 PROTOCOLS = {  # --protocol here, --val-protocol in training (see the module docstring)
@@ -310,13 +311,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         check_launch(accelerator.num_processes)
         result = run(args, accelerator)
     if accelerator.is_main_process:
-        out = args.out or args.checkpoint.parent / f"eval_{result['split']}_{args.protocol}.json"
+        run_dir = RunDir.of_checkpoint(args.checkpoint)
+        out = args.out or run_dir.eval_result(result["split"], args.protocol)
         atomic_write_bytes(out, (json.dumps(to_jsonable(result), indent=2) + "\n").encode())
         print(f"wrote {out}")
         if args.wandb:
-            run_id = tracking.log_evaluation(args.checkpoint.parent, to_jsonable(result))
+            run_id = tracking.log_evaluation(run_dir, to_jsonable(result))
             print(f"added to wandb run {run_id}" if run_id else
-                  f"--wandb: no wandb_id in {args.checkpoint.parent}; the results were not sent to wandb")
+                  f"--wandb: no wandb_id in {run_dir}; the results were not sent to wandb")
 
 
 def run(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:

@@ -2,8 +2,8 @@
 
 One owner for: the user-facing error types, atomic writes (a crash or a full disk
 never leaves a half file, nor the temp file that would have become it), the shard
-manifest schema, and the plain-text files of a run directory (metrics.jsonl,
-checkpoints/step_*). Nothing here knows what a dataset is.
+manifest schema. Nothing here knows what a dataset is, nor a run directory (that is
+``segtrain.checkpoints``).
 """
 from __future__ import annotations
 
@@ -175,21 +175,3 @@ def check_manifest(manifest: dict, where: str = "manifest") -> None:
                         f"but labelled_pixel_count is {manifest['labelled_pixel_count']}")
     if max(manifest["class_image_counts"], default=0) > manifest["num_samples"]:
         raise DataError(f"{where}: a class_image_counts entry exceeds num_samples ({manifest['num_samples']})")
-
-
-# ----------------------------------------------------------------------------- run directories
-
-def read_metrics_log(path: PathLike) -> list[dict]:
-    """The records of a metrics.jsonl; a line cut short by a crash (kill, full disk) is skipped."""
-    records = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
-def checkpoint_dirs(run_dir: PathLike) -> list[Path]:
-    """The complete training-state checkpoints of a run, oldest first (temp folders excluded)."""
-    return sorted((Path(run_dir) / "checkpoints").glob("step_*"))

@@ -24,7 +24,8 @@ import torch
 from segtrain import distributed, hardware, integrity, shards
 from segtrain.config import TrainConfig
 from segtrain.evaluate import loader_protocol
-from segtrain.files import ConfigError, checkpoint_dirs
+from segtrain.checkpoints import RunDir, check_resume_processes, resolve_resume
+from segtrain.files import ConfigError
 from segtrain.losses import LOSS_OPTIONS
 from segtrain.datasets import DatasetSpec
 from segtrain.voc import read_split
@@ -35,7 +36,7 @@ class RunPlan:
     """What ``train()`` needs besides the config (``cfg``, with ``train_split`` resolved)."""
 
     cfg: TrainConfig
-    run_dir: Path
+    run_dir: RunDir                   # every path the run writes
     resume_from: Optional[Path]       # the checkpoint folder --resume names, checked to exist
     world_size: int                   # processes
     per_process_batch: int            # images per process per micro-batch
@@ -82,12 +83,12 @@ def plan_run(cfg: TrainConfig, world_size: int = 1, device_type: str = "cpu",
         named = shards.manifest_split(cfg.data)
         cfg = dataclasses.replace(cfg, train_split=named or "train")
     per_process_batch, notes = check_batch(cfg, world_size, device_type)
-    run_dir = cfg.resolved_run_dir()
+    run_dir = RunDir(cfg.resolved_run_dir())
     resume_from = resolve_resume(cfg.resume, run_dir) if cfg.resume else None
     if resume_from is not None:
         check_resume_processes(resume_from, world_size)
     # --resume auto and no checkpoint yet: the run stopped before its first one; start it afresh.
-    if resume_from is None and cfg.resume != "auto" and (run_dir / "metrics.jsonl").exists():
+    if resume_from is None and cfg.resume != "auto" and run_dir.metrics.exists():
         raise ConfigError(f"run_dir: {run_dir} already holds a run; pass --resume latest (or auto) to continue "
                           "it, or choose another --run-dir")
 
@@ -171,34 +172,6 @@ def check_classes(cfg: TrainConfig, train_source: shards.DataSource,
                           f"{val_source.spec.num_classes} classes, but the training data {train_source.location} "
                           f"is {spec.name} with {spec.num_classes}; validate on the same label set")
     return spec
-
-
-def resolve_resume(resume: str, run_dir: Path) -> Optional[Path]:
-    """The checkpoint folder ``--resume`` names (``latest``: the newest of RUN_DIR; ``auto``: the
-    newest of RUN_DIR, or None for a fresh start when it has none)."""
-    if resume == "auto":
-        found = checkpoint_dirs(run_dir)
-        return found[-1] if found else None
-    if resume == "latest":
-        found = checkpoint_dirs(run_dir)
-        if not found:
-            raise ConfigError(f"resume: no checkpoint in {run_dir / 'checkpoints'} to resume from")
-        return found[-1]
-    path = Path(resume)
-    if not (path / "custom_checkpoint_0.pkl").is_file():  # the TrainState that save_state writes
-        raise ConfigError(f"resume: {path} is not a checkpoint folder (expected RUN_DIR/checkpoints/step_*)")
-    return path
-
-
-def check_resume_processes(checkpoint: Path, world_size: int) -> None:
-    """Refuse, before ``accelerator.load_state``, a checkpoint saved by another number of processes:
-    it holds one ``random_states_K.pkl`` per process, and loading it elsewhere fails deep inside
-    Accelerate (or, with more processes saved, would silently drop their RNG states)."""
-    saved = len(list(checkpoint.glob("random_states_*.pkl")))
-    if saved and saved != world_size:
-        raise ConfigError(f"resume: {checkpoint} was saved by {saved} process(es), this run has {world_size}; "
-                          f"resume with {saved} (accelerate launch --num_processes {saved}), or start a new run "
-                          "with --init-from RUN_DIR/best.pt")
 
 
 def sample_ids(source: shards.DataSource) -> Optional[set]:

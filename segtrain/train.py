@@ -12,7 +12,7 @@ data -> model -> optimizer -> [step: lr, forward, backward, clip, update, log,
 checkpoint, validate] -> best.pt. The class count, names and colours come from the
 data's dataset spec and are stored, with the input normalisation, in best.pt and
 final.pt. Everything a run writes lives in RUN_DIR:
-config.yaml, metrics.jsonl, checkpoints/step_*/, best.pt, final.pt, wandb/.
+config.yaml, metrics.jsonl, checkpoints/step_*/, best.pt, final.pt, wandb/ (segtrain.checkpoints.RunDir).
 """
 from __future__ import annotations
 
@@ -28,9 +28,7 @@ if __name__ == "__main__" and not __package__:
 
 import contextlib
 import dataclasses
-import json
 import os
-import shutil
 import time
 import warnings
 from collections.abc import Iterator
@@ -49,10 +47,10 @@ from segtrain import autotune, distributed, hardware, preempt, shards, tracking
 from segtrain.cli import check_launch, errors_of_rank, user_errors
 from segtrain.config import TrainConfig, config_to_dict, parse_config, save_config, update_saved_config
 from segtrain.evaluate import evaluate
-from segtrain.files import ConfigError, atomic_write_bytes, checkpoint_dirs, naming_write_errors, read_metrics_log
+from segtrain.checkpoints import MetricsLog, TrainState, init_from_checkpoint, save_checkpoint, save_training_state, summary
+from segtrain.files import ConfigError
 from segtrain.losses import build_loss
-from segtrain.metrics import to_jsonable
-from segtrain.model import PretrainedWeightsUnavailable, build_model, init_from_checkpoint, save_checkpoint
+from segtrain.model import PretrainedWeightsUnavailable, build_model
 from segtrain.plan import RunPlan, plan_run
 from segtrain.schedule import lr_factor
 from segtrain.transforms import normalization_tensors, normalize
@@ -80,86 +78,6 @@ def sync_buffers(model: torch.nn.Module, accelerator: Accelerator) -> None:
     if accelerator.num_processes > 1:
         for buffer in accelerator.unwrap_model(model).buffers():
             torch.distributed.broadcast(buffer, src=0)
-
-
-# ----------------------------------------------------------------------------- state on disk
-
-class TrainState:
-    """What the loop needs to resume besides model, optimizer and RNGs (saved by Accelerate).
-
-    ``data_order`` holds every setting the sequence of batches depends on; a resume
-    that changes one of them would continue on different batches, so it is refused.
-    """
-
-    def __init__(self, data_order: dict) -> None:
-        self.step = 0
-        self.best_miou = -1.0
-        self.data_order = data_order
-        self.saved_data_order: Optional[dict] = None
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "best_miou": self.best_miou, "data_order": self.data_order}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step, self.best_miou = int(state["step"]), float(state["best_miou"])
-        self.saved_data_order = state.get("data_order")
-
-    def check_resume(self) -> None:
-        saved = self.saved_data_order or {}
-        unknown = sorted(set(saved) - set(self.data_order))
-        if unknown:  # e.g. written before the record became the loader's own arguments
-            raise ConfigError(f"resume: the checkpoint records data-order settings this version does not have "
-                              f"({', '.join(unknown)}); resume it with the segtrain version that wrote it")
-        changed = {k: (v, self.data_order[k]) for k, v in saved.items() if self.data_order[k] != v}
-        if changed:
-            raise ConfigError("resume: the checkpoint was trained with " + ", ".join(
-                f"{k}={old!r} (now {new!r})" for k, (old, new) in changed.items())
-                + "; resume with the same settings, or the batches would not continue where they stopped")
-
-
-class MetricsLog:
-    """RUN_DIR/metrics.jsonl: one JSON object per line, the plain-text record reports read."""
-
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
-
-    def truncate_after(self, step: int) -> None:
-        """On resume, drop lines a crashed run wrote after the checkpoint it resumes from."""
-        if self.enabled and self.path.exists():
-            keep = [r for r in read_metrics_log(self.path) if r["step"] <= step]
-            atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with naming_write_errors(self.path), open(self.path, "a") as f:
-                f.write(json.dumps(to_jsonable(record), allow_nan=False) + "\n")
-
-
-def save_training_state(accelerator: Accelerator, run_dir: Path, step: int, keep: int) -> None:
-    """``save_state`` into a temp folder, then rename: a crash never leaves a half checkpoint
-    that ``--resume latest`` would pick. Assumes RUN_DIR is on a filesystem all nodes share."""
-    root = run_dir / "checkpoints"
-    final, tmp = root / f"step_{step:07d}", root / f".step_{step:07d}.tmp"
-    try:
-        with naming_write_errors(final):  # a full disk is one line, and leaves no temp folder
-            accelerator.save_state(str(tmp))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in checkpoint_dirs(run_dir)[:-keep]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-
-
-def summary(metrics: dict) -> dict:
-    """The JSON-safe scalar and per-class metrics stored in best.pt / final.pt."""
-    keep = ("miou", "pixel_acc", "mean_class_acc", "fwiou", "iou", "class_acc", "num_images")
-    return to_jsonable({k: metrics[k] for k in keep if k in metrics})
 
 
 # ----------------------------------------------------------------------------- setting up
@@ -210,27 +128,26 @@ def confirm_compiled(model: torch.nn.Module, plan: RunPlan, accelerator: Acceler
     accelerator.print(line)
     plan.runtime["compiled"] = compiled
     if accelerator.is_main_process and plan.resume_from is None:
-        update_saved_config(plan.run_dir / "config.yaml", resolved=plan.runtime)
+        update_saved_config(plan.run_dir.config, resolved=plan.runtime)
 
 
 def start_run(plan: RunPlan, accelerator: Accelerator) -> tuple[TrainState, MetricsLog]:
     """The run directory and its config.yaml, the resume, the tracker: all before the first step."""
     cfg, run_dir = plan.cfg, plan.run_dir
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir.root.mkdir(parents=True, exist_ok=True)
         if plan.resume_from is None:  # a resumed run keeps the config it was started with
-            save_config(cfg, run_dir / "config.yaml", resolved=plan.runtime)
+            save_config(cfg, run_dir.config, resolved=plan.runtime)
     state = TrainState(plan.data_order)
     accelerator.register_for_checkpointing(state)
-    log = MetricsLog(run_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
+    log = MetricsLog(run_dir.metrics, enabled=accelerator.is_main_process)
     if plan.resume_from is not None:
         accelerator.load_state(str(plan.resume_from))
         state.check_resume()
         accelerator.print(f"resumed from {plan.resume_from} at step {state.step}")
         if accelerator.is_main_process:  # a longer --iterations extends the run: its config.yaml says so
-            config_path = run_dir / "config.yaml"
-            for key, (old, new) in update_saved_config(config_path, iterations=cfg.iterations).items():
-                accelerator.print(f"{config_path}: {key} {old} -> {new}")
+            for key, (old, new) in update_saved_config(run_dir.config, iterations=cfg.iterations).items():
+                accelerator.print(f"{run_dir.config}: {key} {old} -> {new}")
     log.truncate_after(state.step)  # also a fresh start of --resume auto over a run stopped before step 1
     tracking.start(accelerator, plan, state.step)
     return state, log
@@ -319,9 +236,10 @@ def publish(accelerator: Accelerator, log: MetricsLog, record: dict, file_only: 
 
 def save_model(accelerator: Accelerator, model: torch.nn.Module, plan: RunPlan, name: str, step: int,
                metrics: dict) -> None:
-    """RUN_DIR/``name``: the bare model's weights, the config and the metrics (main process)."""
+    """RUN_DIR/``name`` (best.pt, final.pt): the bare model's weights, the config and the metrics
+    (main process)."""
     if accelerator.is_main_process:
-        save_checkpoint(plan.run_dir / name, accelerator.unwrap_model(model), config=config_to_dict(plan.cfg),
+        save_checkpoint(plan.run_dir.model_file(name), accelerator.unwrap_model(model), config=config_to_dict(plan.cfg),
                         resolved=plan.runtime, dataset=plan.spec.to_dict(), step=step, metrics=summary(metrics))
 
 
@@ -366,7 +284,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if state.step >= cfg.iterations:  # a finished run resumed (a resubmitted --resume auto job): keep final.pt
         accelerator.end_training()
         say(f"{plan.run_dir} has trained all {cfg.iterations} steps; nothing to do (a longer --iterations extends it)")
-        return TrainResult(bare, {}, state.best_miou, plan.run_dir)
+        return TrainResult(bare, {}, state.best_miou, plan.run_dir.root)
     say(f"run {cfg.name}: {plan.world_size} process(es) on {device.type}, precision "
         f"{runtime['mixed_precision']}, {plan.per_process_batch} images/process x {cfg.grad_accum} "
         f"accumulation = global batch {cfg.batch_size}, {plan.steps_per_epoch} steps/epoch, "
@@ -447,7 +365,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         stopper.close()
     if stopper.stopped:
         accelerator.end_training()
-        raise stopper.exit(step, plan.run_dir, say)
+        raise stopper.exit(step, plan.run_dir.step_dir(step), say)
 
     sync_buffers(model, accelerator)
     save_model(accelerator, model, plan, "final.pt", step, metrics)
@@ -455,7 +373,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     accelerator.end_training()
     tracking.say_how_to_sync(accelerator, plan)
     say(f"done: best val mIoU {state.best_miou:.4f}; best.pt, metrics.jsonl and config.yaml in {plan.run_dir}")
-    return TrainResult(accelerator.unwrap_model(model), metrics, state.best_miou, plan.run_dir)
+    return TrainResult(accelerator.unwrap_model(model), metrics, state.best_miou, plan.run_dir.root)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

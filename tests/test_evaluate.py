@@ -11,7 +11,8 @@ from torch import nn
 
 from segtrain.cli import OtherProcessFailed
 from segtrain.evaluate import evaluate, main, ms_flip_logits, same_size_batches
-from segtrain.model import build_model, save_checkpoint
+from segtrain.checkpoints import save_checkpoint
+from segtrain.model import build_model
 from segtrain.pack import pack_split
 from segtrain.shards import val_loader
 from segtrain.synthetic import generate

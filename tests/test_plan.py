@@ -137,7 +137,7 @@ def test_when_the_loop_logs_validates_and_checkpoints(cfg_for):
 
 
 def test_resume_compares_the_loader_arguments_and_names_a_foreign_record(cfg_for):
-    from segtrain.train import TrainState
+    from segtrain.checkpoints import TrainState
 
     plan = plan_run(cfg_for("--batch-size", "4"))
     state = TrainState(plan.data_order)

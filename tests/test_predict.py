@@ -5,7 +5,8 @@ import torch
 from PIL import Image
 
 from segtrain.evaluate import ms_flip_logits
-from segtrain.model import build_model, load_checkpoint, save_checkpoint
+from segtrain.checkpoints import save_checkpoint
+from segtrain.model import build_model, load_checkpoint
 from segtrain.predict import main
 from segtrain.transforms import val_transforms
 from segtrain.visualize import overlay
