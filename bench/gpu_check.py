@@ -507,7 +507,7 @@ def section_plain(ctx: Context) -> None:
 
 def section_eval(ctx: Context) -> None:
     import torch
-    from segtrain.evaluate import evaluate, loader_protocol
+    from segtrain.inference import evaluate, loader_protocol
     from segtrain.model import build_model
     from segtrain.shards import val_loader
     from segtrain.voc import NUM_CLASSES

@@ -23,7 +23,7 @@ import torch
 
 from segtrain import distributed, hardware, integrity, shards
 from segtrain.config import TrainConfig
-from segtrain.evaluate import loader_protocol
+from segtrain.inference import loader_protocol
 from segtrain.checkpoints import RunDir, check_resume_processes, resolve_resume
 from segtrain.files import ConfigError
 from segtrain.losses import LOSS_OPTIONS

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from segtrain import autotune, hardware
 from segtrain.cli import user_errors
 from segtrain.datasets import save_label_png, spec_from_checkpoint
-from segtrain.evaluate import predict_logits
+from segtrain.inference import predict_logits
 from segtrain.files import DataError, save_image
 from segtrain.model import load_checkpoint
 from segtrain.transforms import normalize

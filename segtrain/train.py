@@ -17,14 +17,13 @@ config.yaml, metrics.jsonl, checkpoints/step_*/, best.pt, final.pt, wandb/ (segt
 from __future__ import annotations
 
 if __name__ == "__main__" and not __package__:
-    # Run as a file (`accelerate launch segtrain/train.py` runs `python segtrain/train.py`), Python
-    # put segtrain/ itself first on sys.path, where this package's module names (config, evaluate,
-    # model, ...) would shadow libraries' modules. Become `python -m segtrain.train` before importing
-    # anything: exec keeps the process (pid, environment, launcher), interpreter options and arguments.
+    # Run as a file (`accelerate launch segtrain/train.py`): Python put segtrain/ first on sys.path. Put
+    # the repository root there instead (before any import: os and sys are loaded already), so the
+    # package's modules are only ever segtrain.X, never a top-level module shadowing a library's.
     import os
     import sys
-    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)],
-                              "-m", "segtrain.train", *sys.argv[1:]])
+    _here = os.path.dirname(os.path.realpath(__file__))
+    sys.path[:] = [os.path.dirname(_here), *(p for p in sys.path if os.path.realpath(p or ".") != _here)]
 
 import contextlib
 import dataclasses
@@ -46,7 +45,7 @@ from tqdm import tqdm
 from segtrain import autotune, distributed, hardware, preempt, shards, tracking
 from segtrain.cli import check_launch, errors_of_rank, user_errors
 from segtrain.config import TrainConfig, config_to_dict, parse_config, save_config, update_saved_config
-from segtrain.evaluate import evaluate
+from segtrain.inference import evaluate
 from segtrain.checkpoints import MetricsLog, TrainState, init_from_checkpoint, save_checkpoint, save_training_state, summary
 from segtrain.files import ConfigError
 from segtrain.losses import build_loss

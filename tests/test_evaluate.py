@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from segtrain.cli import OtherProcessFailed
-from segtrain.evaluate import evaluate, main, ms_flip_logits, same_size_batches
+from segtrain.evaluate import main
+from segtrain.inference import evaluate, ms_flip_logits, same_size_batches
 from segtrain.checkpoints import save_checkpoint
 from segtrain.model import build_model
 from segtrain.pack import pack_split

@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from segtrain.evaluate import ms_flip_logits
+from segtrain.inference import ms_flip_logits
 from segtrain.checkpoints import save_checkpoint
 from segtrain.model import build_model, load_checkpoint
 from segtrain.predict import main
