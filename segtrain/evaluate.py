@@ -110,7 +110,7 @@ def run(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:
     check_fits_data(ckpt, args.checkpoint, class_names(source), source.location)
     spec = spec_from_checkpoint(ckpt, str(args.checkpoint))  # class names for the table and the JSON
     model.to(accelerator.device)
-    if (ckpt.get("resolved") or {}).get("channels_last"):  # the run's memory format: its kernels, so
+    if autotune.Runtime.from_dict(ckpt.get("resolved")).channels_last:  # the run's memory format: its kernels, so
         model.to(memory_format=torch.channels_last)       # the same figures as its validation gave
     precision, reason = autotune.inference_precision(args.mixed_precision, accelerator.device, model,
                                                      accelerator.print, accelerator.state)

@@ -1,7 +1,7 @@
 """The run plan: everything a training run derives from its config, and every up-front check.
 
     plan = plan_run(cfg, world_size=accelerator.num_processes, device_type=accelerator.device.type,
-                    mixed_precision=accelerator.mixed_precision)
+                    runtime=autotune.training_runtime(cfg, state))
 
 ``plan_run`` is a function of its arguments and of the files they name (manifests, the
 run directory): it starts no process, builds no model and opens no loader, so tests
@@ -24,6 +24,7 @@ import torch
 from segtrain import distributed, hardware, integrity, shards
 from segtrain.config import TrainConfig
 from segtrain.inference import loader_protocol
+from segtrain.autotune import Runtime
 from segtrain.checkpoints import RunDir, check_resume_processes, resolve_resume
 from segtrain.files import ConfigError
 from segtrain.losses import LOSS_OPTIONS
@@ -46,7 +47,7 @@ class RunPlan:
     loss_options: dict[str, Any]      # build_loss(options=...): the config's value of every loss option
     class_pixel_counts: Optional[list[int]]  # for weighted_ce, from the train manifest
     eval_autocast_dtype: Optional[torch.dtype]  # validation runs under the training precision
-    runtime: dict[str, Any]           # what "auto" settings became here (saved in config.yaml, checkpoints)
+    runtime: Runtime                  # what "auto" settings became here (saved in config.yaml, checkpoints)
     spec: DatasetSpec                 # what the data is (classes, palette, ...): into the checkpoints
     notes: tuple[str, ...] = ()       # warnings for the user (the run can go on)
 
@@ -61,6 +62,10 @@ class RunPlan:
     def workers(self) -> int:
         return self.train_loader["num_workers"]
 
+    def with_runtime(self, **changes: Any) -> RunPlan:
+        """This plan with ``runtime`` fields changed (``compiled``, known after the first step)."""
+        return dataclasses.replace(self, runtime=dataclasses.replace(self.runtime, **changes))
+
     def logs_at(self, step: int) -> bool:
         return step % self.cfg.log_every == 0 or step == self.cfg.iterations
 
@@ -73,11 +78,11 @@ class RunPlan:
 
 
 def plan_run(cfg: TrainConfig, world_size: int = 1, device_type: str = "cpu",
-             runtime: Optional[dict] = None) -> RunPlan:
+             runtime: Optional[Runtime] = None) -> RunPlan:
     """Derive the run's plan from ``cfg`` for ``world_size`` processes on ``device_type``
     devices (``accelerator.device.type``) with ``runtime``, what autotune.training_runtime chose
     for this machine (default: fp32)."""
-    runtime = dict(runtime or {"mixed_precision": "fp32", "precision_reason": "requested"})
+    runtime = runtime or Runtime()
     if cfg.train_split is None:
         # --data voc-train_aug.json means train_aug: never silently its voc-train.json sibling.
         named = shards.manifest_split(cfg.data)
@@ -126,7 +131,7 @@ def plan_run(cfg: TrainConfig, world_size: int = 1, device_type: str = "cpu",
                    train_loader=train_loader, val_loader=val_loader,
                    loss_options={name: getattr(cfg, name) for name in LOSS_OPTIONS},
                    class_pixel_counts=manifest["class_pixel_counts"] if manifest else None,
-                   eval_autocast_dtype=hardware.autocast_dtype(runtime["mixed_precision"], device_type), spec=spec,
+                   eval_autocast_dtype=hardware.autocast_dtype(runtime.mixed_precision, device_type), spec=spec,
                    runtime=runtime, notes=notes)
 
 

@@ -125,11 +125,11 @@ def dashboard_config(plan: "RunPlan") -> dict[str, Any]:
     train_source = shards.resolve_data(cfg.data, cfg.train_split)
     val_source = shards.resolve_data(plan.val_loader["data"], cfg.val_split)
     config.update(
-        mixed_precision=plan.runtime["mixed_precision"],  # what ran, not "auto"
+        mixed_precision=plan.runtime.mixed_precision,  # what ran, not "auto"
         mixed_precision_requested=cfg.mixed_precision, processes=plan.world_size,
         per_process_batch=plan.per_process_batch, steps_per_epoch=plan.steps_per_epoch,
         dataset=plan.spec.name, train_images=train_source.num_samples, val_images=val_source.num_samples,
-        data_name=Path(cfg.data).name, resolved=plan.runtime)
+        data_name=Path(cfg.data).name, resolved=plan.runtime.to_dict())
     return config
 
 

@@ -105,8 +105,6 @@ def build_training(plan: RunPlan, accelerator: Accelerator) -> tuple[torch.nn.Mo
     optimizer = torch.optim.SGD(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
-    if cfg.compile:  # see compile_after_prepare
-        plan.runtime["compiled"] = compile_after_prepare(model, accelerator)
     return model, optimizer, criterion
 
 
@@ -121,13 +119,15 @@ def compile_after_prepare(model: torch.nn.Module, accelerator: Accelerator) -> b
     return hardware.compile_model(model, accelerator.print)
 
 
-def confirm_compiled(model: torch.nn.Module, plan: RunPlan, accelerator: Accelerator) -> None:
-    """After the first step: 'compiled' in the run's record is what dynamo's counters say ran."""
+def confirm_compiled(model: torch.nn.Module, plan: RunPlan, accelerator: Accelerator) -> RunPlan:
+    """After the first step: 'compiled' in the run's record is what dynamo's counters say ran
+    (returned as the plan from here on, and written to config.yaml)."""
     compiled, line = hardware.compile_outcome(model)
     accelerator.print(line)
-    plan.runtime["compiled"] = compiled
+    plan = plan.with_runtime(compiled=compiled)
     if accelerator.is_main_process and plan.resume_from is None:
-        update_saved_config(plan.run_dir.config, resolved=plan.runtime)
+        update_saved_config(plan.run_dir.config, resolved=plan.runtime.to_dict())
+    return plan
 
 
 def start_run(plan: RunPlan, accelerator: Accelerator) -> tuple[TrainState, MetricsLog]:
@@ -136,7 +136,7 @@ def start_run(plan: RunPlan, accelerator: Accelerator) -> tuple[TrainState, Metr
     if accelerator.is_main_process:
         run_dir.root.mkdir(parents=True, exist_ok=True)
         if plan.resume_from is None:  # a resumed run keeps the config it was started with
-            save_config(cfg, run_dir.config, resolved=plan.runtime)
+            save_config(cfg, run_dir.config, resolved=plan.runtime.to_dict())
     state = TrainState(plan.data_order)
     accelerator.register_for_checkpointing(state)
     log = MetricsLog(run_dir.metrics, enabled=accelerator.is_main_process)
@@ -239,7 +239,87 @@ def save_model(accelerator: Accelerator, model: torch.nn.Module, plan: RunPlan, 
     (main process)."""
     if accelerator.is_main_process:
         save_checkpoint(plan.run_dir.model_file(name), accelerator.unwrap_model(model), config=config_to_dict(plan.cfg),
-                        resolved=plan.runtime, dataset=plan.spec.to_dict(), step=step, metrics=summary(metrics))
+                        resolved=plan.runtime.to_dict(), dataset=plan.spec.to_dict(), step=step, metrics=summary(metrics))
+
+
+# ----------------------------------------------------------------------------- one step
+
+def to_device(images: torch.Tensor, masks: torch.Tensor, device: torch.device,
+              normalization: tuple[torch.Tensor, torch.Tensor], channels_last: bool) -> tuple[torch.Tensor,
+                                                                                               torch.Tensor]:
+    """A loader batch on the device: the loader ships uint8 (a quarter of the bytes to copy), so
+    the images are normalised here with the model's own statistics (its backbone's
+    pretrained_cfg, or the --init-from checkpoint's), in the run's memory format."""
+    images = normalize(images.to(device, non_blocking=True), *normalization)
+    masks = masks.to(device, non_blocking=True).long()
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, masks
+
+
+def next_batch(batches: Iterator[shards.Batch], rank: int, window: LogWindow) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next micro-batch (images, masks); the wait for it counts as the window's data wait
+    (the first includes starting the loader workers, once per run)."""
+    fetch_start = time.perf_counter()
+    with errors_of_rank(rank):  # this rank's share of the data
+        images, masks, _ = next(batches)
+    window.data_wait += time.perf_counter() - fetch_start
+    return images, masks
+
+
+def train_step(model: torch.nn.Module, criterion: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               accelerator: Accelerator, cfg: TrainConfig, step: int, batches: Iterator[shards.Batch],
+               normalization: tuple[torch.Tensor, torch.Tensor], window: LogWindow) -> None:
+    """Optimizer step ``step`` -> ``step + 1``: the learning rate, then ``grad_accum``
+    micro-batches (forward, loss, backward), clipping and the update. The summed loss
+    goes to ``window`` without a sync (no ``.item()`` per micro-batch)."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * lr_factor(step, cfg)
+    for micro in range(cfg.grad_accum):
+        images, masks = to_device(*next_batch(batches, accelerator.process_index, window), accelerator.device,
+                                  normalization, cfg.channels_last)
+        # Gradients are all-reduced only on the last micro-batch of a step.
+        last = micro == cfg.grad_accum - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            out = model(images)
+            loss = criterion(out["out"], masks)
+            if "aux" in out:
+                loss = loss + cfg.aux_loss_weight * criterion(out["aux"], masks)
+            accelerator.backward(loss / cfg.grad_accum)
+        window.loss += loss.detach() / cfg.grad_accum
+    if cfg.grad_clip > 0:
+        accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    window.steps += 1
+
+
+def log_train(accelerator: Accelerator, plan: RunPlan, log: MetricsLog, optimizer: torch.optim.Optimizer,
+              window: LogWindow, step: int) -> dict:
+    """The log line of the window that ends at ``step`` (loss, learning rates, throughput)."""
+    data_wait, peak_memory = window.data_wait, window.peak_memory()
+    mean_loss, images_per_s = window.take(accelerator, plan.cfg.batch_size)
+    record = {"step": step, "epoch": step / plan.steps_per_epoch, "train/loss": mean_loss,
+              "lr/backbone": optimizer.param_groups[0]["lr"], "lr/head": optimizer.param_groups[1]["lr"],
+              "images_per_s": images_per_s, "data_wait_s": data_wait} | peak_memory
+    publish(accelerator, log, record)
+    return record
+
+
+def validate_and_keep_best(model: torch.nn.Module, accelerator: Accelerator, plan: RunPlan, log: MetricsLog,
+                           state: TrainState, window: LogWindow) -> dict:
+    """Validate at ``state.step``; a better mIoU becomes best.pt. The time it takes is not the
+    window's training time, and its peak memory is logged on its own."""
+    val_start = time.perf_counter()
+    window.set_peak_aside()
+    metrics = validate(model, accelerator, plan, log, state.step)
+    if metrics["miou"] > state.best_miou:
+        state.best_miou = metrics["miou"]
+        save_model(accelerator, model, plan, "best.pt", state.step, metrics)
+    accelerator.print(f"step {state.step}: val mIoU {metrics['miou']:.4f}, pixel acc {metrics['pixel_acc']:.4f} "
+                      f"(best {state.best_miou:.4f})")
+    window.start += time.perf_counter() - val_start
+    return metrics
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -252,14 +332,14 @@ class TrainResult:
     run_dir: Path
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Train with ``cfg``. Called on every process; each gets the same result."""
+def prepare_run(cfg: TrainConfig) -> tuple[Accelerator, RunPlan]:
+    """The Accelerator and the run's plan. The precision and memory format follow the hardware
+    (segtrain/autotune.py: measured on CPUs, once per machine and run); the device is known
+    before the Accelerator, which needs them."""
     # Accelerate keeps one AcceleratorState per process and refuses a second precision;
     # clear it (not the distributed PartialState) so that every train() call in one
     # process (notebooks, bench scripts, tests) configures its own run.
     AcceleratorState._reset_state()
-    # The precision and memory format follow the hardware (segtrain/autotune.py: measured on
-    # CPUs, once per machine and run); the device is known before the Accelerator, which needs them.
     # cpu= as Accelerator would pass it: a PartialState made without it on a CPU-only
     # `accelerate launch --multi_gpu` run stays one unconnected process, and Accelerator reuses it.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"),
@@ -267,16 +347,33 @@ def train(cfg: TrainConfig) -> TrainResult:
     check_launch(state.num_processes)  # before any measuring: a GPU launch that sees no GPU is an error
     cfg = distributed.agree_on_run_name(cfg)  # before anything uses RUN_DIR (the autotune reads a resumed run's)
     runtime = autotune.training_runtime(cfg, state)
-    cfg = dataclasses.replace(cfg, channels_last=runtime["channels_last"])
-    accelerator = Accelerator(mixed_precision=hardware.accelerate_precision(runtime["mixed_precision"]),
+    cfg = dataclasses.replace(cfg, channels_last=runtime.channels_last)
+    accelerator = Accelerator(mixed_precision=hardware.accelerate_precision(runtime.mixed_precision),
                               log_with="wandb" if cfg.tracker == "wandb" else None)
     plan = plan_run(cfg, accelerator.num_processes, accelerator.device.type, runtime)
-    cfg, device, say = plan.cfg, accelerator.device, accelerator.print
-    say(autotune.choice_line(runtime))
+    accelerator.print(autotune.choice_line(runtime))
     for note in plan.notes:
         warnings.warn(note)
+    return accelerator, plan
+
+
+def run_line(plan: RunPlan, device: torch.device) -> str:
+    """What is about to run, in one line."""
+    cfg = plan.cfg
+    return (f"run {cfg.name}: {plan.world_size} process(es) on {device.type}, precision "
+            f"{plan.runtime.mixed_precision}, {plan.per_process_batch} images/process x {cfg.grad_accum} "
+            f"accumulation = global batch {cfg.batch_size}, {plan.steps_per_epoch} steps/epoch, "
+            f"{cfg.iterations} steps -> {plan.run_dir}")
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train with ``cfg``. Called on every process; each gets the same result."""
+    accelerator, plan = prepare_run(cfg)
+    cfg, device, say = plan.cfg, accelerator.device, accelerator.print
     set_seed(cfg.seed)
     model, optimizer, criterion = build_training(plan, accelerator)
+    if cfg.compile:  # see compile_after_prepare; confirmed after the first step
+        plan = plan.with_runtime(compiled=compile_after_prepare(model, accelerator))
     distributed.seed_process(cfg.seed)  # same init above; per-rank dropout masks from here
     bare = accelerator.unwrap_model(model)  # its mean/std normalise the batches
     state, log = start_run(plan, accelerator)
@@ -284,16 +381,13 @@ def train(cfg: TrainConfig) -> TrainResult:
         accelerator.end_training()
         say(f"{plan.run_dir} has trained all {cfg.iterations} steps; nothing to do (a longer --iterations extends it)")
         return TrainResult(bare, {}, state.best_miou, plan.run_dir.root)
-    say(f"run {cfg.name}: {plan.world_size} process(es) on {device.type}, precision "
-        f"{runtime['mixed_precision']}, {plan.per_process_batch} images/process x {cfg.grad_accum} "
-        f"accumulation = global batch {cfg.batch_size}, {plan.steps_per_epoch} steps/epoch, "
-        f"{cfg.iterations} steps -> {plan.run_dir}")
+    say(run_line(plan, device))
 
     model.train()
     step = first_step = state.step
     metrics: dict[str, Any] = {}
     batches = micro_batches(plan, accelerator.process_index, step)
-    mean, std = normalization_tensors(bare.mean, bare.std, device)  # once: no host-to-device copy per batch
+    normalization = normalization_tensors(bare.mean, bare.std, device)  # once: no host-to-device copy per batch
     # Training crops are one fixed size: cuDNN's autotuning pays off (validation turns it off).
     torch.backends.cudnn.benchmark = device.type == "cuda"
     window = LogWindow(device)
@@ -302,58 +396,18 @@ def train(cfg: TrainConfig) -> TrainResult:
     stopper = preempt.StopOnSignal(cfg.stop_signals, plan.world_size)  # SIGTERM/USR1: checkpoint, exit 75
     try:
         while step < cfg.iterations and not stopper.stopped:
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * lr_factor(step, cfg)
-            for micro in range(cfg.grad_accum):
-                fetch_start = time.perf_counter()  # includes starting the loader workers (once per run)
-                with errors_of_rank(accelerator.process_index):  # this rank's share of the data
-                    images, masks, _ = next(batches)
-                window.data_wait += time.perf_counter() - fetch_start
-                # The loader ships uint8 (a quarter of the bytes to copy): normalise on the device with
-                # the model's own statistics (its backbone's pretrained_cfg, or the --init-from checkpoint's).
-                images = normalize(images.to(device, non_blocking=True), mean, std)
-                masks = masks.to(device, non_blocking=True).long()
-                if cfg.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                # Gradients are all-reduced only on the last micro-batch of a step.
-                sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(model)
-                with sync:
-                    out = model(images)
-                    loss = criterion(out["out"], masks)
-                    if "aux" in out:
-                        loss = loss + cfg.aux_loss_weight * criterion(out["aux"], masks)
-                    accelerator.backward(loss / cfg.grad_accum)
-                window.loss += loss.detach() / cfg.grad_accum  # no .item(): no sync per micro-batch
-            if cfg.grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            train_step(model, criterion, optimizer, accelerator, cfg, step, batches, normalization, window)
             step = state.step = step + 1
-            window.steps += 1
             progress.update(1)
             if cfg.compile and step == first_step + 1:
-                confirm_compiled(model, plan, accelerator)
-
+                plan = confirm_compiled(model, plan, accelerator)
             if plan.logs_at(step):
-                data_wait, peak_memory = window.data_wait, window.peak_memory()
-                mean_loss, images_per_s = window.take(accelerator, cfg.batch_size)
-                record = {"step": step, "epoch": step / plan.steps_per_epoch, "train/loss": mean_loss,
-                          "lr/backbone": optimizer.param_groups[0]["lr"], "lr/head": optimizer.param_groups[1]["lr"],
-                          "images_per_s": images_per_s, "data_wait_s": data_wait} | peak_memory
-                publish(accelerator, log, record)
-                progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr/head']:.2e}",
-                                     img_s=f"{images_per_s:.1f}")
+                record = log_train(accelerator, plan, log, optimizer, window, step)
+                progress.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{record['lr/head']:.2e}",
+                                     img_s=f"{record['images_per_s']:.1f}")
             if plan.validates_at(step):
                 progress.clear()
-                val_start = time.perf_counter()
-                window.set_peak_aside()  # validation's peak memory is logged on its own
-                metrics = validate(model, accelerator, plan, log, step)
-                if metrics["miou"] > state.best_miou:
-                    state.best_miou = metrics["miou"]
-                    save_model(accelerator, model, plan, "best.pt", step, metrics)
-                say(f"step {step}: val mIoU {metrics['miou']:.4f}, pixel acc {metrics['pixel_acc']:.4f} "
-                    f"(best {state.best_miou:.4f})")
-                window.start += time.perf_counter() - val_start  # not training throughput
+                metrics = validate_and_keep_best(model, accelerator, plan, log, state, window)
             # After validation, so the checkpoint carries the best mIoU it just measured. All ranks
             # skip should_stop() on the same (checkpoint) steps, so its collectives stay matched.
             if plan.checkpoints_at(step) or stopper.should_stop():

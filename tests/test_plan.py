@@ -7,6 +7,7 @@ import torch
 
 from segtrain import shards
 from segtrain.config import ConfigError, parse_config
+from segtrain.autotune import Runtime
 from segtrain.plan import plan_run
 
 
@@ -74,13 +75,13 @@ def test_batch_one_per_process_is_allowed_with_sync_bn_on_gpus(cfg_for):
 
 
 def test_notes_for_small_unsynced_gpu_batches_and_validation_precision(cfg_for):
-    fp16 = {"mixed_precision": "fp16", "precision_reason": "CUDA device without bf16"}
+    fp16 = Runtime("fp16", "CUDA device without bf16")
     plan = plan_run(cfg_for("--batch-size", "8"), world_size=2, device_type="cuda", runtime=fp16)
     assert len(plan.notes) == 1 and "4 images per process and --sync-bn off" in plan.notes[0]
-    assert plan.eval_autocast_dtype == torch.float16 and plan.runtime["mixed_precision"] == "fp16"
+    assert plan.eval_autocast_dtype == torch.float16 and plan.runtime.mixed_precision == "fp16"
     # fp16 autocast exists only on GPUs: a CPU validates in fp32 (hardware.choose_precision warns).
     assert plan_run(cfg_for("--batch-size", "8"), runtime=fp16).eval_autocast_dtype is None
-    bf16 = {"mixed_precision": "bf16", "precision_reason": "requested"}
+    bf16 = Runtime("bf16", "requested")
     assert plan_run(cfg_for(), runtime=bf16).eval_autocast_dtype == torch.bfloat16
     assert plan_run(cfg_for()).eval_autocast_dtype is None  # default: fp32
 
