@@ -1,5 +1,5 @@
-"""Inference: the evaluation protocols, test-time augmentation and ``evaluate()``, the library
-that training's validation, ``segtrain.evaluate`` (the CLI), predict, report and sam share.
+"""Inference: the evaluation protocols, test-time augmentation, ``evaluate()`` and ``predict_mask()``,
+the library that training's validation and the CLIs (evaluate, predict, report, sam) share.
 
 Protocols:
 
@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Optional, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,8 +40,10 @@ from segtrain.cli import OtherProcessFailed, rank_specific
 from segtrain.datasets import IGNORE_INDEX
 from segtrain.files import DataError
 from segtrain.metrics import ConfusionMatrix
+from segtrain.transforms import normalize
 
 if TYPE_CHECKING:
+    import PIL.Image
     from accelerate import Accelerator
 
 PROTOCOLS = {  # --protocol here, --val-protocol in training (see the module docstring)
@@ -55,7 +58,7 @@ CROP_SIZE = 513
 OnBatch = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, list], None]
 
 __all__ = ["PROTOCOLS", "MS_SCALES", "OtherProcessFailed", "evaluate", "predict_logits", "ms_flip_logits",
-           "same_size_batches", "check_protocol", "loader_protocol", "class_names_for"]
+           "same_size_batches", "check_protocol", "loader_protocol", "class_names_for", "predict_mask"]
 
 
 def ms_flip_logits(model: nn.Module, images: torch.Tensor, scales: Sequence[float] = MS_SCALES,
@@ -237,3 +240,18 @@ def evaluate(model: nn.Module, loader, device: Union[torch.device, str], num_cla
     metrics["cpu_threads"] = cpu_threads
     metrics["confusion_matrix"] = confusion.mat.cpu()
     return metrics
+
+
+def predict_mask(model: nn.Module, image: "PIL.Image.Image", device: torch.device,
+                 protocol: str = "whole", autocast_dtype: Optional[torch.dtype] = None) -> np.ndarray:
+    """(H, W) uint8 class indices for one image (``model`` in eval mode, on ``device``;
+    ``autocast_dtype`` from ``autotune.inference_autocast``, None = fp32)."""
+    # The model's own normalisation (from its checkpoint), as in training and evaluation.
+    mean, std = getattr(model, "mean", None), getattr(model, "std", None)
+    from torchvision.transforms.v2 import functional as TF  # here: importing the protocols needs no torchvision
+
+    pixels = TF.pil_to_tensor(image.convert("RGB"))
+    batch = (normalize(pixels, mean, std) if mean is not None else normalize(pixels)).unsqueeze(0).to(device)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype,
+                                                enabled=autocast_dtype is not None):
+        return predict_logits(model, batch, protocol)[0].argmax(dim=0).to(torch.uint8).cpu().numpy()

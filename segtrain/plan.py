@@ -22,7 +22,6 @@ from typing import Any, Optional
 import torch
 
 from segtrain import distributed, hardware, integrity, shards
-from segtrain.config import TrainConfig
 from segtrain.inference import loader_protocol
 from segtrain.autotune import Runtime
 from segtrain.checkpoints import RunDir, check_resume_processes, resolve_resume
@@ -32,11 +31,16 @@ from segtrain.datasets import DatasetSpec
 from segtrain.voc import read_split
 
 
+# A segtrain.config.TrainConfig. Not imported: config.py borrows its choices from modules (the
+# trackers) that take a RunPlan, and no import may go round in a circle, TYPE_CHECKING's included.
+TrainConfig = Any
+
+
 @dataclass(frozen=True)
 class RunPlan:
     """What ``train()`` needs besides the config (``cfg``, with ``train_split`` resolved)."""
 
-    cfg: TrainConfig
+    cfg: TrainConfig                  # train_split resolved
     run_dir: RunDir                   # every path the run writes
     resume_from: Optional[Path]       # the checkpoint folder --resume names, checked to exist
     world_size: int                   # processes

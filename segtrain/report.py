@@ -33,9 +33,9 @@ from segtrain.cli import user_errors
 from segtrain.datasets import DatasetSpec, decode_target, spec_from_checkpoint
 from segtrain.checkpoints import RunDir, check_fits_data, read_checkpoint, read_metrics_log
 from segtrain.files import DataError, atomic_write_bytes
+from segtrain.inference import predict_mask
 from segtrain.metrics import subset_miou
 from segtrain.model import load_checkpoint
-from segtrain.predict import predict_mask
 
 
 @dataclass

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from segtrain import datasets, evaluate, predict, report
+from segtrain import datasets, evaluate, inference, predict, report
 from segtrain.datasets import (ADE20K, CITYSCAPES, DATASETS, VOC, DatasetSpec, decode_label, folder_spec,
                                spec_from_checkpoint, spec_from_manifest)
 from segtrain.files import DataError, read_manifest
@@ -256,7 +256,7 @@ def test_normalisation_comes_from_the_backbone_travels_in_the_checkpoint_and_is_
     manual = (pixels - torch.tensor(model.mean).view(3, 1, 1)) / torch.tensor(model.std).view(3, 1, 1)
     with torch.inference_mode():
         expected = loaded.eval()(manual[None])["out"][0].argmax(0).numpy()
-    np.testing.assert_array_equal(predict.predict_mask(loaded, image, torch.device("cpu")), expected)
+    np.testing.assert_array_equal(inference.predict_mask(loaded, image, torch.device("cpu")), expected)
 
 
 def folder_spec_for(root: Path) -> DatasetSpec:
