@@ -38,6 +38,7 @@ import torch
 import yaml
 
 from segtrain import distributed, hardware, steptime
+from segtrain.checkpoints import RunDir
 from segtrain.files import DataError, atomic_write_bytes, user_cache_dir
 
 ENV_OFF = "SEGTRAIN_NO_AUTOTUNE"
@@ -273,7 +274,7 @@ def kept_on_resume(cfg: Any, device: torch.device) -> Optional[Choice]:
     if device.type == "cuda":  # the wheel must have kernels for this GPU, whatever is kept
         hardware.check_cuda_arch(device)
     try:
-        saved = yaml.safe_load((cfg.resolved_run_dir() / "config.yaml").read_text())[RESOLVED_KEY]
+        saved = yaml.safe_load(RunDir(cfg.resolved_run_dir()).config.read_text())[RESOLVED_KEY]
         if saved.get("device") != hardware.device_name(device):
             return None
         choice = Choice(saved["mixed_precision"], bool(saved["channels_last"]),

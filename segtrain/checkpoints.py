@@ -103,8 +103,8 @@ class RunDir:
         return self.root / "final.pt"
 
     def model_file(self, name: str) -> Path:
-        """``"best"`` or ``"final"`` (or the file name): the model file of that name."""
-        return {"best": self.best, "final": self.final, "best.pt": self.best, "final.pt": self.final}[name]
+        """``"best"`` or ``"final"``: the model file of that name."""
+        return {"best": self.best, "final": self.final}[name]
 
     @property
     def wandb(self) -> Path:

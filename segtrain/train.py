@@ -235,7 +235,7 @@ def publish(accelerator: Accelerator, log: MetricsLog, record: dict, file_only: 
 
 def save_model(accelerator: Accelerator, model: torch.nn.Module, plan: RunPlan, name: str, step: int,
                metrics: dict) -> None:
-    """RUN_DIR/``name`` (best.pt, final.pt): the bare model's weights, the config and the metrics
+    """RUN_DIR's ``name`` model file ("best": best.pt, "final": final.pt): the bare model's weights, the config and the metrics
     (main process)."""
     if accelerator.is_main_process:
         save_checkpoint(plan.run_dir.model_file(name), accelerator.unwrap_model(model), config=config_to_dict(plan.cfg),
@@ -315,7 +315,7 @@ def validate_and_keep_best(model: torch.nn.Module, accelerator: Accelerator, pla
     metrics = validate(model, accelerator, plan, log, state.step)
     if metrics["miou"] > state.best_miou:
         state.best_miou = metrics["miou"]
-        save_model(accelerator, model, plan, "best.pt", state.step, metrics)
+        save_model(accelerator, model, plan, "best", state.step, metrics)
     accelerator.print(f"step {state.step}: val mIoU {metrics['miou']:.4f}, pixel acc {metrics['pixel_acc']:.4f} "
                       f"(best {state.best_miou:.4f})")
     window.start += time.perf_counter() - val_start
@@ -421,7 +421,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise stopper.exit(step, plan.run_dir.step_dir(step), say)
 
     sync_buffers(model, accelerator)
-    save_model(accelerator, model, plan, "final.pt", step, metrics)
+    save_model(accelerator, model, plan, "final", step, metrics)
     tracking.finish(accelerator, plan, step, metrics)
     accelerator.end_training()
     tracking.say_how_to_sync(accelerator, plan)
