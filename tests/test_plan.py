@@ -150,3 +150,16 @@ def test_resume_compares_the_loader_arguments_and_names_a_foreign_record(cfg_for
         state.check_resume()
     state.load_state_dict({"step": 3, "best_miou": 0.1, "data_order": plan.data_order})
     state.check_resume()
+
+
+def test_runtime_reads_back_what_runs_saved_and_compiled_is_recorded_without_mutation(cfg_for):
+    saved = {"mixed_precision": "bf16", "precision_reason": "measured 0.3 vs 0.5 s/step fp32", "channels_last": True,
+             "device": "cpu: AMD EPYC", "autotune": {"mode": "train", "crop": 129, "batch": 2, "cached": False,
+                                                    "s_per_step": {"bf16+cl": [0.3]}}, "compiled": False}
+    assert Runtime.from_dict(saved).to_dict() == saved  # config.yaml "resolved" and checkpoints keep their keys
+    assert Runtime.from_dict({**saved, "from_a_later_version": 1}) == Runtime.from_dict(saved)
+    assert Runtime().to_dict() == {"mixed_precision": "fp32", "precision_reason": "requested"}
+    plan = plan_run(cfg_for())
+    compiled = plan.with_runtime(compiled=True)
+    assert compiled.runtime.compiled is True and plan.runtime.compiled is None  # the plan stays frozen
+    assert compiled.runtime.mixed_precision == plan.runtime.mixed_precision
