@@ -1,8 +1,8 @@
 """Checkpoints and the run directory: every path a run writes, and every file format it keeps.
 
 * ``RunDir``: one value that knows every path in a run directory (config.yaml, metrics.jsonl,
-  checkpoints/step_NNNNNNN, best.pt, final.pt, wandb/, wandb_id, tensorboard/); nothing else
-  builds these paths by hand.
+  checkpoints/step_NNNNNNN, best.pt, final.pt, wandb/, wandb_id, tensorboard/, tracker.jsonl,
+  eval_*.json); nothing else builds these paths by hand.
 * The model checkpoint file (best.pt, final.pt, converted weights): ``save_checkpoint`` writes
   ``{"model", "model_config", "normalization", **extras}``; ``read_checkpoint`` reads it back
   (``torch_load``: weights_only, one-line errors); ``model.load_checkpoint`` rebuilds the model.
@@ -120,6 +120,11 @@ class RunDir:
     def tensorboard(self) -> Path:
         """tensorboard/: TensorBoard's event files."""
         return self.root / "tensorboard"
+
+    @property
+    def tracker_jsonl(self) -> Path:
+        """tracker.jsonl: what the local JSON-lines tracker (--tracker jsonl) records."""
+        return self.root / "tracker.jsonl"
 
     def eval_result(self, split: str, protocol: str) -> Path:
         """``segtrain.evaluate``'s default --out for a model file of this run: eval_<split>_<protocol>.json."""
