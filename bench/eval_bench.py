@@ -5,7 +5,7 @@
     python bench/eval_bench.py --backbone resnet50 --images 32 --batch-sizes 1 8 --device cuda
 
 The images are random, at the sizes given (default: VOC val's two common sizes, 500x375
-and 375x500, two to one), run through segtrain.evaluate.evaluate with a random-init model
+and 375x500, two to one), run through segtrain.inference.evaluate with a random-init model
 with non-trivial BatchNorm statistics. Besides images/s it prints, for every batched run,
 how many predicted pixels differ from the batch-1 run (float rounding of other kernels)
 and whether the confusion matrices are identical. Prints a Markdown table, with the
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from segtrain.evaluate import PROTOCOLS, evaluate, same_size_batches
+from segtrain.inference import PROTOCOLS, evaluate, same_size_batches
 from segtrain.model import build_model
 from segtrain.transforms import normalize
 from segtrain.voc import IGNORE_INDEX, NUM_CLASSES

@@ -396,7 +396,7 @@ def section_train(ctx: Context) -> None:
     import train_bench
     from accelerate.state import AcceleratorState
     from segtrain.config import TrainConfig
-    from segtrain.files import read_metrics_log
+    from segtrain.checkpoints import read_metrics_log
     p, dev = ctx.profile, device()
     default = TrainConfig().mixed_precision  # what a user who passes no --mixed-precision gets
     resolved: dict[int, str] = {}
@@ -507,7 +507,7 @@ def section_plain(ctx: Context) -> None:
 
 def section_eval(ctx: Context) -> None:
     import torch
-    from segtrain.evaluate import evaluate, loader_protocol
+    from segtrain.inference import evaluate, loader_protocol
     from segtrain.model import build_model
     from segtrain.loaders import val_loader
     from segtrain.sources import resolve_data

@@ -22,7 +22,7 @@ from segtrain.sources import read_manifest
 from segtrain.pack import pack_split
 from segtrain.report import build_report
 from segtrain.synthetic import generate
-from segtrain.files import read_metrics_log
+from segtrain.checkpoints import read_metrics_log
 from segtrain.train import train
 
 

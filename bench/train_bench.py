@@ -30,8 +30,8 @@ from segtrain.losses import build_loss
 from segtrain.model import build_model
 from segtrain.pack import pack_split
 from segtrain.synthetic import generate
+from segtrain.checkpoints import read_metrics_log
 from segtrain.datasets import VOC, VOCSegmentation
-from segtrain.files import read_metrics_log
 from segtrain.steptime import time_calls
 from segtrain.train import train
 from segtrain.transforms import train_transforms

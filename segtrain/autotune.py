@@ -38,6 +38,7 @@ import torch
 import yaml
 
 from segtrain import distributed, hardware, steptime
+from segtrain.checkpoints import RunDir
 from segtrain.files import DataError, atomic_write_bytes, user_cache_dir
 
 ENV_OFF = "SEGTRAIN_NO_AUTOTUNE"
@@ -66,6 +67,31 @@ class Choice:
         """Mean measured seconds per step of a candidate (default: the chosen one)."""
         times = self.measured[name or candidate_name(self.precision, self.channels_last)]
         return sum(times) / len(times)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What a run's "auto" settings became on this machine, and why: saved under ``resolved`` in
+    config.yaml and in best.pt/final.pt, and sent to the dashboard (``to_dict``: the same keys as
+    runs have always saved, so old runs read back). ``compiled`` is known only after the first step
+    (``hardware.compile_outcome``): the loop records it with ``dataclasses.replace``."""
+
+    mixed_precision: str = "fp32"
+    precision_reason: str = "requested"
+    channels_last: Optional[bool] = None
+    device: Optional[str] = None             # hardware.device_name: a resume keeps the choice only here
+    autotune: Optional[dict] = None          # the measurement: mode, crop, batch, cached, s_per_step
+    compiled: Optional[bool] = None          # with --compile: whether a compiled graph ran
+
+    def to_dict(self) -> dict[str, Any]:
+        """The saved record (unset fields left out, as before this was a class)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, saved: Optional[dict]) -> "Runtime":
+        """A saved record back (keys this version does not know are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in (saved or {}).items() if k in names})
 
 
 def candidate_name(precision: str, channels_last: bool) -> str:
@@ -204,10 +230,10 @@ def setting_text(precision: str, channels_last: bool) -> str:
     return precision + (" + channels_last" if channels_last else "")
 
 
-def choice_line(runtime: dict) -> str:
+def choice_line(runtime: Runtime) -> str:
     """'precision: bf16 + channels_last (measured 0.37 vs 0.68 s/step fp32 + channels_last on ...)'."""
-    return f"precision: {setting_text(runtime['mixed_precision'], runtime['channels_last'])} " \
-           f"({runtime['precision_reason']})"
+    return f"precision: {setting_text(runtime.mixed_precision, bool(runtime.channels_last))} " \
+           f"({runtime.precision_reason})"
 
 
 def decide_once(decide_here: Callable[[], Choice], state: Any = None) -> Choice:
@@ -218,17 +244,14 @@ def decide_once(decide_here: Callable[[], Choice], state: Any = None) -> Choice:
     return distributed.decided_by_main(decide_here, state)
 
 
-def runtime_of(choice: Choice, device: torch.device, mode: str, crop: int, batch: int) -> dict:
+def runtime_of(choice: Choice, device: torch.device, mode: str, crop: int, batch: int) -> Runtime:
     """What ``auto`` became, as saved in config.yaml, checkpoints and wandb (plan.runtime)."""
-    runtime = {"mixed_precision": choice.precision, "precision_reason": choice.reason,
-               "channels_last": choice.channels_last, "device": hardware.device_name(device)}
-    if choice.measured:
-        runtime["autotune"] = {"mode": mode, "crop": crop, "batch": batch, "cached": choice.cached,
-                               "s_per_step": choice.measured}
-    return runtime
+    measurement = {"mode": mode, "crop": crop, "batch": batch, "cached": choice.cached,
+                   "s_per_step": choice.measured} if choice.measured else None
+    return Runtime(choice.precision, choice.reason, choice.channels_last, hardware.device_name(device), measurement)
 
 
-def training_runtime(cfg: Any, state: Any) -> dict:
+def training_runtime(cfg: Any, state: Any) -> Runtime:
     """The precision and memory format a training run uses on ``state``'s device (a PartialState),
     decided once for all its processes: ``plan.runtime``."""
     world = state.num_processes
@@ -251,7 +274,7 @@ def kept_on_resume(cfg: Any, device: torch.device) -> Optional[Choice]:
     if device.type == "cuda":  # the wheel must have kernels for this GPU, whatever is kept
         hardware.check_cuda_arch(device)
     try:
-        saved = yaml.safe_load((cfg.resolved_run_dir() / "config.yaml").read_text())[RESOLVED_KEY]
+        saved = yaml.safe_load(RunDir(cfg.resolved_run_dir()).config.read_text())[RESOLVED_KEY]
         if saved.get("device") != hardware.device_name(device):
             return None
         choice = Choice(saved["mixed_precision"], bool(saved["channels_last"]),
@@ -279,5 +302,5 @@ def inference_autocast(requested: Optional[str], device: torch.device, model: to
     return hardware.autocast_dtype(precision, device)
 
 
-__all__ = ["Choice", "ENV_OFF", "CHANNELS_LAST_HELP", "decide", "measure", "cache_key", "cache_path",
+__all__ = ["Choice", "Runtime", "ENV_OFF", "CHANNELS_LAST_HELP", "decide", "measure", "cache_key", "cache_path",
            "training_runtime", "inference_precision", "inference_autocast", "choice_line", "decide_once"]

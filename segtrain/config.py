@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import yaml
 
-from segtrain import (autotune, distributed, evaluate, hardware, integrity, losses, model, preempt, schedule,
+from segtrain import (autotune, distributed, hardware, inference, integrity, losses, model, preempt, schedule,
                       shardcache, tracking)
 from segtrain.cli import ArgumentParser
 from segtrain.files import ConfigError, atomic_write_bytes
@@ -45,7 +45,7 @@ def setting(default: Any, help: str, choices: Optional[Collection] = None,
             minimum: Optional[float] = None) -> Any:
     """A config field: its default, its ``--help`` text and the checks ``validate`` derives.
 
-    ``choices`` is the owner's own collection (``model.HEADS``, ``evaluate.PROTOCOLS``, ...),
+    ``choices`` is the owner's own collection (``model.HEADS``, ``inference.PROTOCOLS``, ...),
     kept by reference: what the owner accepts is what the config accepts, and a mapping's
     values (descriptions, or classes/functions whose docstring's first line describes
     them) become the help text.
@@ -124,7 +124,7 @@ class TrainConfig:
     ohem_thresh: float = loss_option("ohem_thresh")
     ohem_min_kept: int = loss_option("ohem_min_kept")
     # validation, checkpoints, logging
-    val_protocol: str = setting("whole", "validation protocol", choices=evaluate.PROTOCOLS)
+    val_protocol: str = setting("whole", "validation protocol", choices=inference.PROTOCOLS)
     val_every: int = setting(0, "optimizer steps between validations; 0 = every epoch", minimum=0)
     checkpoint_every: int = setting(1000, "optimizer steps between resumable checkpoints", minimum=1)
     keep_checkpoints: int = setting(3, "resumable checkpoints kept (the newest)", minimum=1)

@@ -27,8 +27,9 @@ from typing import Any, Optional
 
 import torch
 
-from segtrain.model import (HEADS, OUTPUT_STRIDES, CheckpointError, DeepLab, PathLike, model_from_state_dict,
-                            save_checkpoint, torch_load)
+from segtrain.checkpoints import CheckpointError, save_checkpoint, torch_load
+from segtrain.files import PathLike
+from segtrain.model import HEADS, OUTPUT_STRIDES, DeepLab, model_from_state_dict
 from segtrain.cli import user_errors
 
 SOURCES = ("vainf", "torchvision")

@@ -15,15 +15,15 @@ import dataclasses
 import os
 from datetime import timedelta
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from accelerate import PartialState
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 
 T = TypeVar("T")
+Config = TypeVar("Config")  # a segtrain.config.TrainConfig: config.py takes its timeout setting from here,
+                            # so this module does not import it
 
-if TYPE_CHECKING:  # config.py takes its timeout setting from here
-    from segtrain.config import TrainConfig
 
 # Why 60 minutes: the slowest legitimate wait in a collective is a rank that finishes its
 # share of validation while another still runs its own (the forward passes run on the
@@ -67,8 +67,9 @@ def decided_by_main(decide: Callable[[], T], state: Any = None) -> T:
     return box[0]
 
 
-def agree_on_run_name(cfg: TrainConfig) -> TrainConfig:
-    """``cfg`` with rank 0's ``name`` and ``run_dir`` on every process (a collective: call on all)."""
+def agree_on_run_name(cfg: Config) -> Config:
+    """``cfg`` (a TrainConfig) with rank 0's ``name`` and ``run_dir`` on every process (a collective:
+    call on all)."""
     name, run_dir = decided_by_main(lambda: (cfg.name, cfg.run_dir))
     return dataclasses.replace(cfg, name=name, run_dir=run_dir)
 

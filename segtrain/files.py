@@ -1,9 +1,9 @@
 """Files segtrain reads and writes, and the errors that name them.
 
 One owner for: the user-facing error types, atomic writes (a crash or a full disk
-never leaves a half file, nor the temp file that would have become it), and the
-plain-text files of a run directory (metrics.jsonl, checkpoints/step_*). Nothing here
-knows what a dataset is (the shard manifest is ``segtrain.sources``').
+never leaves a half file, nor the temp file that would have become it), reading a
+file with an error that names it. Nothing here knows what a dataset is (the shard
+manifest is ``segtrain.sources``'), nor a run directory (``segtrain.checkpoints``).
 """
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import contextlib
 import errno
 import hashlib
 import io
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,21 +114,3 @@ def sha256_file(path: PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------- run directories
-
-def read_metrics_log(path: PathLike) -> list[dict]:
-    """The records of a metrics.jsonl; a line cut short by a crash (kill, full disk) is skipped."""
-    records = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
-def checkpoint_dirs(run_dir: PathLike) -> list[Path]:
-    """The complete training-state checkpoints of a run, oldest first (temp folders excluded)."""
-    return sorted((Path(run_dir) / "checkpoints").glob("step_*"))

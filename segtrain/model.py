@@ -1,4 +1,4 @@
-"""DeepLabV3 / DeepLabV3+ on a timm backbone, and segtrain's checkpoint format.
+"""DeepLabV3 / DeepLabV3+ on a timm backbone, and the model rebuilt from a checkpoint file.
 
 The heads follow VainF/DeepLabV3Plus-Pytorch module for module (torchvision's
 DeepLabV3 head has the same layout), so parameter counts match theirs exactly
@@ -6,20 +6,17 @@ and their checkpoints map onto ours by renaming keys (see ``segtrain.convert``).
 
     model = build_model("deeplabv3plus", "resnet50", num_classes=21, output_stride=16)
     logits = model(images)["out"]          # (N, C, H, W), same H, W as the input
-    save_checkpoint("ckpt.pt", model, step=1000)
+    checkpoints.save_checkpoint("ckpt.pt", model, step=1000)
     model, ckpt = load_checkpoint("ckpt.pt")
+
+The file format itself (save/read, safe loading, fine-tuning starts) is ``segtrain.checkpoints``.
 """
 from __future__ import annotations
 
-import io
-import os
-import pickle
 import warnings
-import zipfile
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, ClassVar, Optional, Union
 
-import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
@@ -28,10 +25,10 @@ from timm.models import FeatureInfo
 from torch import nn
 from torchvision.models.segmentation.fcn import FCNHead
 
-from segtrain.files import DataError, atomic_write_bytes
+from segtrain.checkpoints import CheckpointError, load_weights, read_checkpoint, set_normalization, torch_load
+from segtrain.files import PathLike
 from segtrain.transforms import IMAGENET_MEAN, IMAGENET_STD
 
-PathLike = Union[str, os.PathLike]
 
 # Atrous rates double when the output stride halves, so the branches see the same image area.
 ASPP_RATES = {16: (6, 12, 18), 8: (12, 24, 36)}
@@ -42,18 +39,12 @@ CONFIG_KEYS = ("arch", "backbone", "num_classes", "output_stride", "separable", 
 
 __all__ = [
     "ASPPConv", "ASPPPooling", "ASPP", "Head", "HEADS", "DeepLabHead", "DeepLabHeadV3Plus", "FCNHead", "DeepLab",
-    "CheckpointError", "build_model", "load_weights", "model_from_state_dict", "torch_load",
-    "save_checkpoint", "load_checkpoint", "read_checkpoint", "checkpoint_class_names", "check_fits_data",
-    "init_from_checkpoint",
+    "build_model", "model_from_state_dict", "load_checkpoint",
 ]
 
 
 class PretrainedWeightsUnavailable(RuntimeError):
     """ImageNet weights could not be downloaded; the message says how to get around it."""
-
-
-class CheckpointError(DataError):
-    """A weights file that cannot be used; the message names the file and what is wrong."""
 
 
 def conv3x3(in_channels: int, out_channels: int, dilation: int = 1, separable: bool = False) -> nn.Module:
@@ -320,104 +311,6 @@ def load_backbone_weights(backbone: nn.Module, path: PathLike) -> None:
     load_weights(backbone, state, source=str(path))
 
 
-def load_weights(module: nn.Module, state: Mapping[str, Any], source: str, skip: Collection[str] = ()) -> None:
-    """Strict ``load_state_dict`` that fails with one message naming every bad key.
-
-    Keys in ``skip`` are neither loaded nor required (they keep their current values).
-    A missing ``num_batches_tracked`` is tolerated, as torch does: old weights predate it.
-    """
-    own = module.state_dict()
-    missing = [k for k in own if k not in state and k not in skip and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} {tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__} in file "
-             f"vs {tuple(own[k].shape)} in model"
-             for k, v in state.items()
-             if k in own and k not in skip and (not isinstance(v, torch.Tensor) or v.shape != own[k].shape)]
-    problems = [f"{label} ({len(keys)}): {_listing(keys)}"
-                for label, keys in (("wrong shape", wrong), ("missing", missing), ("unexpected", unexpected))
-                if keys]
-    if problems:
-        raise CheckpointError(f"{source}: weights do not fit the model; " + "; ".join(problems))
-    module.load_state_dict({k: v for k, v in state.items() if k not in skip}, strict=False)
-
-
-def _listing(items: list[str], limit: int = 10) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... and {len(items) - limit} more" if len(items) > limit else "")
-
-
-# numpy scalars are plain data; VainF's checkpoints store best_score as one. Unpickling
-# one needs numpy's scalar constructor (numpy.core in numpy 1, numpy._core in numpy 2) and
-# the dtype classes.
-_numpy_scalar = np.float64(0).__reduce__()[0]
-_NUMPY_SCALAR_GLOBALS = [
-    np.dtype,
-    *{type(np.dtype(code)) for code in "?bBhHiIlLqQefdFD"},
-    *((_numpy_scalar, f"{module}.multiarray.scalar") for module in ("numpy.core", "numpy._core")),
-]
-_ALLOWED_GLOBAL_NAMES = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}"
-                         for g in _NUMPY_SCALAR_GLOBALS}
-
-
-def torch_load(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> Any:
-    """``torch.load(weights_only=True)`` with one-line errors for missing and unreadable files."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    if os.path.isdir(path):
-        raise CheckpointError(f"{path}: is a directory, not a checkpoint file")
-    if not _looks_like_torch_save(path):
-        raise CheckpointError(f"{path}: not a readable PyTorch weights file: not a PyTorch checkpoint at all "
-                              "(torch.save writes a zip archive, or a pickle before PyTorch 1.6; this file is "
-                              "neither: damaged, cut short, or another format)")
-    try:
-        with torch.serialization.safe_globals(_NUMPY_SCALAR_GLOBALS):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # a bad file surfaces as RuntimeError, EOFError, KeyError, ... depending on the bytes
-        unsafe = _unsafe_globals(path) if isinstance(e, pickle.UnpicklingError) else []
-        if unsafe:
-            raise CheckpointError(
-                f"{path}: holds pickled Python objects ({_listing(unsafe, 5)}) that weights_only loading "
-                "refuses; re-save it with only tensors, numbers, strings, lists and dicts") from None
-        first_line = next((line for line in str(e).splitlines() if line.strip()), "")
-        if "Weights only load failed" in first_line:  # PyTorch's hint is about safe loading, not this file
-            first_line = "damaged, or not a PyTorch checkpoint"
-        raise CheckpointError(f"{path}: not a readable PyTorch weights file "
-                              f"({type(e).__name__}: {first_line[:200]})") from None
-
-
-def _looks_like_torch_save(path: PathLike) -> bool:
-    if zipfile.is_zipfile(path):
-        return True
-    with open(path, "rb") as f:
-        return f.read(1) == b"\x80"  # a legacy torch.save pickle starts with the PROTO opcode
-
-
-def _unsafe_globals(path: PathLike) -> list[str]:
-    try:
-        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # not a zip checkpoint at all: nothing to list
-        return []
-    return [name for name in found if name not in _ALLOWED_GLOBAL_NAMES]
-
-
-def save_checkpoint(path: PathLike, model: DeepLab, **extra: Any) -> None:
-    """Write ``{"model": state_dict, "model_config": ..., "normalization": {"mean", "std"}, **extra}``
-    atomically.
-
-    ``extra`` must be loadable with ``weights_only=True`` (tensors, numbers, strings, lists, dicts).
-    """
-    if not isinstance(model, DeepLab):
-        raise TypeError(f"save_checkpoint needs the bare DeepLab model, got {type(model).__name__} "
-                        "(unwrap it first, e.g. accelerator.unwrap_model(model))")
-    clash = {"model", "model_config", "normalization"} & extra.keys()
-    if clash:
-        raise ValueError(f"save_checkpoint: extra keys {sorted(clash)} are reserved")
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "model_config": dict(model.model_config),
-                "normalization": {"mean": list(model.mean), "std": list(model.std)}, **extra}, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
 def load_checkpoint(path: PathLike, num_classes: Optional[int] = None,
                     map_location: Union[str, torch.device] = "cpu") -> tuple[DeepLab, dict]:
     """Rebuild the model saved by ``save_checkpoint`` and load its weights.
@@ -431,94 +324,8 @@ def load_checkpoint(path: PathLike, num_classes: Optional[int] = None,
     """
     ckpt = read_checkpoint(path, map_location)
     model = model_from_state_dict(ckpt["model_config"], ckpt["model"], num_classes, source=str(path))
-    _set_normalization(model, ckpt, str(path))
+    set_normalization(model, ckpt, str(path))
     return model.to(map_location), ckpt
-
-
-def read_checkpoint(path: PathLike, map_location: Union[str, torch.device] = "cpu") -> dict:
-    """The dict ``save_checkpoint`` wrote, checked to be a segtrain checkpoint (no model built)."""
-    ckpt = torch_load(path, map_location)
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        found = sorted(map(str, ckpt))[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(f"{path}: not a segtrain checkpoint (no 'model' entry; found {found}); "
-                              "convert VainF/torchvision weights with tools/convert_checkpoint.py")
-    if "model_config" not in ckpt:
-        raise CheckpointError(f"{path}: checkpoint has no 'model_config', so the model cannot be rebuilt; "
-                              "convert VainF/torchvision weights with tools/convert_checkpoint.py")
-    return ckpt
-
-
-def checkpoint_class_names(ckpt: Mapping[str, Any]) -> Optional[list[str]]:
-    """The class names a checkpoint was trained on, when it carries them (top-level
-    ``class_names``, or in a ``dataset`` spec as ``class_names`` or ``classes``)."""
-    dataset = ckpt.get("dataset")
-    for names in (ckpt.get("class_names"), *((dataset.get("class_names"), dataset.get("classes"))
-                                               if isinstance(dataset, Mapping) else ())):
-        if isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names):
-            return list(names)
-    return None
-
-
-def check_fits_data(ckpt: Mapping[str, Any], path: PathLike, data_class_names: Optional[Sequence[str]],
-                    data_where: str) -> None:
-    """Refuse a checkpoint whose classes are not the data's, before any work is done.
-
-    Compares the class count, and the names when the checkpoint carries them.
-    ``data_class_names`` None (data that does not say, e.g. a bare shard pattern) checks nothing.
-    """
-    if data_class_names is None:
-        return
-    num_classes = ckpt["model_config"]["num_classes"]
-    fix = f"; fine-tune it on this data with --init-from {path}"
-    if num_classes != len(data_class_names):
-        shown = ", ".join(list(data_class_names)[:4]) + (", ..." if len(data_class_names) > 4 else "")
-        raise CheckpointError(f"{path}: checkpoint has {num_classes} classes, data has {len(data_class_names)} "
-                              f"({data_where}: {shown}){fix}")
-    names = checkpoint_class_names(ckpt)
-    if names is not None and list(names) != list(data_class_names):
-        i = next(i for i, (a, b) in enumerate(zip(names, data_class_names)) if a != b)
-        raise CheckpointError(f"{path}: checkpoint class {i} is {names[i]!r}, but {data_where} calls it "
-                              f"{data_class_names[i]!r}: trained on other classes{fix}")
-def _set_normalization(model: DeepLab, ckpt: Mapping[str, Any], source: str) -> None:
-    norm = ckpt.get("normalization")
-    if norm is None:
-        return
-    try:
-        mean, std = tuple(float(v) for v in norm["mean"]), tuple(float(v) for v in norm["std"])
-    except (KeyError, TypeError, ValueError):
-        raise CheckpointError(f"{source}: 'normalization' must hold 3 'mean' and 3 'std' numbers") from None
-    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-        raise CheckpointError(f"{source}: 'normalization' must hold 3 'mean' and 3 positive 'std' numbers")
-    model.mean, model.std = mean, std
-
-
-def init_from_checkpoint(model: DeepLab, path: PathLike) -> list[str]:
-    """Fine-tuning start: load a segtrain checkpoint's backbone and head into ``model``.
-
-    ``path`` is a segtrain checkpoint (best.pt, final.pt, or VainF/torchvision weights
-    converted with tools/convert_checkpoint.py). Arch, backbone family and separable
-    convs must match. When the class counts differ, the final classifier convs keep
-    their fresh initialisation; an auxiliary head the checkpoint lacks stays fresh too,
-    and one the model lacks is dropped. The model adopts the checkpoint's normalisation.
-    Returns what was left at its initialisation (state-dict keys), for the log.
-    """
-    ckpt = read_checkpoint(path)
-    source, own = ckpt["model_config"], model.model_config
-    for key, same in (("arch", source.get("arch") == own["arch"]),
-                      ("backbone", str(source.get("backbone")).split(".")[0] == own["backbone"].split(".")[0]),
-                      ("separable", bool(source.get("separable")) == own["separable"])):
-        if not same:
-            raise CheckpointError(f"{path}: --init-from needs the same {key}: the checkpoint has "
-                                  f"{source.get(key)!r}, this run {own[key]!r}")
-    state = dict(ckpt["model"])
-    if model.aux_head is None:
-        state = {k: v for k, v in state.items() if not k.startswith("aux_head.")}
-    fresh = set(model.classifier_keys()) if source.get("num_classes") != own["num_classes"] else set()
-    if model.aux_head is not None and not source.get("aux_head"):
-        fresh |= {k for k in model.state_dict() if k.startswith("aux_head.")}
-    load_weights(model, {k: v for k, v in state.items() if k not in fresh}, str(path), skip=fresh)
-    _set_normalization(model, ckpt, str(path))
-    return sorted(fresh)
 
 
 def model_from_state_dict(model_config: Mapping[str, Any], state: Mapping[str, Any],

@@ -1,7 +1,7 @@
 """The run plan: everything a training run derives from its config, and every up-front check.
 
     plan = plan_run(cfg, world_size=accelerator.num_processes, device_type=accelerator.device.type,
-                    mixed_precision=accelerator.mixed_precision)
+                    runtime=autotune.training_runtime(cfg, state))
 
 ``plan_run`` is a function of its arguments and of the files they name (manifests, the
 run directory): it starts no process, builds no model and opens no loader, so tests
@@ -24,21 +24,27 @@ from typing import Any, Optional
 import torch
 
 from segtrain import distributed, hardware, integrity, loaders
-from segtrain.config import TrainConfig
-from segtrain.evaluate import loader_protocol
-from segtrain.files import ConfigError, checkpoint_dirs
+from segtrain.inference import loader_protocol
+from segtrain.autotune import Runtime
+from segtrain.checkpoints import RunDir, check_resume_processes, resolve_resume
+from segtrain.files import ConfigError
 from segtrain.losses import LOSS_OPTIONS
 from segtrain.datasets import DatasetSpec
 from segtrain.sources import DataSource, resolve_data
 from segtrain.voc import read_split
 
 
+# A segtrain.config.TrainConfig. Not imported: config.py borrows its choices from modules (the
+# trackers) that take a RunPlan, and no import may go round in a circle, TYPE_CHECKING's included.
+TrainConfig = Any
+
+
 @dataclass(frozen=True)
 class RunPlan:
     """What ``train()`` needs besides the config (``cfg``, with ``train_split`` resolved)."""
 
-    cfg: TrainConfig
-    run_dir: Path
+    cfg: TrainConfig                  # train_split resolved
+    run_dir: RunDir                   # every path the run writes
     resume_from: Optional[Path]       # the checkpoint folder --resume names, checked to exist
     world_size: int                   # processes
     per_process_batch: int            # images per process per micro-batch
@@ -49,7 +55,7 @@ class RunPlan:
     loss_options: dict[str, Any]      # build_loss(options=...): the config's value of every loss option
     class_pixel_counts: Optional[list[int]]  # for weighted_ce, from the train manifest
     eval_autocast_dtype: Optional[torch.dtype]  # validation runs under the training precision
-    runtime: dict[str, Any]           # what "auto" settings became here (saved in config.yaml, checkpoints)
+    runtime: Runtime                  # what "auto" settings became here (saved in config.yaml, checkpoints)
     spec: DatasetSpec                 # what the data is (classes, palette, ...): into the checkpoints
     notes: tuple[str, ...] = ()       # warnings for the user (the run can go on)
 
@@ -73,6 +79,10 @@ class RunPlan:
     def workers(self) -> int:
         return self.train_loader["num_workers"]
 
+    def with_runtime(self, **changes: Any) -> RunPlan:
+        """This plan with ``runtime`` fields changed (``compiled``, known after the first step)."""
+        return dataclasses.replace(self, runtime=dataclasses.replace(self.runtime, **changes))
+
     def logs_at(self, step: int) -> bool:
         return step % self.cfg.log_every == 0 or step == self.cfg.iterations
 
@@ -85,18 +95,18 @@ class RunPlan:
 
 
 def plan_run(cfg: TrainConfig, world_size: int = 1, device_type: str = "cpu",
-             runtime: Optional[dict] = None) -> RunPlan:
+             runtime: Optional[Runtime] = None) -> RunPlan:
     """Derive the run's plan from ``cfg`` for ``world_size`` processes on ``device_type``
     devices (``accelerator.device.type``) with ``runtime``, what autotune.training_runtime chose
     for this machine (default: fp32)."""
-    runtime = dict(runtime or {"mixed_precision": "fp32", "precision_reason": "requested"})
+    runtime = runtime or Runtime()
     per_process_batch, notes = check_batch(cfg, world_size, device_type)
-    run_dir = cfg.resolved_run_dir()
+    run_dir = RunDir(cfg.resolved_run_dir())
     resume_from = resolve_resume(cfg.resume, run_dir) if cfg.resume else None
     if resume_from is not None:
         check_resume_processes(resume_from, world_size)
     # --resume auto and no checkpoint yet: the run stopped before its first one; start it afresh.
-    if resume_from is None and cfg.resume != "auto" and (run_dir / "metrics.jsonl").exists():
+    if resume_from is None and cfg.resume != "auto" and run_dir.metrics.exists():
         raise ConfigError(f"run_dir: {run_dir} already holds a run; pass --resume latest (or auto) to continue "
                           "it, or choose another --run-dir")
 
@@ -133,7 +143,7 @@ def plan_run(cfg: TrainConfig, world_size: int = 1, device_type: str = "cpu",
                    train_loader=train_loader, val_loader=val_loader,
                    loss_options={name: getattr(cfg, name) for name in LOSS_OPTIONS},
                    class_pixel_counts=manifest["class_pixel_counts"] if manifest else None,
-                   eval_autocast_dtype=hardware.autocast_dtype(runtime["mixed_precision"], device_type), spec=spec,
+                   eval_autocast_dtype=hardware.autocast_dtype(runtime.mixed_precision, device_type), spec=spec,
                    runtime=runtime, notes=notes)
 
 
@@ -179,34 +189,6 @@ def check_classes(cfg: TrainConfig, train_source: DataSource,
                           f"{val_source.spec.num_classes} classes, but the training data {train_source.location} "
                           f"is {spec.name} with {spec.num_classes}; validate on the same label set")
     return spec
-
-
-def resolve_resume(resume: str, run_dir: Path) -> Optional[Path]:
-    """The checkpoint folder ``--resume`` names (``latest``: the newest of RUN_DIR; ``auto``: the
-    newest of RUN_DIR, or None for a fresh start when it has none)."""
-    if resume == "auto":
-        found = checkpoint_dirs(run_dir)
-        return found[-1] if found else None
-    if resume == "latest":
-        found = checkpoint_dirs(run_dir)
-        if not found:
-            raise ConfigError(f"resume: no checkpoint in {run_dir / 'checkpoints'} to resume from")
-        return found[-1]
-    path = Path(resume)
-    if not (path / "custom_checkpoint_0.pkl").is_file():  # the TrainState that save_state writes
-        raise ConfigError(f"resume: {path} is not a checkpoint folder (expected RUN_DIR/checkpoints/step_*)")
-    return path
-
-
-def check_resume_processes(checkpoint: Path, world_size: int) -> None:
-    """Refuse, before ``accelerator.load_state``, a checkpoint saved by another number of processes:
-    it holds one ``random_states_K.pkl`` per process, and loading it elsewhere fails deep inside
-    Accelerate (or, with more processes saved, would silently drop their RNG states)."""
-    saved = len(list(checkpoint.glob("random_states_*.pkl")))
-    if saved and saved != world_size:
-        raise ConfigError(f"resume: {checkpoint} was saved by {saved} process(es), this run has {world_size}; "
-                          f"resume with {saved} (accelerate launch --num_processes {saved}), or start a new run "
-                          "with --init-from RUN_DIR/best.pt")
 
 
 def sample_ids(source: DataSource) -> Optional[set]:

@@ -20,23 +20,20 @@ from typing import Optional
 import numpy as np
 import PIL.Image
 import torch
-from torch import nn
-from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from segtrain import autotune, hardware
 from segtrain.cli import user_errors
 from segtrain.datasets import decode_image, save_label_png, spec_from_checkpoint
-from segtrain.evaluate import predict_logits
+from segtrain.inference import predict_mask
 from segtrain.files import DataError, save_image
 from segtrain.model import load_checkpoint
-from segtrain.transforms import normalize
 from segtrain.visualize import overlay
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 PROTOCOLS = ("whole", "ms-flip")
 
-__all__ = ["IMAGE_SUFFIXES", "list_images", "predict_mask", "main"]
+__all__ = ["IMAGE_SUFFIXES", "list_images", "main"]
 
 
 def list_images(path: Path) -> list[Path]:
@@ -46,19 +43,6 @@ def list_images(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     raise DataError(f"{path}: no such image or folder")
-
-
-def predict_mask(model: nn.Module, image: PIL.Image.Image, device: torch.device,
-                 protocol: str = "whole", autocast_dtype: Optional[torch.dtype] = None) -> np.ndarray:
-    """(H, W) uint8 class indices for one image (``model`` in eval mode, on ``device``;
-    ``autocast_dtype`` from ``autotune.inference_autocast``, None = fp32)."""
-    # The model's own normalisation (from its checkpoint), as in training and evaluation.
-    mean, std = getattr(model, "mean", None), getattr(model, "std", None)
-    pixels = TF.pil_to_tensor(image.convert("RGB"))
-    batch = (normalize(pixels, mean, std) if mean is not None else normalize(pixels)).unsqueeze(0).to(device)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype,
-                                                enabled=autocast_dtype is not None):
-        return predict_logits(model, batch, protocol)[0].argmax(dim=0).to(torch.uint8).cpu().numpy()
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

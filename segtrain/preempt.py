@@ -111,9 +111,10 @@ class StopOnSignal:
             signal.signal(sig, handler)
         self.previous = {}
 
-    def exit(self, step: int, run_dir: Union[str, os.PathLike], say: Callable[[str], None]) -> Preempted:
-        """The exception ``train()`` raises after a stop (all ranks), having said where the checkpoint is."""
+    def exit(self, step: int, checkpoint: Union[str, os.PathLike], say: Callable[[str], None]) -> Preempted:
+        """The exception ``train()`` raises after a stop (all ranks), having said where the checkpoint
+        (RunDir.step_dir(step)) is."""
         name = signal.Signals(self.signum).name
-        say(f"segtrain: stopped by {name} after step {step}; checkpoint in {run_dir}/checkpoints/step_{step:07d}; "
+        say(f"segtrain: stopped by {name} after step {step}; checkpoint in {checkpoint}; "
             f"exit status {PREEMPTED_EXIT} (continue with --resume auto)")
         return Preempted(step, self.signum)

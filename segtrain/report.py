@@ -32,10 +32,11 @@ from segtrain import autotune, hardware, loaders, stats, visualize
 from segtrain.sources import DataSource, class_names, resolve_data
 from segtrain.cli import user_errors
 from segtrain.datasets import DatasetSpec, decode_target, spec_from_checkpoint
-from segtrain.files import DataError, atomic_write_bytes, read_metrics_log
+from segtrain.checkpoints import RunDir, check_fits_data, read_checkpoint, read_metrics_log
+from segtrain.files import DataError, atomic_write_bytes
+from segtrain.inference import predict_mask
 from segtrain.metrics import subset_miou
-from segtrain.model import check_fits_data, load_checkpoint, read_checkpoint
-from segtrain.predict import predict_mask
+from segtrain.model import load_checkpoint
 
 
 @dataclass
@@ -44,6 +45,10 @@ class Run:
     path: Path
     config: dict
     records: list[dict]
+
+    @property
+    def files(self) -> RunDir:
+        return RunDir(self.path)
 
     @property
     def vals(self) -> list[dict]:
@@ -56,11 +61,12 @@ class Run:
 
 def load_run(path: Path) -> Run:
     """A run directory written by segtrain/train.py."""
-    for need in ("config.yaml", "metrics.jsonl"):
-        if not (path / need).is_file():
-            raise DataError(f"{path}: not a segtrain run directory (no {need})")
-    config = yaml.safe_load((path / "config.yaml").read_text())
-    records = read_metrics_log(path / "metrics.jsonl")
+    files = RunDir(path)
+    for need in (files.config, files.metrics):
+        if not need.is_file():
+            raise DataError(f"{path}: not a segtrain run directory (no {need.name})")
+    config = yaml.safe_load(files.config.read_text())
+    records = read_metrics_log(files.metrics)
     return Run(path.name, path, config, records)
 
 
@@ -143,7 +149,7 @@ def _fmt(value: Optional[float]) -> str:
 
 
 def best_checkpoint(run: Run) -> Path:
-    best = run.path / "best.pt"
+    best = run.files.best
     if not best.is_file():
         raise DataError(f"{run.path}: no best.pt (did the run validate at least once?)")
     return best
@@ -193,7 +199,7 @@ def prediction_rows(runs: list[Run], source: DataSource, ids: Sequence[str],
     labels = [samples[sid][1] for sid in ids]
     rows = [[img, decode_target(lbl, spec)] for img, lbl in zip(images, labels)]
     for run in runs:
-        model, _ = load_checkpoint(run.path / "best.pt", map_location=device)  # checked by check_runs_fit
+        model, _ = load_checkpoint(run.files.best, map_location=device)  # checked by check_runs_fit
         model.eval()
         for row, sid in zip(rows, ids):
             row.append(decode_target(predict_mask(model, samples[sid][0], device, autocast_dtype=autocast_dtype),
@@ -248,13 +254,13 @@ def build_report(run_dirs: Sequence[Path], out: Path, data: Optional[str] = None
                      "pack it with tools/pack.py to get the class-balance chart.\n"]
 
     chosen = list(ids) if ids else visualize.covering_ids(val_source, num_images)
-    amp = autotune.inference_autocast(mixed_precision, dev, load_checkpoint(runs[0].path / "best.pt",
+    amp = autotune.inference_autocast(mixed_precision, dev, load_checkpoint(runs[0].files.best,
                                                                             map_location=dev)[0])
     grid_rows, images, labels = prediction_rows(runs, val_source, chosen, dev, amp)
     columns = ["RGB", "Ground truth"] + [r.name for r in runs]
     if sam_checkpoint:
         from segtrain import sam
-        sam_cols = sam.report_columns(sam_checkpoint, sam_model_type, images, semantic=runs[0].path / "best.pt",
+        sam_cols = sam.report_columns(sam_checkpoint, sam_model_type, images, semantic=runs[0].files.best,
                                       device=dev, points_per_side=sam_points_per_side, semantic_autocast=amp)
         for row, extra in zip(grid_rows, sam_cols["images"]):
             row.extend(extra)

@@ -45,10 +45,11 @@ from segtrain import autotune, hardware
 from segtrain.cli import user_errors
 from segtrain.datasets import IGNORE_INDEX, VOC, DatasetSpec, decode_target, spec_from_checkpoint
 from segtrain.files import PathLike, atomic_write_bytes, save_image
+from segtrain.inference import predict_mask
 from segtrain.metrics import confusion_matrix, segmentation_metrics, to_jsonable
-from segtrain.model import CheckpointError, check_fits_data, load_checkpoint, load_weights, torch_load
-from segtrain.predict import predict_mask
+from segtrain.checkpoints import CheckpointError, check_fits_data, load_weights, torch_load
 from segtrain.loaders import iter_samples
+from segtrain.model import load_checkpoint
 from segtrain.sources import DataSource, class_names, resolve_data
 from segtrain.visualize import covering_ids, overlay
 

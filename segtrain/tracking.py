@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from segtrain import distributed
-from segtrain.files import atomic_write_bytes, read_metrics_log
+from segtrain.checkpoints import RunDir, read_metrics_log
+from segtrain.files import PathLike, atomic_write_bytes
 from segtrain.transforms import denormalize
 
 if TYPE_CHECKING:
@@ -55,7 +56,6 @@ GROUP_HELP = "wandb run group (e.g. one study); a resumed run stays in its group
 TAGS_HELP = "wandb tags, comma-separated (e.g. voc,r50)"
 NOTES_HELP = "wandb notes: a sentence on what this run tries"
 STEP_KEY = "step"  # every wandb row carries the optimizer step under this key: the charts' x axis
-ID_FILE = "wandb_id"
 
 
 # ----------------------------------------------------------------------------- online or offline
@@ -87,7 +87,7 @@ def wandb_mode() -> Optional[str]:
 
 # ----------------------------------------------------------------------------- the run id
 
-def shared_run_id(accelerator: "Accelerator", run_dir: Path, resuming: bool) -> tuple[str, Optional[str]]:
+def shared_run_id(accelerator: "Accelerator", run_dir: PathLike, resuming: bool) -> tuple[str, Optional[str]]:
     """``(id, previous id)``: the main process decides, writes ``RUN_DIR/wandb_id`` once, and
     every rank gets the same answer (a collective, so call it on every rank).
 
@@ -95,7 +95,7 @@ def shared_run_id(accelerator: "Accelerator", run_dir: Path, resuming: bool) -> 
     one gets a new id too, and the one it resumes (see ``start``).
     """
     def decide() -> tuple[str, Optional[str]]:
-        id_file = run_dir / ID_FILE
+        id_file = RunDir(run_dir).wandb_id
         previous = id_file.read_text().strip() if resuming and id_file.is_file() else None
         run_id = uuid.uuid4().hex[:16]
         atomic_write_bytes(id_file, run_id.encode())
@@ -122,11 +122,11 @@ def dashboard_config(plan: "RunPlan") -> dict[str, Any]:
     config = {k: v for k, v in dataclasses.asdict(cfg).items()
               if (k not in LOSS_OPTIONS or k in used) and k != "resume"}
     config.update(
-        mixed_precision=plan.runtime["mixed_precision"],  # what ran, not "auto"
+        mixed_precision=plan.runtime.mixed_precision,  # what ran, not "auto"
         mixed_precision_requested=cfg.mixed_precision, processes=plan.world_size,
         per_process_batch=plan.per_process_batch, steps_per_epoch=plan.steps_per_epoch,
         dataset=plan.spec.name, train_images=plan.train_source.num_samples, val_images=plan.val_source.num_samples,
-        data_name=Path(cfg.data).name, resolved=plan.runtime)
+        data_name=Path(cfg.data).name, resolved=plan.runtime.to_dict())
     return config
 
 
@@ -170,7 +170,7 @@ def start(accelerator: "Accelerator", plan: "RunPlan", step: int) -> None:
     run = accelerator.get_tracker("wandb", unwrap=True)
     run.define_metric(STEP_KEY, hidden=True)
     run.define_metric("*", step_metric=STEP_KEY)
-    metrics_path = plan.run_dir / "metrics.jsonl"  # absent when the checkpoint came before the first log line
+    metrics_path = plan.run_dir.metrics  # absent when the checkpoint came before the first log line
     if step > 0 and metrics_path.is_file():
         replay(run, read_metrics_log(metrics_path), plan.spec.classes)
 
@@ -266,9 +266,9 @@ def finish(accelerator: "Accelerator", plan: "RunPlan", step: int, metrics: dict
     if metrics:
         run.summary.update({"final/val_miou": metrics["miou"], "final/val_pixel_acc": metrics["pixel_acc"],
                             "final/step": step})
-    names = {"none": [], "best": ["best.pt"], "final": ["best.pt", "final.pt"]}[plan.cfg.log_model]
+    names = {"none": [], "best": ["best"], "final": ["best", "final"]}[plan.cfg.log_model]
     for name in names:
-        log_model_artifact(run, plan.run_dir / name)
+        log_model_artifact(run, plan.run_dir.model_file(name))
 
 
 def log_model_artifact(run: Any, path: Path) -> None:
@@ -298,23 +298,23 @@ def say_how_to_sync(accelerator: "Accelerator", plan: "RunPlan") -> None:
                           + " ".join(str(p) for p in offline))
 
 
-def offline_folders(run_dir: Path) -> list[Path]:
+def offline_folders(run_dir: PathLike) -> list[Path]:
     """``RUN_DIR/wandb/offline-run-<YYYYMMDD_HHMMSS>-<id>`` folders in the order they were written."""
-    return sorted((run_dir / "wandb").glob("offline-run-*"), key=lambda p: (p.stat().st_mtime, p.name))
+    return sorted(RunDir(run_dir).wandb.glob("offline-run-*"), key=lambda p: (p.stat().st_mtime, p.name))
 
 
 # ----------------------------------------------------------------------------- evaluation results
 
-def log_evaluation(run_dir: Path, result: dict) -> Optional[str]:
+def log_evaluation(run_dir: RunDir, result: dict) -> Optional[str]:
     """Add segtrain.evaluate's ``result`` to the summary of the training's wandb run (the id in
     ``RUN_DIR/wandb_id``), as ``eval/<split>/<protocol>/<metric>``, so final, best and ms-flip
     mIoU sit in one row of the runs table. Returns the run id, or None when RUN_DIR has none."""
     import yaml
 
-    id_file = run_dir / ID_FILE
+    id_file = run_dir.wandb_id
     if not id_file.is_file():
         return None
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    saved = yaml.safe_load(run_dir.config.read_text()) if run_dir.config.is_file() else {}
     import wandb
 
     prefix = f"eval/{result['split']}/{result['protocol']}"

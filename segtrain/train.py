@@ -12,25 +12,22 @@ data -> model -> optimizer -> [step: lr, forward, backward, clip, update, log,
 checkpoint, validate] -> best.pt. The class count, names and colours come from the
 data's dataset spec and are stored, with the input normalisation, in best.pt and
 final.pt. Everything a run writes lives in RUN_DIR:
-config.yaml, metrics.jsonl, checkpoints/step_*/, best.pt, final.pt, wandb/.
+config.yaml, metrics.jsonl, checkpoints/step_*/, best.pt, final.pt, wandb/ (segtrain.checkpoints.RunDir).
 """
 from __future__ import annotations
 
 if __name__ == "__main__" and not __package__:
-    # Run as a file (`accelerate launch segtrain/train.py` runs `python segtrain/train.py`), Python
-    # put segtrain/ itself first on sys.path, where this package's module names (config, evaluate,
-    # model, ...) would shadow libraries' modules. Become `python -m segtrain.train` before importing
-    # anything: exec keeps the process (pid, environment, launcher), interpreter options and arguments.
+    # Run as a file (`accelerate launch segtrain/train.py`): Python put segtrain/ first on sys.path. Put
+    # the repository root there instead (before any import: os and sys are loaded already), so the
+    # package's modules are only ever segtrain.X, never a top-level module shadowing a library's.
     import os
     import sys
-    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)],
-                              "-m", "segtrain.train", *sys.argv[1:]])
+    _here = os.path.dirname(os.path.realpath(__file__))
+    sys.path[:] = [os.path.dirname(_here), *(p for p in sys.path if os.path.realpath(p or ".") != _here)]
 
 import contextlib
 import dataclasses
-import json
 import os
-import shutil
 import time
 import warnings
 from collections.abc import Iterator
@@ -48,11 +45,11 @@ from tqdm import tqdm
 from segtrain import autotune, distributed, hardware, loaders, preempt, tracking
 from segtrain.cli import check_launch, errors_of_rank, user_errors
 from segtrain.config import TrainConfig, config_to_dict, parse_config, save_config, update_saved_config
-from segtrain.evaluate import evaluate
-from segtrain.files import ConfigError, atomic_write_bytes, checkpoint_dirs, naming_write_errors, read_metrics_log
+from segtrain.inference import evaluate
+from segtrain.checkpoints import MetricsLog, TrainState, init_from_checkpoint, save_checkpoint, save_training_state, summary
+from segtrain.files import ConfigError
 from segtrain.losses import build_loss
-from segtrain.metrics import to_jsonable
-from segtrain.model import PretrainedWeightsUnavailable, build_model, init_from_checkpoint, save_checkpoint
+from segtrain.model import PretrainedWeightsUnavailable, build_model
 from segtrain.plan import RunPlan, plan_run
 from segtrain.schedule import lr_factor
 from segtrain.transforms import normalization_tensors, normalize
@@ -82,86 +79,6 @@ def sync_buffers(model: torch.nn.Module, accelerator: Accelerator) -> None:
             torch.distributed.broadcast(buffer, src=0)
 
 
-# ----------------------------------------------------------------------------- state on disk
-
-class TrainState:
-    """What the loop needs to resume besides model, optimizer and RNGs (saved by Accelerate).
-
-    ``data_order`` holds every setting the sequence of batches depends on; a resume
-    that changes one of them would continue on different batches, so it is refused.
-    """
-
-    def __init__(self, data_order: dict) -> None:
-        self.step = 0
-        self.best_miou = -1.0
-        self.data_order = data_order
-        self.saved_data_order: Optional[dict] = None
-
-    def state_dict(self) -> dict:
-        return {"step": self.step, "best_miou": self.best_miou, "data_order": self.data_order}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step, self.best_miou = int(state["step"]), float(state["best_miou"])
-        self.saved_data_order = state.get("data_order")
-
-    def check_resume(self) -> None:
-        saved = self.saved_data_order or {}
-        unknown = sorted(set(saved) - set(self.data_order))
-        if unknown:  # e.g. written before the record became the loader's own arguments
-            raise ConfigError(f"resume: the checkpoint records data-order settings this version does not have "
-                              f"({', '.join(unknown)}); resume it with the segtrain version that wrote it")
-        changed = {k: (v, self.data_order[k]) for k, v in saved.items() if self.data_order[k] != v}
-        if changed:
-            raise ConfigError("resume: the checkpoint was trained with " + ", ".join(
-                f"{k}={old!r} (now {new!r})" for k, (old, new) in changed.items())
-                + "; resume with the same settings, or the batches would not continue where they stopped")
-
-
-class MetricsLog:
-    """RUN_DIR/metrics.jsonl: one JSON object per line, the plain-text record reports read."""
-
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
-
-    def truncate_after(self, step: int) -> None:
-        """On resume, drop lines a crashed run wrote after the checkpoint it resumes from."""
-        if self.enabled and self.path.exists():
-            keep = [r for r in read_metrics_log(self.path) if r["step"] <= step]
-            atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with naming_write_errors(self.path), open(self.path, "a") as f:
-                f.write(json.dumps(to_jsonable(record), allow_nan=False) + "\n")
-
-
-def save_training_state(accelerator: Accelerator, run_dir: Path, step: int, keep: int) -> None:
-    """``save_state`` into a temp folder, then rename: a crash never leaves a half checkpoint
-    that ``--resume latest`` would pick. Assumes RUN_DIR is on a filesystem all nodes share."""
-    root = run_dir / "checkpoints"
-    final, tmp = root / f"step_{step:07d}", root / f".step_{step:07d}.tmp"
-    try:
-        with naming_write_errors(final):  # a full disk is one line, and leaves no temp folder
-            accelerator.save_state(str(tmp))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in checkpoint_dirs(run_dir)[:-keep]:
-            shutil.rmtree(old)
-    accelerator.wait_for_everyone()
-
-
-def summary(metrics: dict) -> dict:
-    """The JSON-safe scalar and per-class metrics stored in best.pt / final.pt."""
-    keep = ("miou", "pixel_acc", "mean_class_acc", "fwiou", "iou", "class_acc", "num_images")
-    return to_jsonable({k: metrics[k] for k in keep if k in metrics})
-
-
 # ----------------------------------------------------------------------------- setting up
 
 def build_training(plan: RunPlan, accelerator: Accelerator) -> tuple[torch.nn.Module, torch.optim.Optimizer,
@@ -188,8 +105,6 @@ def build_training(plan: RunPlan, accelerator: Accelerator) -> tuple[torch.nn.Mo
     optimizer = torch.optim.SGD(param_groups(model, cfg), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
-    if cfg.compile:  # see compile_after_prepare
-        plan.runtime["compiled"] = compile_after_prepare(model, accelerator)
     return model, optimizer, criterion
 
 
@@ -204,33 +119,34 @@ def compile_after_prepare(model: torch.nn.Module, accelerator: Accelerator) -> b
     return hardware.compile_model(model, accelerator.print)
 
 
-def confirm_compiled(model: torch.nn.Module, plan: RunPlan, accelerator: Accelerator) -> None:
-    """After the first step: 'compiled' in the run's record is what dynamo's counters say ran."""
+def confirm_compiled(model: torch.nn.Module, plan: RunPlan, accelerator: Accelerator) -> RunPlan:
+    """After the first step: 'compiled' in the run's record is what dynamo's counters say ran
+    (returned as the plan from here on, and written to config.yaml)."""
     compiled, line = hardware.compile_outcome(model)
     accelerator.print(line)
-    plan.runtime["compiled"] = compiled
+    plan = plan.with_runtime(compiled=compiled)
     if accelerator.is_main_process and plan.resume_from is None:
-        update_saved_config(plan.run_dir / "config.yaml", resolved=plan.runtime)
+        update_saved_config(plan.run_dir.config, resolved=plan.runtime.to_dict())
+    return plan
 
 
 def start_run(plan: RunPlan, accelerator: Accelerator) -> tuple[TrainState, MetricsLog]:
     """The run directory and its config.yaml, the resume, the tracker: all before the first step."""
     cfg, run_dir = plan.cfg, plan.run_dir
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir.root.mkdir(parents=True, exist_ok=True)
         if plan.resume_from is None:  # a resumed run keeps the config it was started with
-            save_config(cfg, run_dir / "config.yaml", resolved=plan.runtime)
+            save_config(cfg, run_dir.config, resolved=plan.runtime.to_dict())
     state = TrainState(plan.data_order)
     accelerator.register_for_checkpointing(state)
-    log = MetricsLog(run_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
+    log = MetricsLog(run_dir.metrics, enabled=accelerator.is_main_process)
     if plan.resume_from is not None:
         accelerator.load_state(str(plan.resume_from))
         state.check_resume()
         accelerator.print(f"resumed from {plan.resume_from} at step {state.step}")
         if accelerator.is_main_process:  # a longer --iterations extends the run: its config.yaml says so
-            config_path = run_dir / "config.yaml"
-            for key, (old, new) in update_saved_config(config_path, iterations=cfg.iterations).items():
-                accelerator.print(f"{config_path}: {key} {old} -> {new}")
+            for key, (old, new) in update_saved_config(run_dir.config, iterations=cfg.iterations).items():
+                accelerator.print(f"{run_dir.config}: {key} {old} -> {new}")
     log.truncate_after(state.step)  # also a fresh start of --resume auto over a run stopped before step 1
     tracking.start(accelerator, plan, state.step)
     return state, log
@@ -319,10 +235,91 @@ def publish(accelerator: Accelerator, log: MetricsLog, record: dict, file_only: 
 
 def save_model(accelerator: Accelerator, model: torch.nn.Module, plan: RunPlan, name: str, step: int,
                metrics: dict) -> None:
-    """RUN_DIR/``name``: the bare model's weights, the config and the metrics (main process)."""
+    """RUN_DIR's ``name`` model file ("best": best.pt, "final": final.pt): the bare model's weights, the config and the metrics
+    (main process)."""
     if accelerator.is_main_process:
-        save_checkpoint(plan.run_dir / name, accelerator.unwrap_model(model), config=config_to_dict(plan.cfg),
-                        resolved=plan.runtime, dataset=plan.spec.to_dict(), step=step, metrics=summary(metrics))
+        save_checkpoint(plan.run_dir.model_file(name), accelerator.unwrap_model(model), config=config_to_dict(plan.cfg),
+                        resolved=plan.runtime.to_dict(), dataset=plan.spec.to_dict(), step=step, metrics=summary(metrics))
+
+
+# ----------------------------------------------------------------------------- one step
+
+def to_device(images: torch.Tensor, masks: torch.Tensor, device: torch.device,
+              normalization: tuple[torch.Tensor, torch.Tensor], channels_last: bool) -> tuple[torch.Tensor,
+                                                                                               torch.Tensor]:
+    """A loader batch on the device: the loader ships uint8 (a quarter of the bytes to copy), so
+    the images are normalised here with the model's own statistics (its backbone's
+    pretrained_cfg, or the --init-from checkpoint's), in the run's memory format."""
+    images = normalize(images.to(device, non_blocking=True), *normalization)
+    masks = masks.to(device, non_blocking=True).long()
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, masks
+
+
+def next_batch(batches: Iterator[shards.Batch], rank: int, window: LogWindow) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next micro-batch (images, masks); the wait for it counts as the window's data wait
+    (the first includes starting the loader workers, once per run)."""
+    fetch_start = time.perf_counter()
+    with errors_of_rank(rank):  # this rank's share of the data
+        images, masks, _ = next(batches)
+    window.data_wait += time.perf_counter() - fetch_start
+    return images, masks
+
+
+def train_step(model: torch.nn.Module, criterion: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               accelerator: Accelerator, cfg: TrainConfig, step: int, batches: Iterator[shards.Batch],
+               normalization: tuple[torch.Tensor, torch.Tensor], window: LogWindow) -> None:
+    """Optimizer step ``step`` -> ``step + 1``: the learning rate, then ``grad_accum``
+    micro-batches (forward, loss, backward), clipping and the update. The summed loss
+    goes to ``window`` without a sync (no ``.item()`` per micro-batch)."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * lr_factor(step, cfg)
+    for micro in range(cfg.grad_accum):
+        images, masks = to_device(*next_batch(batches, accelerator.process_index, window), accelerator.device,
+                                  normalization, cfg.channels_last)
+        # Gradients are all-reduced only on the last micro-batch of a step.
+        last = micro == cfg.grad_accum - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            out = model(images)
+            loss = criterion(out["out"], masks)
+            if "aux" in out:
+                loss = loss + cfg.aux_loss_weight * criterion(out["aux"], masks)
+            accelerator.backward(loss / cfg.grad_accum)
+        window.loss += loss.detach() / cfg.grad_accum
+    if cfg.grad_clip > 0:
+        accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    window.steps += 1
+
+
+def log_train(accelerator: Accelerator, plan: RunPlan, log: MetricsLog, optimizer: torch.optim.Optimizer,
+              window: LogWindow, step: int) -> dict:
+    """The log line of the window that ends at ``step`` (loss, learning rates, throughput)."""
+    data_wait, peak_memory = window.data_wait, window.peak_memory()
+    mean_loss, images_per_s = window.take(accelerator, plan.cfg.batch_size)
+    record = {"step": step, "epoch": step / plan.steps_per_epoch, "train/loss": mean_loss,
+              "lr/backbone": optimizer.param_groups[0]["lr"], "lr/head": optimizer.param_groups[1]["lr"],
+              "images_per_s": images_per_s, "data_wait_s": data_wait} | peak_memory
+    publish(accelerator, log, record)
+    return record
+
+
+def validate_and_keep_best(model: torch.nn.Module, accelerator: Accelerator, plan: RunPlan, log: MetricsLog,
+                           state: TrainState, window: LogWindow) -> dict:
+    """Validate at ``state.step``; a better mIoU becomes best.pt. The time it takes is not the
+    window's training time, and its peak memory is logged on its own."""
+    val_start = time.perf_counter()
+    window.set_peak_aside()
+    metrics = validate(model, accelerator, plan, log, state.step)
+    if metrics["miou"] > state.best_miou:
+        state.best_miou = metrics["miou"]
+        save_model(accelerator, model, plan, "best", state.step, metrics)
+    accelerator.print(f"step {state.step}: val mIoU {metrics['miou']:.4f}, pixel acc {metrics['pixel_acc']:.4f} "
+                      f"(best {state.best_miou:.4f})")
+    window.start += time.perf_counter() - val_start
+    return metrics
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -335,14 +332,14 @@ class TrainResult:
     run_dir: Path
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    """Train with ``cfg``. Called on every process; each gets the same result."""
+def prepare_run(cfg: TrainConfig) -> tuple[Accelerator, RunPlan]:
+    """The Accelerator and the run's plan. The precision and memory format follow the hardware
+    (segtrain/autotune.py: measured on CPUs, once per machine and run); the device is known
+    before the Accelerator, which needs them."""
     # Accelerate keeps one AcceleratorState per process and refuses a second precision;
     # clear it (not the distributed PartialState) so that every train() call in one
     # process (notebooks, bench scripts, tests) configures its own run.
     AcceleratorState._reset_state()
-    # The precision and memory format follow the hardware (segtrain/autotune.py: measured on
-    # CPUs, once per machine and run); the device is known before the Accelerator, which needs them.
     # cpu= as Accelerator would pass it: a PartialState made without it on a CPU-only
     # `accelerate launch --multi_gpu` run stays one unconnected process, and Accelerator reuses it.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"),
@@ -350,33 +347,47 @@ def train(cfg: TrainConfig) -> TrainResult:
     check_launch(state.num_processes)  # before any measuring: a GPU launch that sees no GPU is an error
     cfg = distributed.agree_on_run_name(cfg)  # before anything uses RUN_DIR (the autotune reads a resumed run's)
     runtime = autotune.training_runtime(cfg, state)
-    cfg = dataclasses.replace(cfg, channels_last=runtime["channels_last"])
-    accelerator = Accelerator(mixed_precision=hardware.accelerate_precision(runtime["mixed_precision"]),
+    cfg = dataclasses.replace(cfg, channels_last=runtime.channels_last)
+    accelerator = Accelerator(mixed_precision=hardware.accelerate_precision(runtime.mixed_precision),
                               log_with="wandb" if cfg.tracker == "wandb" else None)
     plan = plan_run(cfg, accelerator.num_processes, accelerator.device.type, runtime)
-    cfg, device, say = plan.cfg, accelerator.device, accelerator.print
-    say(autotune.choice_line(runtime))
+    accelerator.print(autotune.choice_line(runtime))
     for note in plan.notes:
         warnings.warn(note)
+    return accelerator, plan
+
+
+def run_line(plan: RunPlan, device: torch.device) -> str:
+    """What is about to run, in one line."""
+    cfg = plan.cfg
+    return (f"run {cfg.name}: {plan.world_size} process(es) on {device.type}, precision "
+            f"{plan.runtime.mixed_precision}, {plan.per_process_batch} images/process x {cfg.grad_accum} "
+            f"accumulation = global batch {cfg.batch_size}, {plan.steps_per_epoch} steps/epoch, "
+            f"{cfg.iterations} steps -> {plan.run_dir}")
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train with ``cfg``. Called on every process; each gets the same result."""
+    accelerator, plan = prepare_run(cfg)
+    cfg, device, say = plan.cfg, accelerator.device, accelerator.print
     set_seed(cfg.seed)
     model, optimizer, criterion = build_training(plan, accelerator)
+    if cfg.compile:  # see compile_after_prepare; confirmed after the first step
+        plan = plan.with_runtime(compiled=compile_after_prepare(model, accelerator))
     distributed.seed_process(cfg.seed)  # same init above; per-rank dropout masks from here
     bare = accelerator.unwrap_model(model)  # its mean/std normalise the batches
     state, log = start_run(plan, accelerator)
     if state.step >= cfg.iterations:  # a finished run resumed (a resubmitted --resume auto job): keep final.pt
         accelerator.end_training()
         say(f"{plan.run_dir} has trained all {cfg.iterations} steps; nothing to do (a longer --iterations extends it)")
-        return TrainResult(bare, {}, state.best_miou, plan.run_dir)
-    say(f"run {cfg.name}: {plan.world_size} process(es) on {device.type}, precision "
-        f"{runtime['mixed_precision']}, {plan.per_process_batch} images/process x {cfg.grad_accum} "
-        f"accumulation = global batch {cfg.batch_size}, {plan.steps_per_epoch} steps/epoch, "
-        f"{cfg.iterations} steps -> {plan.run_dir}")
+        return TrainResult(bare, {}, state.best_miou, plan.run_dir.root)
+    say(run_line(plan, device))
 
     model.train()
     step = first_step = state.step
     metrics: dict[str, Any] = {}
     batches = micro_batches(plan, accelerator.process_index, step)
-    mean, std = normalization_tensors(bare.mean, bare.std, device)  # once: no host-to-device copy per batch
+    normalization = normalization_tensors(bare.mean, bare.std, device)  # once: no host-to-device copy per batch
     # Training crops are one fixed size: cuDNN's autotuning pays off (validation turns it off).
     torch.backends.cudnn.benchmark = device.type == "cuda"
     window = LogWindow(device)
@@ -385,58 +396,18 @@ def train(cfg: TrainConfig) -> TrainResult:
     stopper = preempt.StopOnSignal(cfg.stop_signals, plan.world_size)  # SIGTERM/USR1: checkpoint, exit 75
     try:
         while step < cfg.iterations and not stopper.stopped:
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * lr_factor(step, cfg)
-            for micro in range(cfg.grad_accum):
-                fetch_start = time.perf_counter()  # includes starting the loader workers (once per run)
-                with errors_of_rank(accelerator.process_index):  # this rank's share of the data
-                    images, masks, _ = next(batches)
-                window.data_wait += time.perf_counter() - fetch_start
-                # The loader ships uint8 (a quarter of the bytes to copy): normalise on the device with
-                # the model's own statistics (its backbone's pretrained_cfg, or the --init-from checkpoint's).
-                images = normalize(images.to(device, non_blocking=True), mean, std)
-                masks = masks.to(device, non_blocking=True).long()
-                if cfg.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                # Gradients are all-reduced only on the last micro-batch of a step.
-                sync = contextlib.nullcontext() if micro == cfg.grad_accum - 1 else accelerator.no_sync(model)
-                with sync:
-                    out = model(images)
-                    loss = criterion(out["out"], masks)
-                    if "aux" in out:
-                        loss = loss + cfg.aux_loss_weight * criterion(out["aux"], masks)
-                    accelerator.backward(loss / cfg.grad_accum)
-                window.loss += loss.detach() / cfg.grad_accum  # no .item(): no sync per micro-batch
-            if cfg.grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            train_step(model, criterion, optimizer, accelerator, cfg, step, batches, normalization, window)
             step = state.step = step + 1
-            window.steps += 1
             progress.update(1)
             if cfg.compile and step == first_step + 1:
-                confirm_compiled(model, plan, accelerator)
-
+                plan = confirm_compiled(model, plan, accelerator)
             if plan.logs_at(step):
-                data_wait, peak_memory = window.data_wait, window.peak_memory()
-                mean_loss, images_per_s = window.take(accelerator, cfg.batch_size)
-                record = {"step": step, "epoch": step / plan.steps_per_epoch, "train/loss": mean_loss,
-                          "lr/backbone": optimizer.param_groups[0]["lr"], "lr/head": optimizer.param_groups[1]["lr"],
-                          "images_per_s": images_per_s, "data_wait_s": data_wait} | peak_memory
-                publish(accelerator, log, record)
-                progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr/head']:.2e}",
-                                     img_s=f"{images_per_s:.1f}")
+                record = log_train(accelerator, plan, log, optimizer, window, step)
+                progress.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{record['lr/head']:.2e}",
+                                     img_s=f"{record['images_per_s']:.1f}")
             if plan.validates_at(step):
                 progress.clear()
-                val_start = time.perf_counter()
-                window.set_peak_aside()  # validation's peak memory is logged on its own
-                metrics = validate(model, accelerator, plan, log, step)
-                if metrics["miou"] > state.best_miou:
-                    state.best_miou = metrics["miou"]
-                    save_model(accelerator, model, plan, "best.pt", step, metrics)
-                say(f"step {step}: val mIoU {metrics['miou']:.4f}, pixel acc {metrics['pixel_acc']:.4f} "
-                    f"(best {state.best_miou:.4f})")
-                window.start += time.perf_counter() - val_start  # not training throughput
+                metrics = validate_and_keep_best(model, accelerator, plan, log, state, window)
             # After validation, so the checkpoint carries the best mIoU it just measured. All ranks
             # skip should_stop() on the same (checkpoint) steps, so its collectives stay matched.
             if plan.checkpoints_at(step) or stopper.should_stop():
@@ -447,15 +418,15 @@ def train(cfg: TrainConfig) -> TrainResult:
         stopper.close()
     if stopper.stopped:
         accelerator.end_training()
-        raise stopper.exit(step, plan.run_dir, say)
+        raise stopper.exit(step, plan.run_dir.step_dir(step), say)
 
     sync_buffers(model, accelerator)
-    save_model(accelerator, model, plan, "final.pt", step, metrics)
+    save_model(accelerator, model, plan, "final", step, metrics)
     tracking.finish(accelerator, plan, step, metrics)
     accelerator.end_training()
     tracking.say_how_to_sync(accelerator, plan)
     say(f"done: best val mIoU {state.best_miou:.4f}; best.pt, metrics.jsonl and config.yaml in {plan.run_dir}")
-    return TrainResult(accelerator.unwrap_model(model), metrics, state.best_miou, plan.run_dir)
+    return TrainResult(accelerator.unwrap_model(model), metrics, state.best_miou, plan.run_dir.root)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -32,6 +32,6 @@ def fake_measure(shape, mode, crop, batch, candidates, model=None):
 autotune.measure = fake_measure
 state = PartialState(cpu=True)
 runtime = autotune.training_runtime(parse_config(["--backbone", "resnet18", "--batch-size", "4"]), state)
-(out_dir / f"rank{rank}.json").write_text(json.dumps({"runtime": runtime, "measured": len(measured),
+(out_dir / f"rank{rank}.json").write_text(json.dumps({"runtime": runtime.to_dict(), "measured": len(measured),
                                                       "world": state.num_processes}))
 state.wait_for_everyone()

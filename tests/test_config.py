@@ -3,13 +3,13 @@ import dataclasses
 
 import pytest
 
-from segtrain import config, evaluate, losses, model, schedule
+from segtrain import config, inference, losses, model, schedule
 from segtrain.config import ConfigError, TrainConfig, parse_config
 
 
 @pytest.mark.parametrize("field, owner, new_value", [
     ("arch", model.HEADS, "fpn"),
-    ("val_protocol", evaluate.PROTOCOLS, "sliding-window"),
+    ("val_protocol", inference.PROTOCOLS, "sliding-window"),
     ("lr_schedule", schedule.SCHEDULES, "cosine"),
     ("class_weighting", losses.WEIGHTINGS, "sqrt_inverse"),
 ])
@@ -55,7 +55,7 @@ def test_help_shows_each_field_with_its_owners_descriptions(capsys):
         parse_config(["--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "--focal-gamma" in text and losses.LOSS_OPTIONS["focal_gamma"].help in text
-    assert f"ms-flip ({evaluate.PROTOCOLS['ms-flip']})" in text
+    assert f"ms-flip ({inference.PROTOCOLS['ms-flip']})" in text
     assert "deeplabv3plus (DeepLabV3+: ASPP on the deepest features" in text
     assert "poly ((1 - step / iterations) ** poly_power (DeepLab's))" in text
     assert "optimizer steps between validations; 0 = every epoch (default: 0)" in text

@@ -10,7 +10,8 @@ import torchvision
 from torch import nn
 
 from segtrain.convert import convert_checkpoint, main
-from segtrain.model import CheckpointError, load_checkpoint
+from segtrain.checkpoints import CheckpointError
+from segtrain.model import load_checkpoint
 from conftest import randomize_batchnorm
 
 

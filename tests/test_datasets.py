@@ -11,12 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from segtrain import datasets, evaluate, predict, report
+from segtrain import datasets, evaluate, inference, predict, report
 from segtrain.datasets import (ADE20K, CITYSCAPES, DATASETS, VOC, DatasetSpec, decode_label, folder_spec,
                                spec_from_checkpoint, spec_from_manifest)
+from segtrain.checkpoints import init_from_checkpoint
 from segtrain.files import DataError
+from segtrain.model import build_model, load_checkpoint
 from segtrain.sources import read_manifest, resolve_data
-from segtrain.model import build_model, init_from_checkpoint, load_checkpoint
 from segtrain.pack import pack_split
 from segtrain.synthetic import FOLDER_CLASSES, generate_layout
 from segtrain.train import train
@@ -247,7 +248,7 @@ def test_normalisation_comes_from_the_backbone_travels_in_the_checkpoint_and_is_
     model = build_model("deeplabv3plus", "resnet18", num_classes=3).eval()
     assert model.mean == (0.485, 0.456, 0.406)  # ImageNet for torchvision-style weights
     model.mean, model.std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-    from segtrain.model import save_checkpoint
+    from segtrain.checkpoints import save_checkpoint
     save_checkpoint(tmp_path / "m.pt", model, dataset=folder_spec_for(tmp_path).to_dict())
     loaded, _ = load_checkpoint(tmp_path / "m.pt")
     assert (loaded.mean, loaded.std) == (model.mean, model.std)
@@ -256,7 +257,7 @@ def test_normalisation_comes_from_the_backbone_travels_in_the_checkpoint_and_is_
     manual = (pixels - torch.tensor(model.mean).view(3, 1, 1)) / torch.tensor(model.std).view(3, 1, 1)
     with torch.inference_mode():
         expected = loaded.eval()(manual[None])["out"][0].argmax(0).numpy()
-    np.testing.assert_array_equal(predict.predict_mask(loaded, image, torch.device("cpu")), expected)
+    np.testing.assert_array_equal(inference.predict_mask(loaded, image, torch.device("cpu")), expected)
 
 
 def folder_spec_for(root: Path) -> DatasetSpec:

@@ -10,8 +10,10 @@ import torch
 from torch import nn
 
 from segtrain.cli import OtherProcessFailed
-from segtrain.evaluate import evaluate, main, ms_flip_logits, same_size_batches
-from segtrain.model import build_model, save_checkpoint
+from segtrain.evaluate import main
+from segtrain.inference import evaluate, ms_flip_logits, same_size_batches
+from segtrain.checkpoints import save_checkpoint
+from segtrain.model import build_model
 from segtrain.pack import pack_split
 from segtrain.loaders import val_loader
 from segtrain.sources import resolve_data

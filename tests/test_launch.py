@@ -21,7 +21,7 @@ def run(cmd, cwd=REPO, env=None):
 @pytest.mark.parametrize("module, expected", [("train", "--val-protocol"), ("evaluate", "--protocol")])
 def test_running_the_file_cannot_shadow_libraries(tmp_path, module, expected):
     """A copy of the package with a poisoned `tqdm.py` in it: the file form still imports the real
-    tqdm, because it re-runs itself as `python -m segtrain.X` before importing anything."""
+    tqdm, because it swaps segtrain/ for the repository root on sys.path before importing anything."""
     shutil.copytree(REPO / "segtrain", tmp_path / "segtrain", ignore=shutil.ignore_patterns("__pycache__"))
     (tmp_path / "segtrain" / "tqdm.py").write_text("raise ImportError('segtrain/tqdm.py shadowed the library')\n")
     proc = run([sys.executable, "-X", "utf8", f"segtrain/{module}.py", "--help"], cwd=tmp_path)

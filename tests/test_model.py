@@ -9,8 +9,8 @@ import torchvision
 from timm.layers import SeparableConv2d
 from torch import nn
 
-from segtrain.model import (ASPP_RATES, CONFIG_KEYS, CheckpointError, DeepLabHeadV3Plus, build_model,
-                            load_checkpoint, save_checkpoint)
+from segtrain.checkpoints import CheckpointError, save_checkpoint
+from segtrain.model import ASPP_RATES, CONFIG_KEYS, DeepLabHeadV3Plus, build_model, load_checkpoint
 from conftest import randomize_batchnorm
 
 

@@ -7,6 +7,7 @@ import torch
 
 from segtrain import loaders
 from segtrain.config import ConfigError, parse_config
+from segtrain.autotune import Runtime
 from segtrain.plan import plan_run
 
 
@@ -77,13 +78,13 @@ def test_batch_one_per_process_is_allowed_with_sync_bn_on_gpus(cfg_for):
 
 
 def test_notes_for_small_unsynced_gpu_batches_and_validation_precision(cfg_for):
-    fp16 = {"mixed_precision": "fp16", "precision_reason": "CUDA device without bf16"}
+    fp16 = Runtime("fp16", "CUDA device without bf16")
     plan = plan_run(cfg_for("--batch-size", "8"), world_size=2, device_type="cuda", runtime=fp16)
     assert len(plan.notes) == 1 and "4 images per process and --sync-bn off" in plan.notes[0]
-    assert plan.eval_autocast_dtype == torch.float16 and plan.runtime["mixed_precision"] == "fp16"
+    assert plan.eval_autocast_dtype == torch.float16 and plan.runtime.mixed_precision == "fp16"
     # fp16 autocast exists only on GPUs: a CPU validates in fp32 (hardware.choose_precision warns).
     assert plan_run(cfg_for("--batch-size", "8"), runtime=fp16).eval_autocast_dtype is None
-    bf16 = {"mixed_precision": "bf16", "precision_reason": "requested"}
+    bf16 = Runtime("bf16", "requested")
     assert plan_run(cfg_for(), runtime=bf16).eval_autocast_dtype == torch.bfloat16
     assert plan_run(cfg_for()).eval_autocast_dtype is None  # default: fp32
 
@@ -140,7 +141,7 @@ def test_when_the_loop_logs_validates_and_checkpoints(cfg_for):
 
 
 def test_resume_compares_the_loader_arguments_and_names_a_foreign_record(cfg_for):
-    from segtrain.train import TrainState
+    from segtrain.checkpoints import TrainState
 
     plan = plan_run(cfg_for("--batch-size", "4"))
     state = TrainState(plan.data_order)
@@ -152,3 +153,16 @@ def test_resume_compares_the_loader_arguments_and_names_a_foreign_record(cfg_for
         state.check_resume()
     state.load_state_dict({"step": 3, "best_miou": 0.1, "data_order": plan.data_order})
     state.check_resume()
+
+
+def test_runtime_reads_back_what_runs_saved_and_compiled_is_recorded_without_mutation(cfg_for):
+    saved = {"mixed_precision": "bf16", "precision_reason": "measured 0.3 vs 0.5 s/step fp32", "channels_last": True,
+             "device": "cpu: AMD EPYC", "autotune": {"mode": "train", "crop": 129, "batch": 2, "cached": False,
+                                                    "s_per_step": {"bf16+cl": [0.3]}}, "compiled": False}
+    assert Runtime.from_dict(saved).to_dict() == saved  # config.yaml "resolved" and checkpoints keep their keys
+    assert Runtime.from_dict({**saved, "from_a_later_version": 1}) == Runtime.from_dict(saved)
+    assert Runtime().to_dict() == {"mixed_precision": "fp32", "precision_reason": "requested"}
+    plan = plan_run(cfg_for())
+    compiled = plan.with_runtime(compiled=True)
+    assert compiled.runtime.compiled is True and plan.runtime.compiled is None  # the plan stays frozen
+    assert compiled.runtime.mixed_precision == plan.runtime.mixed_precision

@@ -4,8 +4,9 @@ import pytest
 import torch
 from PIL import Image
 
-from segtrain.evaluate import ms_flip_logits
-from segtrain.model import build_model, load_checkpoint, save_checkpoint
+from segtrain.inference import ms_flip_logits
+from segtrain.checkpoints import save_checkpoint
+from segtrain.model import build_model, load_checkpoint
 from segtrain.predict import main
 from segtrain.transforms import val_transforms
 from segtrain.visualize import overlay

@@ -16,7 +16,8 @@ from segtrain import preempt
 from segtrain.config import parse_config
 from segtrain.files import ConfigError
 from segtrain.model import load_checkpoint
-from segtrain.plan import plan_run, resolve_resume
+from segtrain.checkpoints import RunDir, resolve_resume
+from segtrain.plan import plan_run
 
 ITERATIONS = 12
 
@@ -38,10 +39,10 @@ def read_losses(run_dir):
 # ----------------------------------------------------------------------------- one process, no training
 
 def test_resume_auto_is_the_newest_complete_checkpoint_or_a_fresh_start(tmp_path):
-    assert resolve_resume("auto", tmp_path) is None
+    assert resolve_resume("auto", RunDir(tmp_path)) is None
     for name in ("step_0000003", "step_0000010", ".step_0000012.tmp"):  # a save cut short leaves a temp folder
         (tmp_path / "checkpoints" / name).mkdir(parents=True)
-    assert resolve_resume("auto", tmp_path) == tmp_path / "checkpoints" / "step_0000010"
+    assert resolve_resume("auto", RunDir(tmp_path)) == tmp_path / "checkpoints" / "step_0000010"
 
 
 def test_resume_auto_restarts_a_run_stopped_before_its_first_checkpoint(packed_shards, tmp_path):

@@ -18,8 +18,9 @@ from segtrain import integrity, pack, voc
 from segtrain.cli import one_line
 from segtrain.evaluate import main as evaluate_main
 from segtrain.files import DataError, atomic_write_bytes
-from segtrain.model import CheckpointError, build_model, load_checkpoint, save_checkpoint
+from segtrain.checkpoints import CheckpointError, save_checkpoint
 from segtrain.loaders import iter_samples, train_loader, val_loader
+from segtrain.model import build_model, load_checkpoint
 from segtrain.sources import resolve_data
 
 REPO = Path(__file__).resolve().parents[1]
@@ -309,7 +310,7 @@ def test_full_disk_while_saving_training_state_removes_the_temp_folder(tmp_path,
     from accelerate import Accelerator
     from safetensors import SafetensorError
 
-    from segtrain.train import save_training_state
+    from segtrain.checkpoints import RunDir, save_training_state
 
     def save_then_fill_the_disk(obj, f, **kwargs):
         Path(f).write_bytes(b"\0" * 1000)  # a partial file, as a full disk leaves it
@@ -322,7 +323,7 @@ def test_full_disk_while_saving_training_state_removes_the_temp_folder(tmp_path,
     model, optimizer = accelerator.prepare(torch.nn.Linear(2, 2), torch.optim.SGD(torch.nn.Linear(2, 2).parameters()))
     monkeypatch.setattr(accelerate.checkpointing, "save", save_then_fill_the_disk)
     with pytest.raises(DataError, match=r"checkpoints/step_0000003: disk full") as info:
-        save_training_state(accelerator, tmp_path, 3, keep=2)
+        save_training_state(accelerator, RunDir(tmp_path), 3, keep=2)
     assert "\n" not in str(info.value)
     assert list((tmp_path / "checkpoints").iterdir()) == []
 
@@ -350,7 +351,7 @@ def test_evaluate_refuses_a_checkpoint_for_another_class_count(five_class_checkp
 
 
 def test_class_names_are_compared_when_the_checkpoint_carries_them(tmp_path):
-    from segtrain.model import check_fits_data
+    from segtrain.checkpoints import check_fits_data
 
     ckpt = {"model_config": {"num_classes": 3}}
     check_fits_data(ckpt, "c.pt", ["a", "b", "c"], "data.json")

@@ -16,7 +16,8 @@ from segtrain import integrity, loaders, sources
 from segtrain.config import parse_config
 from segtrain.evaluate import main as evaluate_main
 from segtrain.files import DataError
-from segtrain.model import build_model, save_checkpoint
+from segtrain.checkpoints import save_checkpoint
+from segtrain.model import build_model
 from segtrain.train import main as train_main
 
 SERVE_TIMEOUT_S = 600  # the server thread stops by itself after this, whatever the test does

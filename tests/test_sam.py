@@ -15,7 +15,8 @@ from segment_anything import sam_model_registry
 from segment_anything.modeling import ImageEncoderViT
 
 from segtrain import sam as sam_module
-from segtrain.model import CheckpointError, build_model, save_checkpoint
+from segtrain.checkpoints import CheckpointError, save_checkpoint
+from segtrain.model import build_model
 from segtrain.visualize import covering_ids
 from segtrain.sam import (METHODS, assign_majority, box_prompts, draw_sam_masks, load_sam,
                           main, mask_outline, refine_with_boxes, report_columns)

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from segtrain.config import ConfigError, parse_config
-from segtrain.evaluate import evaluate
+from segtrain.inference import evaluate
 from segtrain.model import load_checkpoint
 from segtrain import loaders
 from segtrain.sources import resolve_data
