@@ -1,6 +1,7 @@
 """Cluster life, measured: (1) a signal during 2-process CPU training: steps lost, seconds from
 the signal to the checkpoint and to the launcher's exit; (2) bytes fetched per epoch from a
-local HTTP server (remote manifest) against the split's size, for 1 and 2 ranks.
+local HTTP server (remote manifest) against the split's size, for 1 and 2 ranks of one node,
+1 and 2 loader workers, with and without the node's shard cache (segtrain/shardcache.py).
 
     PYTHONPATH=$PWD python bench/cluster_bench.py [--iterations 12] [--crop 33] [--skip-signal]
 
@@ -60,20 +61,19 @@ def bytes_per_epoch(shard_dir: Path, batch: int) -> None:
     server, base = serve(shard_dir)
     manifest = json.loads((shard_dir / "voc-train.json").read_text())
     split_bytes = sum(s["bytes"] for s in manifest["shards"])
+    source = sources.resolve_data(f"{base}/voc-train.json", "train")
     try:
-        for world in (1, 2):
+        for world, workers, cache_gb in ((1, 1, 0), (1, 2, 0), (2, 2, 0), (1, 2, 1), (2, 2, 1)):
             server.sent.clear()
-            for rank in range(world):
-                source = sources.resolve_data(f"{base}/voc-train.json", "train")
-                loader, steps = loaders.train_loader(source, batch, 33, num_workers=1, rank=rank, world_size=world,
-                                                     epoch=0)
-                for _ in loader:
-                    pass
+            ranks = [loaders.train_loader(source, batch, 33, num_workers=workers, rank=rank, world_size=world,
+                                          epoch=0, node_cache_gb=cache_gb)[0] for rank in range(world)]
+            for _ in zip(*ranks):  # the ranks side by side, as on one node
+                pass
             tars = {p: n for p, n in server.sent.items() if p.endswith(".tar")}
             fetched = sum(tars.values())
-            print(f"remote epoch, {world} rank(s) x 1 worker, batch {batch}/rank: fetched {fetched} B of shards "
-                  f"for a split of {split_bytes} B ({fetched / split_bytes:.3f}x), manifest "
-                  f"{server.sent['/voc-train.json']} B")
+            print(f"remote epoch, {world} rank(s) x {workers} worker(s), node cache {'on' if cache_gb else 'off'}, "
+                  f"batch {batch}/rank: fetched {fetched} B of shards for a split of {split_bytes} B "
+                  f"({fetched / split_bytes:.3f}x)")
     finally:
         server.shutdown()
 

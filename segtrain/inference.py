@@ -164,7 +164,7 @@ def evaluate(model: nn.Module, loader, device: Union[torch.device, str], num_cla
              class_names: Optional[Sequence[str]] = None, threads: Optional[int] = None) -> dict[str, Any]:
     """Run ``model`` over ``loader`` and return the metrics of the whole split.
 
-    ``loader`` yields ``(images, masks, ids)`` batches (``shards.val_loader``; with
+    ``loader`` yields ``(images, masks, ids)`` batches (``loaders.val_loader``; with
     ``accelerator``, built for this rank so ranks see disjoint samples). Pass the BARE
     model (``accelerator.unwrap_model(model)``), already on ``device``; it is put in
     eval mode and given back in the mode it came in. With ``accelerator``, the counts
