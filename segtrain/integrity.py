@@ -9,6 +9,8 @@ One owner for:
   the tar end-of-archive blocks, with nothing after the point where reading stopped:
   Python's tarfile takes a cut at a member boundary, or a damaged header, for the
   end of the archive and would silently give fewer samples.
+* ``fetch_verified(url, dest, sha256)``: a remote shard downloaded to a local file, its
+  sha256 checked on the way in (the node's shard cache, ``segtrain.shardcache``).
 * ``verify_shards(manifest_path, manifest, mode)``: each shard's size, sha256 and sample
   count against the manifest, before training or evaluation uses them. ``once`` (the
   default) remembers each verified shard by (size, mtime) in a small JSON next to the
