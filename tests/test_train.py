@@ -62,9 +62,12 @@ def test_single_run_writes_config_metrics_checkpoints_and_best(single_run):
     ckpt = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
     assert ckpt["metrics"]["miou"] == pytest.approx(max(r["val/miou"] for r in vals))
     assert ckpt["config"]["backbone"] == "resnet18"
-    model, _ = load_checkpoint(run_dir / "final.pt")
+    model, final = load_checkpoint(run_dir / "final.pt")
     for a, b in zip(model.state_dict().values(), result.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert final["step"] == 6 and final["metrics"]["miou"] == pytest.approx(vals[-1]["val/miou"])
+    # best.pt written at the last step is the same checkpoint: final.pt is then that file, not a copy
+    assert os.path.samefile(run_dir / "best.pt", run_dir / "final.pt") == (ckpt["step"] == 6)
 
 
 def test_wandb_offline_run_is_written(single_run):
