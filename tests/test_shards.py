@@ -339,7 +339,8 @@ def test_iter_samples_and_image_classes_agree_across_sources(synthetic_voc, pack
 
 # --------------------------------------------------------------------------- real 2-process DDP
 
-def loaders_rank(out: Path, train: dict, val: dict, batch_size: int = 2, crop: int = 33, workers: int = 2) -> None:
+def loaders_rank(out: Path, train: dict, val: dict, batch_size: int = 2, crop: int = 33,
+                 workers: int = 2) -> None:
     """One of 2 processes: runs every training and validation loader (rank and world size from
     torch.distributed, as in real training) and writes what it saw to ``OUT/rank{R}.json``:
     per training loader its batches per epoch, their sizes, ids and warnings; per validation
