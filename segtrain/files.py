@@ -92,6 +92,25 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
             raise
 
 
+def atomic_link(source: PathLike, path: PathLike) -> bool:
+    """Make ``path`` a second name of the file ``source`` (a hard link made under a temporary
+    name, then renamed over ``path``: never a half file, and an old ``path`` stays whole until
+    then). False, and nothing changed, where the filesystem has no hard links (or the two are on
+    different filesystems): the caller writes the file instead."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        return False
+    try:
+        os.replace(tmp, path)
+    finally:  # also where ``path`` already was ``source``: rename() then leaves both names
+        tmp.unlink(missing_ok=True)
+    return True
+
+
 def save_image(image, path: PathLike, quality: int = 92) -> None:
     """Write a PIL image atomically, JPEG or PNG by the file's suffix."""
     path = Path(path)

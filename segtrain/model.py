@@ -13,17 +13,30 @@ The file format itself (save/read, safe loading, fine-tuning starts) is ``segtra
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any, ClassVar, Optional, Union
 
-import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import SeparableConv2d
-from timm.models import FeatureInfo
 from torch import nn
 from torchvision.models.segmentation.fcn import FCNHead
+
+# timm imports wandb whenever it is installed (timm.utils.summary, for its own training scripts'
+# logging, which segtrain never calls): ~380 modules with pydantic and protobuf, a second or more
+# of every process's start. Hide it while timm loads, so that only a run whose tracker is wandb
+# imports it (the tracker does, when it starts); an already imported wandb is left alone.
+_WANDB_HIDDEN = "wandb" not in sys.modules
+if _WANDB_HIDDEN:
+    sys.modules["wandb"] = None  # type: ignore[assignment]  # `import wandb` raises ImportError
+try:
+    import timm
+finally:
+    if _WANDB_HIDDEN and sys.modules.get("wandb", False) is None:
+        del sys.modules["wandb"]
+from timm.layers import SeparableConv2d  # noqa: E402
+from timm.models import FeatureInfo  # noqa: E402
 
 from segtrain.checkpoints import CheckpointError, load_weights, read_checkpoint, set_normalization, torch_load
 from segtrain.files import PathLike

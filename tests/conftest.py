@@ -1,4 +1,5 @@
 """Shared test data (a small synthetic VOC and its shards) and shared test tools."""
+import functools
 import os
 import socket
 import subprocess
@@ -51,6 +52,32 @@ def packed_shards(synthetic_voc, tmp_path_factory) -> dict:
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The flags of the one shared trained run (``trained_run``): 6 steps of a resnet18, validated and
+# checkpointed at steps 3 and 6; bf16 with channels_last, so that evaluating its best.pt proves the
+# evaluation takes the run's precision and memory format (bf16 kernels differ between layouts).
+TRAINED_RUN_FLAGS = ("--backbone", "resnet18", "--pretrained", "false", "--crop-size", "65", "--batch-size", "4",
+                     "--iterations", "6", "--workers", "1", "--lr-schedule", "step", "--step-size", "2",
+                     "--step-gamma", "0.5", "--log-every", "1", "--checkpoint-every", "3", "--val-every", "3",
+                     "--seed", "7", "--mixed-precision", "bf16", "--channels-last", "true", "--val-protocol", "whole")
+
+
+@pytest.fixture(scope="session")
+def trained_run(packed_shards, tmp_path_factory):
+    """ONE short training run for every test that needs a trained run (train's outputs, resume,
+    report, evaluate): ``(run_dir, TrainResult)``. Loss ce, in a folder named ``ce``; tracker
+    wandb in offline mode (no key, no network), so its run files can be decoded too. Tests copy
+    what they change: the run itself stays as it was written."""
+    from segtrain.config import parse_config
+    from segtrain.train import train
+
+    run_dir = tmp_path_factory.mktemp("trained_run") / "ce"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(os, "environ", env | {"NETRC": str(run_dir.parent / "no-netrc")})
+        result = train(parse_config(["--data", str(packed_shards["train"]), "--run-dir", str(run_dir),
+                                     *TRAINED_RUN_FLAGS, "--tracker", "wandb"]))
+    return run_dir, result
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -71,6 +98,39 @@ def launch_ddp():
                "--main_process_port", str(_free_port()), str(script), *map(str, args)]
         env = os.environ | {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
         return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+    return run
+
+
+def _forked_rank(function, args) -> None:
+    """In each process ``debug_launch`` forks: look like a process ``accelerate launch`` started."""
+    import torch.distributed as dist
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    # GNU OpenMP cannot use the parent's thread pool after a fork (the first parallel op hangs):
+    # one thread per process, as launch_ddp's OMP_NUM_THREADS=1 gives.
+    torch.set_num_threads(1)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    # Segtrain reads these as torchrun sets them (the first process prints user errors, only
+    # LOCAL_RANK 0 hashes shards); accelerate's debug mode sets WORLD_SIZE only.
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+    # The pytest process's single-process Accelerate state was copied by the fork: start afresh.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    function(*args)
+
+
+@pytest.fixture(scope="session")
+def debug_launch():
+    """``debug_launch(function, *args, processes=2)`` runs ``function(*args)`` in ``processes``
+    processes forked from this one, joined in one gloo group: accelerate's ``debug_launcher`` (its
+    own tests' pattern). For the checks where the launcher is not under test: no fresh interpreter
+    importing torch, no port.
+    Every process runs with one CPU thread (see ``_forked_rank``); an exception in either is
+    raised here with that process's traceback."""
+    from accelerate import debug_launcher
+
+    def run(function, *args, processes: int = 2) -> None:
+        debug_launcher(functools.partial(_forked_rank, function, args), num_processes=processes)
     return run
 
 

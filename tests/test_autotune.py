@@ -14,7 +14,6 @@ import yaml
 from segtrain import autotune, hardware, steptime
 from segtrain.config import parse_config
 from segtrain.train import train
-from conftest import REPO
 
 SHAPE = steptime.ModelShape(backbone="resnet18")
 CPU = torch.device("cpu")
@@ -238,11 +237,36 @@ def test_figures_from_an_overloaded_machine_are_measured_again_when_quieter(tune
     assert len(calls) == 2
 
 
-@pytest.mark.slow
-def test_two_processes_use_the_main_process_measurement(tmp_path, launch_ddp):
+def autotune_rank(out_dir) -> None:
+    """One of 2 processes resolving a run's precision, with a timing that differs by rank: rank 0's
+    fake timing says bf16 is faster, rank 1's says fp32, so ranks that measured for themselves
+    would disagree. Writes this rank's choice and whether it measured."""
+    import os
+
+    from accelerate import PartialState
+
+    rank = int(os.environ["RANK"])
+    measured = []
+    os.environ.pop(autotune.ENV_OFF, None)
+    os.environ["XDG_CACHE_HOME"] = str(out_dir / f"cache{rank}")  # no shared cache to agree through
+    hardware.cpu_bf16_native = lambda: (True, "AVX512")
+
+    def fake_measure(shape, mode, crop, batch, candidates, model=None):
+        measured.append(1)
+        fast = "bf16" if rank == 0 else "fp32"
+        return {autotune.candidate_name(p, cl): [0.3 if p == fast else 0.6] for p, cl in candidates}
+
+    autotune.measure = fake_measure
+    state = PartialState(cpu=True)
+    runtime = autotune.training_runtime(parse_config(["--backbone", "resnet18", "--batch-size", "4"]), state)
+    (out_dir / f"rank{rank}.json").write_text(json.dumps({"runtime": runtime.to_dict(), "measured": len(measured),
+                                                          "world": state.num_processes}))
+    state.wait_for_everyone()
+
+
+def test_two_processes_use_the_main_process_measurement(tmp_path, debug_launch):
     """Decided once per run: rank 0 measures, rank 1 waits and gets the same choice."""
-    proc = launch_ddp(REPO / "tests" / "ddp_autotune_worker.py", tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    debug_launch(autotune_rank, tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]
     assert [r["measured"] for r in ranks] == [1, 0]

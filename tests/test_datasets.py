@@ -2,8 +2,6 @@
 packed manifest through training into checkpoints, evaluation, prediction and reports."""
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -103,15 +101,17 @@ def test_old_manifests_and_checkpoints_are_voc():
 
 # --------------------------------------------------------------------------- CLI errors
 
-def run_tool(*args, cwd=REPO) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=cwd)
+def one_error_line(argv: list, capsys) -> str:
+    """``python tools/pack.py ARGV``'s error, run in this process (tests/test_pack.py runs the
+    script itself): exit 2 and one line, after any progress bar."""
+    from segtrain import pack
 
-
-def one_error_line(result: subprocess.CompletedProcess) -> str:
-    assert result.returncode == 2, result.stderr[-2000:]
-    # The error is one line, after any progress bar.
-    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("pack ")]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    with pytest.raises(SystemExit) as info:
+        pack.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err[-2000:]
+    lines = [line for line in err.strip().splitlines() if not line.startswith("pack ")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
     assert lines[0].startswith("segtrain: error: ")
     return lines[0]
 
@@ -122,15 +122,15 @@ def folder_data(tmp_path_factory) -> Path:
                            min_size=48, max_size=72)
 
 
-def test_missing_classes_txt_is_one_line_naming_it(folder_data, tmp_path):
+def test_missing_classes_txt_is_one_line_naming_it(folder_data, tmp_path, capsys):
     root = tmp_path / "nolist"
     (root / "images" / "train").mkdir(parents=True)
-    line = one_error_line(run_tool(REPO / "tools" / "pack.py", "--dataset", "folder", "--root", root,
-                                   "--split", "train", "--out", tmp_path / "s"))
+    line = one_error_line(["--dataset", "folder", "--root", root, "--split", "train", "--out", tmp_path / "s"],
+                          capsys)
     assert f"{root / 'classes.txt'}: missing" in line
 
 
-def test_unknown_label_value_is_one_line_naming_the_file(folder_data, tmp_path):
+def test_unknown_label_value_is_one_line_naming_the_file(folder_data, tmp_path, capsys):
     import shutil
 
     root = Path(shutil.copytree(folder_data, tmp_path / "copy"))
@@ -138,8 +138,8 @@ def test_unknown_label_value_is_one_line_naming_the_file(folder_data, tmp_path):
     values = np.array(Image.open(mask))
     values[0, 0] = 7  # 4 classes: 0..3 and 255
     Image.fromarray(values, mode="L").save(mask)
-    line = one_error_line(run_tool(REPO / "tools" / "pack.py", "--dataset", "folder", "--root", root,
-                                   "--split", "train", "--out", tmp_path / "s"))
+    line = one_error_line(["--dataset", "folder", "--root", root, "--split", "train", "--out", tmp_path / "s"],
+                          capsys)
     assert str(mask) in line and "label values [7] outside 0..3 and 255" in line
 
 

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -143,10 +144,20 @@ def test_sections_that_use_all_their_time_leave_the_later_ones_their_share(tmp_p
     assert sum(given.values()) <= gpu_check.GPU.budget_s + 1e-6
 
 
-def test_a_failing_section_is_one_line_and_the_next_still_runs(tmp_path):
+def test_a_failing_section_is_one_line_and_the_next_still_runs(tmp_path, monkeypatch):
+    """The driver's handling of a failed section, with the sections run in this process (the
+    fresh process per section is what ``cpu_run`` above exercises)."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))  # as for the script: its sections import their benches
+    import gpu_check
+
+    def run_here(name, args, profile, work, timeout):
+        gpu_check.run_section(name, profile, work, time.time() + timeout)
+        return json.loads((work / "results" / f"{name}.json").read_text())
+    monkeypatch.setattr(gpu_check, "run_child", run_here)
     # No data section first: train fails on its missing shards; peak, listed after it, must still run.
-    proc = run_check(tmp_path / "out", "--cpu", "--sections", "train,peak", timeout=300)
-    assert proc.returncode == 1
+    code = gpu_check.main(["--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--cpu",
+                           "--sections", "train,peak"])
+    assert code == 1
     sections = json.loads((tmp_path / "out" / "gpu_check.json").read_text())["sections"]
     assert sections["peak"]["status"] == "ok"
     train = sections["train"]

@@ -3,10 +3,8 @@ shards (with and without a manifest), shard integrity against the manifest, a fu
 while packing and saving checkpoints, checkpoints for other classes, and small input slips."""
 import errno
 import json
-import os
 import shutil
 import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -24,12 +22,6 @@ from segtrain.model import build_model, load_checkpoint
 from segtrain.sources import resolve_data
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def run_here(argv: list) -> subprocess.CompletedProcess:
-    """Run a command against this checkout's segtrain (not whichever one the venv installed)."""
-    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, *map(str, argv)], capture_output=True, text=True, cwd=REPO, env=env)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -225,11 +217,14 @@ def test_verify_shards_is_a_config_field_with_the_verifiers_values():
         parse_config(["--verify-shards", "sometimes"])
 
 
-def test_pack_verify_command(packed_shards, tmp_path):
+def test_pack_verify_command(packed_shards, tmp_path, capsys):
+    """``python tools/pack.py --verify``, run in this process (tests/test_pack.py runs the script)."""
     manifest = copy_split(packed_shards, "val", tmp_path)
 
     def verify():
-        return run_here([REPO / "tools" / "pack.py", "--verify", manifest])
+        code = pack.main(["--verify", str(manifest)])
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess([], code, out, err)
 
     ok = verify()
     assert ok.returncode == 0 and "all 2 shards match" in ok.stdout, ok.stderr
@@ -277,15 +272,16 @@ def test_full_disk_while_packing_leaves_no_partial_shard_and_no_manifest(synthet
     assert not list(out.glob(".*.tmp")) and not (out / "voc-val.json").exists()
 
 
-def test_full_disk_through_the_pack_command_is_one_line(synthetic_voc, tmp_path):
-    """Same through the command, in a real subprocess whose disk fills up."""
-    script = (f"import errno, sys, segtrain.pack as p\n"
-              f"from tests.test_reliability import DiskFullAfter\n"
-              f"p.open = lambda path, mode='r', *a, **k: DiskFullAfter(path, 30_000) if 'w' in mode else open(path, mode)\n"
-              f"sys.exit(p.main(['--voc-root', {str(synthetic_voc)!r}, '--split', 'val', '--out', {str(tmp_path)!r}, "
-              f"'--shard-size', '4']))\n")
-    r = run_here(["-c", script])
-    assert r.returncode != 0 and "Traceback" not in r.stderr and "disk full" in r.stderr, r.stderr
+def test_full_disk_through_the_pack_command_is_one_line(synthetic_voc, tmp_path, monkeypatch, capsys):
+    """Same through the command's main() (tools/pack.py is ``sys.exit(main())``; tests/test_pack.py
+    runs that script), whose disk fills up."""
+    real_open = open
+    monkeypatch.setattr(pack, "open", lambda path, mode="r", *a, **k: DiskFullAfter(path, 30_000)
+                        if "w" in mode else real_open(path, mode, *a, **k), raising=False)
+    with pytest.raises(SystemExit) as info:
+        pack.main(["--voc-root", str(synthetic_voc), "--split", "val", "--out", str(tmp_path), "--shard-size", "4"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err and "disk full" in err, err
     assert not list(tmp_path.glob(".*.tmp")) and not (tmp_path / "voc-val.json").exists()
 
 
@@ -469,8 +465,30 @@ def test_write_failures_from_native_writers_are_classified():
     assert write_failure("x", KeyError("model")) is None and write_failure("x", RuntimeError("CUDA oom")) is None
 
 
-@pytest.mark.slow
-def test_shards_are_hashed_once_per_machine_and_a_problem_stops_every_process(packed_shards, tmp_path, launch_ddp):
+def verify_rank(out: Path, good: Path, bad: Path) -> None:
+    """One of 2 processes of one machine: verifies a good and a damaged copy of the shards with
+    ``integrity.verify_source`` (mode always) and writes what this rank hashed, whether it wrote
+    the cache, and the error it got."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=True)
+    hashed, writes = [], []
+    hash_and_count, write_cache = integrity.hash_and_count, integrity._write_cache
+    integrity.hash_and_count = lambda path: (hashed.append(str(path)), hash_and_count(path))[1]
+    integrity._write_cache = lambda *args: (writes.append(str(args[0])), write_cache(*args))[1]
+    integrity.verify_source(resolve_data(good, "train"), "always")
+    try:
+        integrity.verify_source(resolve_data(bad, "train"), "always")
+        error = None
+    except DataError as e:
+        error = str(e)
+    (out / f"rank{state.process_index}.json").write_text(json.dumps({"hashed": hashed, "writes": writes,
+                                                                     "error": error}))
+    state.wait_for_everyone()
+
+
+def test_shards_are_hashed_once_per_machine_and_a_problem_stops_every_process(packed_shards, tmp_path,
+                                                                              debug_launch):
     """Two processes of one machine: only LOCAL_RANK 0 hashes (and writes the cache), the other
     waits; a damaged shard found by the first is the error of both."""
     good, bad = tmp_path / "good", tmp_path / "bad"
@@ -480,9 +498,7 @@ def test_shards_are_hashed_once_per_machine_and_a_problem_stops_every_process(pa
     data = bytearray(shard.read_bytes())
     data[700] ^= 0xFF  # inside the first member's bytes: same size, other sha256
     shard.write_bytes(bytes(data))
-    proc = launch_ddp(Path(__file__).parent / "ddp_verify_worker.py", tmp_path, good / "voc-train.json",
-                      bad / "voc-train.json", timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    debug_launch(verify_rank, tmp_path, good / "voc-train.json", bad / "voc-train.json")
     first, second = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     shards_of_good = len(json.loads((good / "voc-train.json").read_text())["shards"])
     assert len(first["hashed"]) >= shards_of_good and first["writes"]

@@ -14,17 +14,15 @@ from segtrain.voc import decode_target
 
 
 @pytest.fixture(scope="module")
-def two_runs(packed_shards, tmp_path_factory):
-    root = tmp_path_factory.mktemp("report_runs")
-    runs = []
-    for loss in ("ce", "weighted_ce"):
-        run_dir = root / loss
-        train(parse_config(["--data", str(packed_shards["train"]), "--run-dir", str(run_dir),
-                            "--backbone", "resnet18", "--pretrained", "false", "--crop-size", "65",
-                            "--batch-size", "4", "--iterations", "4", "--val-every", "2", "--workers", "1",
-                            "--checkpoint-every", "4", "--tracker", "none", "--loss", loss]))
-        runs.append(run_dir)
-    return runs
+def two_runs(trained_run, packed_shards, tmp_path_factory):
+    """The session's trained run (conftest.trained_run, loss ce, in a folder named ce) and a
+    shorter one with loss weighted_ce."""
+    run_dir = tmp_path_factory.mktemp("report_runs") / "weighted_ce"
+    train(parse_config(["--data", str(packed_shards["train"]), "--run-dir", str(run_dir),
+                        "--backbone", "resnet18", "--pretrained", "false", "--crop-size", "65",
+                        "--batch-size", "4", "--iterations", "4", "--val-every", "2", "--workers", "1",
+                        "--checkpoint-every", "4", "--tracker", "none", "--loss", "weighted_ce"]))
+    return [trained_run[0], run_dir]
 
 
 @pytest.fixture

@@ -358,20 +358,48 @@ def test_iter_samples_and_image_classes_agree_across_sources(synthetic_voc, pack
 
 # --------------------------------------------------------------------------- real 2-process DDP
 
-@pytest.mark.slow
+def loaders_rank(out: Path, train: dict, val: dict, batch_size: int = 2, crop: int = 33,
+                 workers: int = 2) -> None:
+    """One of 2 processes: runs every training and validation loader (rank and world size from
+    torch.distributed, as in real training) and writes what it saw to ``OUT/rank{R}.json``:
+    per training loader its batches per epoch, their sizes, ids and warnings; per validation
+    loader every id this rank evaluated."""
+    import warnings
+
+    from accelerate import Accelerator
+
+    # As in training: Accelerator() joins torch.distributed (gloo on CPU), and the loaders
+    # take rank and world size from there.
+    state = Accelerator()
+    result = {"rank": state.process_index, "world_size": state.num_processes, "train": {}, "val": {}}
+    for name, data in train.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loader, steps = train_loader(str(data), batch_size, crop, num_workers=workers)
+            batches = [{"ids": ids, "images": list(images.shape), "masks": list(masks.shape)}
+                       for images, masks, ids in loader]
+        result["train"][name] = {"steps": steps, "batches": batches,
+                                 "warnings": [str(w.message) for w in caught if w.category is UserWarning]}
+        state.wait_for_everyone()
+    for name, data in val.items():
+        ids = []
+        for images, masks, batch_ids in val_loader(str(data), batch_size=batch_size, num_workers=workers):
+            assert images.shape[0] == masks.shape[0] == len(batch_ids)
+            ids += batch_ids
+        result["val"][name] = ids
+        state.wait_for_everyone()
+    (out / f"rank{state.process_index}.json").write_text(json.dumps(result))
+
+
 def test_two_process_ddp_batches_equal_and_cover_the_epoch_and_validation_exactly_once(
-        synthetic_voc, packed_shards, tmp_path, launch_ddp):
+        synthetic_voc, packed_shards, tmp_path, debug_launch):
     train = {"uneven": packed_shards["train"],                     # 5 shards (10,10,10,10,8)
              "few": pattern(packed_shards, "train", 0, 2),          # 3 shards < 2 ranks x 2 workers
              "folder": synthetic_voc}
     val = {"val": packed_shards["val"],                             # 2 shards (10, 6)
            "one": pattern(packed_shards, "val", 0, 0),              # one shard for 2 ranks
            "folder": synthetic_voc}
-    args = ["--out", tmp_path, "--batch-size", "2", "--crop", "33", "--workers", "2"]
-    args += [arg for name, data in train.items() for arg in ("--train", f"{name}={data}")]
-    args += [arg for name, data in val.items() for arg in ("--val", f"{name}={data}")]
-    proc = launch_ddp(REPO / "tests" / "ddp_loader_worker.py", *args, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    debug_launch(loaders_rank, tmp_path, train, val)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["world_size"] == 2
 

@@ -14,6 +14,7 @@ from segtrain.model import load_checkpoint
 from segtrain import loaders
 from segtrain.sources import resolve_data
 from segtrain.train import lr_factor, main, train
+from conftest import TRAINED_RUN_FLAGS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,18 +36,15 @@ def losses(records):
     return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
 
 
-@pytest.fixture(scope="module")
-def single_run(packed_shards, tmp_path_factory):
-    """A short single-process run with wandb in offline mode (no key, no network)."""
-    run_dir = tmp_path_factory.mktemp("runs") / "single"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    mp = pytest.MonkeyPatch()
-    mp.setattr(os, "environ", env | {"NETRC": str(run_dir.parent / "no-netrc")})
-    try:
-        result = train(parse_config(base_args(packed_shards["train"], run_dir, "--tracker", "wandb")))
-    finally:
-        mp.undo()
-    return run_dir, result
+def run_args(data, run_dir, *extra):
+    """The flags of the shared trained run (conftest.TRAINED_RUN_FLAGS: bf16), to resume it."""
+    return ["--data", str(data), "--run-dir", str(run_dir), *TRAINED_RUN_FLAGS, *extra]
+
+
+@pytest.fixture
+def single_run(trained_run):
+    """The session's one trained run (conftest.trained_run: wandb offline, 6 steps)."""
+    return trained_run
 
 
 def test_single_run_writes_config_metrics_checkpoints_and_best(single_run):
@@ -63,9 +61,12 @@ def test_single_run_writes_config_metrics_checkpoints_and_best(single_run):
     ckpt = torch.load(run_dir / "best.pt", map_location="cpu", weights_only=True)
     assert ckpt["metrics"]["miou"] == pytest.approx(max(r["val/miou"] for r in vals))
     assert ckpt["config"]["backbone"] == "resnet18"
-    model, _ = load_checkpoint(run_dir / "final.pt")
+    model, final = load_checkpoint(run_dir / "final.pt")
     for a, b in zip(model.state_dict().values(), result.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert final["step"] == 6 and final["metrics"]["miou"] == pytest.approx(vals[-1]["val/miou"])
+    # best.pt written at the last step is the same checkpoint: final.pt is then that file, not a copy
+    assert os.path.samefile(run_dir / "best.pt", run_dir / "final.pt") == (ckpt["step"] == 6)
 
 
 def test_wandb_offline_run_is_written(single_run):
@@ -95,7 +96,7 @@ def test_resume_reproduces_the_uninterrupted_losses(single_run, packed_shards, t
     run_dir, _ = single_run
     resumed = tmp_path / "resumed"
     crashed_copy(run_dir, resumed, 3)
-    main(base_args(packed_shards["train"], resumed, "--tracker", "none", "--resume", "latest"))
+    main(run_args(packed_shards["train"], resumed, "--tracker", "none", "--resume", "latest"))
     want = read_jsonl(run_dir / "metrics.jsonl")
     got = read_jsonl(resumed / "metrics.jsonl")  # every line parses: the torn one is gone
     assert [r["step"] for r in got] == [r["step"] for r in want]
@@ -111,7 +112,7 @@ def test_resume_with_other_data_order_settings_is_refused(single_run, packed_sha
     resumed = tmp_path / "resumed"
     crashed_copy(run_dir, resumed, 3)
     with pytest.raises(SystemExit):
-        main(base_args(packed_shards["train"], resumed, "--tracker", "none", "--resume", "latest",
+        main(run_args(packed_shards["train"], resumed, "--tracker", "none", "--resume", "latest",
                        "--seed", "8"))
     assert "the checkpoint was trained with seed=7 (now 8)" in capsys.readouterr().err
 
@@ -125,17 +126,50 @@ def test_lr_schedule_follows_optimizer_steps():
     assert lr_factor(50, poly) == pytest.approx(0.5 ** 0.9)
 
 
-@pytest.mark.slow
-def test_two_process_ddp_matches_single_process(single_run, packed_shards, tmp_path, launch_ddp):
+def train_rank(out_dir: Path, args: list) -> None:
+    """One of 2 processes training with ``args``, rank 1's clock five hours ahead (so its default
+    run name, with %H%M%S, differs from rank 0's): writes what this rank agreed on (run name and
+    folder, a fingerprint of its weights) and what its own RNG draws next."""
+    import hashlib
+    import time
+
+    rank = int(os.environ["RANK"])
+    if rank == 1:
+        os.environ["TZ"] = "UTC-5"
+        time.tzset()
+    os.chdir(out_dir)  # no --run-dir: the default runs/<name>, here
+    cfg = parse_config(args)
+    result = train(cfg)
+    params = torch.cat([p.detach().double().flatten() for p in result.model.state_dict().values()
+                        if p.is_floating_point()])
+    (out_dir / f"rank{rank}.json").write_text(json.dumps({
+        "own_name": cfg.name, "run_dir": str(result.run_dir.resolve()), "world": int(os.environ["WORLD_SIZE"]),
+        "sha256": hashlib.sha256(params.numpy().tobytes()).hexdigest(),
+        "next_draw": torch.rand(4).tolist(),  # the global RNG after training: dropout's
+    }))
+
+
+def test_two_process_ddp_matches_single_process_and_shares_one_run(single_run, packed_shards, tmp_path,
+                                                                   debug_launch, capsys):
     """Real 2-process DDP on CPU (gloo): same weights on both ranks, the same lr schedule as
-    one process, and validation metrics equal to a one-process evaluation of the weights."""
-    run_dir = tmp_path / "ddp"
-    proc = launch_ddp(REPO / "tests" / "ddp_train_worker.py", tmp_path,
-                      *base_args(packed_shards["train"], run_dir, "--tracker", "none"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    one process, and validation metrics equal to a one-process evaluation of the weights.
+    Rank 1's clock is 5 hours ahead, so its default run name differs: both ranks must use rank
+    0's name and folder (one folder, checkpoints with both ranks' RNG states), and still draw
+    different dropout masks (per-rank seeds). Resuming with 1 process is one line."""
+    args = base_args(packed_shards["train"], "unused", "--tracker", "none")
+    args = args[:2] + args[4:]  # no --run-dir: the default runs/<name>, from the clock
+    debug_launch(train_rank, tmp_path, args)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["world"] == ranks[1]["world"] == 2
     assert ranks[0]["sha256"] == ranks[1]["sha256"]
+    assert ranks[0]["own_name"] != ranks[1]["own_name"]  # the clocks did differ
+    assert ranks[0]["run_dir"] == ranks[1]["run_dir"]
+    run_dir = Path(ranks[0]["run_dir"])
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == [run_dir.name]
+    for step in ("step_0000003", "step_0000006"):
+        saved = sorted(p.name for p in (run_dir / "checkpoints" / step).glob("random_states_*.pkl"))
+        assert saved == ["random_states_0.pkl", "random_states_1.pkl"]
+    assert ranks[0]["next_draw"] != ranks[1]["next_draw"]
 
     records = read_jsonl(run_dir / "metrics.jsonl")
     lrs = {r["step"]: (r["lr/backbone"], r["lr/head"]) for r in records if "lr/head" in r}
@@ -145,11 +179,25 @@ def test_two_process_ddp_matches_single_process(single_run, packed_shards, tmp_p
 
     final_val = [r for r in records if "val/miou" in r][-1]
     model, _ = load_checkpoint(run_dir / "final.pt")
-    torch.set_num_threads(1)
-    metrics = evaluate(model, loaders.val_loader(resolve_data(packed_shards["train"], "val"), num_workers=0), "cpu")
+    threads = torch.get_num_threads()
+    metrics = evaluate(model, loaders.val_loader(resolve_data(packed_shards["train"], "val"), num_workers=0), "cpu",
+                       threads=1)
+    assert torch.get_num_threads() == threads
     assert final_val["step"] == 6
     assert final_val["val/miou"] == pytest.approx(metrics["miou"], abs=1e-12)
     assert final_val["val/pixel_acc"] == pytest.approx(metrics["pixel_acc"], abs=1e-12)
+
+    # Resuming those 2 processes' checkpoint with 1: one line, before accelerator.load_state.
+    capsys.readouterr()
+    resume = ["--run-dir", str(run_dir), "--resume", "latest", "--iterations", "8"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(base_args(packed_shards["train"], "unused", "--tracker", "none")[4:]
+             + ["--data", str(packed_shards["train"]), *resume])
+    assert exit_info.value.code == 2
+    step = run_dir / "checkpoints" / "step_0000006"
+    assert capsys.readouterr().err.strip() == (f"segtrain: error: resume: {step} was saved by 2 process(es), this run "
+                                               "has 1; resume with 2 (accelerate launch --num_processes 2), or start a "
+                                               "new run with --init-from RUN_DIR/best.pt")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -198,7 +246,7 @@ def test_bad_model_or_loss_is_one_clear_error(packed_shards, tmp_path, capsys, a
 def test_existing_run_is_not_overwritten(single_run, packed_shards, capsys):
     run_dir, _ = single_run
     with pytest.raises(SystemExit):
-        main(base_args(packed_shards["train"], run_dir, "--tracker", "none"))
+        main(run_args(packed_shards["train"], run_dir, "--tracker", "none"))
     assert "already holds a run; pass --resume latest" in capsys.readouterr().err
 
 
@@ -242,14 +290,14 @@ def test_accumulation_aux_head_clipping_bf16_and_checkpoint_pruning(packed_shard
     run_dir = tmp_path / "options"
     main(base_args(packed_shards["train"], run_dir, "--tracker", "none", "--grad-accum", "2",
                    "--aux-loss-weight", "0.4", "--grad-clip", "1.0", "--mixed-precision", "bf16",
-                   "--iterations", "4", "--checkpoint-every", "1", "--keep-checkpoints", "2",
-                   "--val-every", "4", "--log-every", "1"))
+                   "--iterations", "3", "--checkpoint-every", "1", "--keep-checkpoints", "2",
+                   "--val-every", "3", "--log-every", "1", "--crop-size", "33"))  # 3 saves: enough to prune one
     records = read_jsonl(run_dir / "metrics.jsonl")
-    assert sorted(losses(records)) == [1, 2, 3, 4]
+    assert sorted(losses(records)) == [1, 2, 3]
     assert all(0 < loss < 100 for loss in losses(records).values())
     # 48 images / (1 process x 2 per micro-batch x 2 micro-batches) = 12 optimizer steps per epoch.
-    assert [r["epoch"] for r in records if "train/loss" in r] == pytest.approx([1 / 12, 2 / 12, 3 / 12, 4 / 12])
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_0000003", "step_0000004"]
+    assert [r["epoch"] for r in records if "train/loss" in r] == pytest.approx([1 / 12, 2 / 12, 3 / 12])
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_0000002", "step_0000003"]
     model, ckpt = load_checkpoint(run_dir / "best.pt")
     assert model.model_config["aux_head"] and ckpt["config"]["mixed_precision"] == "bf16"
     with torch.no_grad():
@@ -262,41 +310,13 @@ def test_resume_with_another_worker_count_is_exact(packed_shards, tmp_path):
     not depend on the workers, so the losses are the uninterrupted run's, crossing an epoch."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     # 48 images / batch 4 = 12 steps per epoch: resume at 9, go on into the second epoch.
-    flags = ["--tracker", "none", "--iterations", "14", "--checkpoint-every", "9", "--val-every", "100"]
+    flags = ["--tracker", "none", "--iterations", "14", "--checkpoint-every", "9", "--val-every", "100",
+             "--crop-size", "33"]  # small crops: the property is the batches' order, not the model
     main(base_args(packed_shards["train"], full, *flags, "--workers", "1"))
     crashed_copy(full, resumed, 9)
     main(base_args(packed_shards["train"], resumed, *flags, "--workers", "2", "--resume", "latest"))
     expected = losses(read_jsonl(full / "metrics.jsonl"))
     assert len(expected) == 14 and losses(read_jsonl(resumed / "metrics.jsonl")) == expected
-
-
-@pytest.mark.slow
-def test_two_processes_with_different_clocks_share_one_run_and_draw_their_own_dropout(
-        packed_shards, tmp_path, launch_ddp, capsys):
-    """Rank 1's clock is 5 hours ahead, so its default run name differs: both ranks must use rank
-    0's name and folder (one folder, a checkpoint with both ranks' RNG states), hold the same
-    weights, and still draw different dropout masks (per-rank seeds)."""
-    args = base_args(packed_shards["train"], "unused", "--tracker", "none", "--iterations", "2",
-                     "--checkpoint-every", "2", "--val-every", "2")
-    args = args[:2] + args[4:]  # no --run-dir: the default runs/<name>, from the clock
-    proc = launch_ddp(REPO / "tests" / "ddp_agree_worker.py", tmp_path, *args, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0]["own_name"] != ranks[1]["own_name"]  # the clocks did differ
-    assert ranks[0]["run_dir"] == ranks[1]["run_dir"]
-    assert [p.name for p in (tmp_path / "runs").iterdir()] == [Path(ranks[0]["run_dir"]).name]
-    step = Path(ranks[0]["run_dir"]) / "checkpoints" / "step_0000002"
-    assert sorted(p.name for p in step.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
-    assert ranks[0]["sha256"] == ranks[1]["sha256"]
-    assert ranks[0]["next_draw"] != ranks[1]["next_draw"]
-    # Resuming those 2 processes' checkpoint with 1: one line, before accelerator.load_state.
-    resume = ["--run-dir", ranks[0]["run_dir"], "--resume", "latest", "--iterations", "4"]
-    with pytest.raises(SystemExit) as exit_info:
-        main(base_args(packed_shards["train"], "unused", "--tracker", "none")[4:] + ["--data", str(packed_shards["train"]), *resume])
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip() == (f"segtrain: error: resume: {step} was saved by 2 process(es), this run "
-                                               "has 1; resume with 2 (accelerate launch --num_processes 2), or start a "
-                                               "new run with --init-from RUN_DIR/best.pt")
 
 
 def test_a_step_that_raises_stops_the_loader_workers(packed_shards, tmp_path, monkeypatch):
