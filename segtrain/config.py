@@ -250,7 +250,9 @@ def parse_config(argv: Optional[list[str]] = None) -> TrainConfig:
     cfg = apply_overrides(cfg, args, "command line")
     if cfg.name is None:
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{cfg.arch}-{cfg.backbone}-{cfg.loss}")
-        cfg = dataclasses.replace(cfg, name=f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+        # A sweep trial is named by its wandb run id: the agent reruns a preempted trial with the same
+        # id, so the rerun finds its RUN_DIR and resumes (--resume auto).
+        cfg = dataclasses.replace(cfg, name=f"{stem}-{trackers.sweep_trial_id() or time.strftime('%Y%m%d-%H%M%S')}")
     return validate(cfg)
 
 

@@ -452,6 +452,11 @@ def job_run_id(run_dir: Path, resuming: bool) -> str:
     return os.environ.get("WANDB_RUN_ID") or uuid.uuid4().hex[:16]
 
 
+def sweep_trial_id() -> Optional[str]:
+    """The run id a wandb agent gave this trial (None outside a sweep)."""
+    return os.environ.get("WANDB_RUN_ID") if os.environ.get("WANDB_SWEEP_ID") else None
+
+
 class WandbTracker(Tracker):
     """One wandb run per job: every resume, requeue and resubmit continues the id in
     RUN_DIR/wandb_id (``resume="allow"``), sends only the steps after the last one the run
