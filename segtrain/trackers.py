@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -50,7 +51,8 @@ from segtrain.transforms import denormalize
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from segtrain.plan import RunPlan
+# A segtrain.plan.RunPlan (not imported, even for type checking: plan -> config -> trackers would be a cycle).
+RunPlan = Any
 
 # Accelerate's trackers (accelerate.tracking.LOGGER_TYPE_TO_CLASS), named here so that reading the
 # choices does not import Accelerate; each needs its own package installed.
@@ -105,7 +107,7 @@ class Tracker:
     # the caller gathers the samples in a collective).
     wants_samples = False
 
-    def __init__(self, plan: "RunPlan", main: bool) -> None:
+    def __init__(self, plan: RunPlan, main: bool) -> None:
         self.plan, self.main, self.failed = plan, main, False
 
     def start(self, step: int) -> None:
@@ -157,7 +159,7 @@ class Tracker:
         """After a failure: release what the backend holds, quietly (it may be dead)."""
 
 
-def open_tracker(plan: "RunPlan", main: bool) -> Tracker:
+def open_tracker(plan: RunPlan, main: bool) -> Tracker:
     """The tracker ``plan.cfg.tracker`` names (call on every rank; ``main``: this is the main process)."""
     name = plan.cfg.tracker
     if name in ACCELERATE_TRACKERS:
@@ -203,7 +205,7 @@ def class_scalars(iou: Optional[list], acc: Optional[list], class_names: tuple[s
     return out
 
 
-def flat_config(plan: "RunPlan") -> dict[str, Any]:
+def flat_config(plan: RunPlan) -> dict[str, Any]:
     """The run's config as users compare runs: top-level scalars only.
 
     No machine-local paths (the data and weights by file name), no nested timing tables, no
@@ -241,13 +243,40 @@ def loss_options_used(loss: str) -> set[str]:
     return {option for _, name in parse_loss_spec(loss) for option in _loss_options(name)}
 
 
-def _split_sizes(plan: "RunPlan") -> dict[str, Any]:
-    """Image counts of the train and val splits, as the plan's data sources know them."""
+def _split_sizes(plan: RunPlan) -> dict[str, Any]:
+    """Image counts of the train and val splits as the plan's data sources know them, and the
+    train manifest's sha256 ("same data?" is one filter, whatever the path on each machine)."""
     from segtrain import shards
 
     train = shards.resolve_data(plan.cfg.data, plan.cfg.train_split)
     val = shards.resolve_data(plan.val_loader["data"], plan.cfg.val_split)
-    return {"train_images": train.num_samples, "val_images": val.num_samples}
+    sizes = {"train_images": train.num_samples, "val_images": val.num_samples}
+    if train.manifest is not None:
+        sizes["data_sha256"] = hashlib.sha256(json.dumps(train.manifest, sort_keys=True).encode()).hexdigest()
+    return sizes
+
+
+def use_dataset_artifact(run: Any, plan: RunPlan) -> None:
+    """The train manifest as a dataset artifact the run uses (lineage; remote shards as reference
+    entries, not copied). wandb cannot record a use offline, where ``data_sha256`` in the config
+    stands for it; a failure here is one warning and costs the tracker nothing else."""
+    import wandb
+
+    from segtrain import shards
+
+    source = shards.resolve_data(plan.cfg.data, plan.cfg.train_split)
+    if run.settings._offline or source.manifest is None or not Path(plan.cfg.data).is_file():
+        return
+    try:
+        artifact = wandb.Artifact(f"data-{Path(plan.cfg.data).stem}", type="dataset",
+                                  metadata={"split": source.split, "num_samples": source.num_samples})
+        artifact.add_file(str(plan.cfg.data))
+        for url in source.urls:
+            if "://" in url:
+                artifact.add_reference(url, checksum=False)
+        run.use_artifact(artifact)
+    except Exception as e:  # noqa: BLE001 -- lineage is a nicety
+        warnings.warn(f"wandb: the dataset artifact was not recorded ({type(e).__name__}: {e})", RuntimeWarning)
 
 
 def append_line(path: Path, record: dict) -> None:
@@ -358,7 +387,7 @@ class AccelerateTracker(Tracker):
     wrote after the checkpoint (``purge_step``), so each step shows once.
     """
 
-    def __init__(self, plan: "RunPlan", main: bool, name: str) -> None:
+    def __init__(self, plan: RunPlan, main: bool, name: str) -> None:
         super().__init__(plan, main)
         self.name = name
         self.tracker: Any = None
@@ -472,7 +501,7 @@ class WandbTracker(Tracker):
     name = "wandb"
     wants_samples = True
 
-    def __init__(self, plan: "RunPlan", main: bool) -> None:
+    def __init__(self, plan: RunPlan, main: bool) -> None:
         super().__init__(plan, main)
         self.run: Any = None
         self.logged_to = -1  # the run already has every step up to this one
@@ -492,6 +521,8 @@ class WandbTracker(Tracker):
         self.run.define_metric("*", step_metric=STEP_KEY)
         self.logged_to = max(self.run.step - 1, last_offline_step(plan.run_dir, self.run.id, self.run.dir))
         self._catch_up(step)
+        if step == 0:
+            use_dataset_artifact(self.run, plan)
 
     def _catch_up(self, step: int) -> None:
         """Send metrics.jsonl's records the run does not have yet (a killed attempt's lost tail, or
@@ -572,7 +603,7 @@ def _none_if_nan(value: Optional[float]) -> Optional[float]:
     return None if value is None or math.isnan(value) else value
 
 
-def init_kwargs(plan: "RunPlan", run_id: str) -> dict:
+def init_kwargs(plan: RunPlan, run_id: str) -> dict:
     """``wandb.init`` arguments for this launch (besides project and config)."""
     cfg = plan.cfg
     tags = [t.strip() for t in (cfg.tags or "").split(",") if t.strip()]

@@ -135,7 +135,7 @@ def test_config_as_users_compare_runs(first):
     assert config["train_images"] == 48 and config["val_images"] == 16
     assert config["loss_terms/ce"] == 1.0 and config["loss_terms/focal"] == 0.5  # numbers a panel can plot
     assert "focal_gamma" in config and "class_weighting" not in config and "ohem_thresh" not in config
-    assert config["data_name"] == "voc-train.json"
+    assert config["data_name"] == "voc-train.json" and len(config["data_sha256"]) == 64  # "same data?" by content
     for key in ("data", "run_dir", "group", "tags", "notes", "resolved", "resume"):
         assert key not in config
     assert not any(isinstance(v, (dict, list)) for v in config.values())  # no nested tables
