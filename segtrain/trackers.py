@@ -574,16 +574,19 @@ class WandbTracker(Tracker):
             log_model_artifact(self.run, path, ["best"])
 
     def _finish(self, step: int, metrics: dict, exit_code: int) -> None:
+        import wandb
+
         if exit_code:  # preempted: requeued, resumed into this run
             self.run.mark_preempting()
-            self.run.finish(exit_code=exit_code)
-            return
-        if metrics:
+        elif metrics:
             self.run.summary.update({"final/val_miou": metrics["miou"], "final/val_pixel_acc": metrics["pixel_acc"],
                                      "final/step": step})
-        if self.plan.cfg.log_model == "final":
+        if self.plan.cfg.log_model == "final" and not exit_code:
             log_model_artifact(self.run, self.plan.run_dir / "final.pt", ["final"])
-        self.run.finish()
+        self.run.finish(exit_code=exit_code)
+        # finish() can return before wandb-core has written the run file (seen under load); its
+        # teardown waits for it, so the offline folder is complete when train() returns.
+        wandb.teardown()
 
     def _abandon(self) -> None:
         # wandb's atexit hook would tear down the dead wandb-core again and print a traceback at
@@ -699,8 +702,10 @@ def wandb_log_evaluation(run_dir: Path, summary: dict) -> Optional[str]:
     run = wandb.init(project=(saved or {}).get("wandb_project", "segtrain"), id=id_file.read_text().strip(),
                      resume="allow", dir=str(run_dir), **({"mode": mode} if mode else {}))
     run.summary.update(summary)
+    run_id = run.id
     run.finish()
-    return run.id
+    wandb.teardown()  # the run file is complete when this returns (see WandbTracker._finish)
+    return run_id
 
 
 __all__ = ["TRACKERS", "DEFAULT_TRACKER", "TRACKER_HELP", "LOG_MODEL", "DEFAULT_LOG_MODEL", "GROUP_HELP",
