@@ -45,7 +45,8 @@ from typing import TYPE_CHECKING, Any, Optional
 import numpy as np
 import torch
 
-from segtrain.files import atomic_write_bytes, read_metrics_log
+from segtrain.checkpoints import RunDir, read_metrics_log
+from segtrain.files import PathLike, atomic_write_bytes
 from segtrain.transforms import denormalize
 
 if TYPE_CHECKING:
@@ -87,9 +88,6 @@ TAGS_HELP = "wandb tags, comma-separated (e.g. voc,r50)"
 NOTES_HELP = "wandb notes: a sentence on what this run tries"
 STEP_KEY = "step"  # every row carries the optimizer step under this key: the charts' x axis
 IMAGES_KEY = "images_seen"  # step x global batch: the x axis on which runs with other GPU counts line up
-ID_FILE = "wandb_id"
-JSONL_FILE = "tracker.jsonl"
-TENSORBOARD_DIR = "tensorboard"
 
 
 # ----------------------------------------------------------------------------- the interface
@@ -167,16 +165,15 @@ def open_tracker(plan: RunPlan, main: bool) -> Tracker:
     return {"wandb": WandbTracker, "jsonl": JsonlTracker, "none": Tracker}[name](plan, main)
 
 
-def log_evaluation(name: str, run_dir: Path, result: dict) -> Optional[str]:
+def log_evaluation(name: str, run_dir: RunDir, result: dict) -> Optional[str]:
     """Add segtrain.evaluate's ``result`` to the training's run in tracker ``name``; returns where
     it went (the wandb run id, a file or folder), or None when RUN_DIR has no such run."""
     summary = evaluation_summary(result)
     if name == "wandb":
         return wandb_log_evaluation(run_dir, summary)
     if name == "jsonl":
-        path = run_dir / JSONL_FILE
-        append_line(path, {"event": "evaluation", **summary})
-        return str(path)
+        append_line(run_dir.tracker_jsonl, {"event": "evaluation", **summary})
+        return str(run_dir.tracker_jsonl)
     if name in ACCELERATE_TRACKERS:
         return accelerate_log_evaluation(name, run_dir, summary, result)
     return None
@@ -222,7 +219,7 @@ def flat_config(plan: RunPlan) -> dict[str, Any]:
     config |= {f"{k}_name": Path(getattr(cfg, k)).name for k in ("data", "val_data", "init_from", "backbone_weights")
                if getattr(cfg, k)}
     config |= {f"loss_terms/{name}": coef for coef, name in terms}
-    runtime = plan.runtime
+    runtime = plan.runtime.to_dict()
     config |= {"mixed_precision": runtime.get("mixed_precision"), "mixed_precision_requested": cfg.mixed_precision,
                "precision_reason": runtime.get("precision_reason"), "device": runtime.get("device"),
                "processes": plan.world_size, "per_process_batch": plan.per_process_batch,
@@ -357,7 +354,7 @@ class JsonlTracker(Tracker):
     wants_samples = True
 
     def _write(self, record: dict) -> None:
-        append_line(self.plan.run_dir / JSONL_FILE, record)
+        append_line(self.plan.run_dir.tracker_jsonl, record)
 
     def _start(self, step: int) -> None:
         self._write({"event": "start", "step": step, "config": flat_config(self.plan)})
@@ -407,7 +404,7 @@ class AccelerateTracker(Tracker):
         self.tracker.finish()
 
 
-def make_accelerate_tracker(name: str, run_name: Optional[str], run_dir: Path, kwargs: dict) -> Any:
+def make_accelerate_tracker(name: str, run_name: Optional[str], run_dir: RunDir, kwargs: dict) -> Any:
     """Accelerate's tracker class ``name``, constructed and started (main process)."""
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
@@ -418,7 +415,8 @@ def make_accelerate_tracker(name: str, run_name: Optional[str], run_dir: Path, k
     if cls is None or not available():
         raise ConfigError(f"--tracker {name}: {ACCELERATE_TRACKERS[name]}; it is not installed here")
     if cls.requires_logging_directory:  # TensorBoard: RUN_DIR/tensorboard; Aim: RUN_DIR
-        tracker = cls(TENSORBOARD_DIR if name == "tensorboard" else (run_name or "segtrain"), str(run_dir), **kwargs)
+        logs = run_dir.tensorboard if name == "tensorboard" else run_dir.root / (run_name or "segtrain")
+        tracker = cls(logs.name, str(logs.parent), **kwargs)
     else:
         tracker = cls(run_name or "segtrain", **kwargs)
     if hasattr(tracker, "start"):  # Accelerate >= 1.2 opens the backend in start()
@@ -436,12 +434,12 @@ def scalar_config(config: dict) -> dict[str, Any]:
             if v is not None}
 
 
-def accelerate_log_evaluation(name: str, run_dir: Path, summary: dict, result: dict) -> Optional[str]:
+def accelerate_log_evaluation(name: str, run_dir: RunDir, summary: dict, result: dict) -> Optional[str]:
     step = int(torch.load(result["checkpoint"], map_location="cpu", weights_only=True).get("step") or 0)
-    tracker = make_accelerate_tracker(name, run_dir.name, run_dir, {})
+    tracker = make_accelerate_tracker(name, run_dir.root.name, run_dir, {})
     tracker.log(scalars(summary), step=step)
     tracker.finish()
-    return str(run_dir / TENSORBOARD_DIR) if name == "tensorboard" else name
+    return str(run_dir.tensorboard) if name == "tensorboard" else name
 
 
 # ----------------------------------------------------------------------------- wandb
@@ -471,11 +469,11 @@ def wandb_mode() -> Optional[str]:
     return None if found else "offline"
 
 
-def job_run_id(run_dir: Path, resuming: bool) -> str:
+def job_run_id(run_dir: RunDir, resuming: bool) -> str:
     """The wandb id this launch asks for: the job's own (RUN_DIR/wandb_id) when it resumes, else
     the one a wandb agent or the user set (WANDB_RUN_ID), else a new one. Under a sweep wandb
     uses the agent's id whatever is asked: ``WandbTracker`` records ``run.id``, never this."""
-    id_file = run_dir / ID_FILE
+    id_file = run_dir.wandb_id
     if resuming and id_file.is_file() and id_file.read_text().strip():
         return id_file.read_text().strip()
     return os.environ.get("WANDB_RUN_ID") or uuid.uuid4().hex[:16]
@@ -513,7 +511,7 @@ class WandbTracker(Tracker):
         plan, cfg = self.plan, self.plan.cfg
         self.run = wandb.init(project=cfg.wandb_project, config=flat_config(plan),
                               **init_kwargs(plan, job_run_id(plan.run_dir, cfg.resume is not None)))
-        id_file = plan.run_dir / ID_FILE
+        id_file = plan.run_dir.wandb_id
         if not id_file.is_file() or id_file.read_text().strip() != self.run.id:  # an agent's id, or a new one
             atomic_write_bytes(id_file, self.run.id.encode())
         self.run.define_metric(STEP_KEY, hidden=True)
@@ -527,7 +525,7 @@ class WandbTracker(Tracker):
     def _catch_up(self, step: int) -> None:
         """Send metrics.jsonl's records the run does not have yet (a killed attempt's lost tail, or
         none), and take best/* from the whole record."""
-        path = self.plan.run_dir / "metrics.jsonl"
+        path = self.plan.run_dir.metrics
         for record in read_metrics_log(path) if path.is_file() else []:
             if "val/miou" in record and (self.best is None or record["val/miou"] > self.best[0]):
                 self.best = (record["val/miou"], record["step"])
@@ -582,7 +580,7 @@ class WandbTracker(Tracker):
             self.run.summary.update({"final/val_miou": metrics["miou"], "final/val_pixel_acc": metrics["pixel_acc"],
                                      "final/step": step})
         if self.plan.cfg.log_model == "final" and not exit_code:
-            log_model_artifact(self.run, self.plan.run_dir / "final.pt", ["final"])
+            log_model_artifact(self.run, self.plan.run_dir.final, ["final"])
         self.run.finish(exit_code=exit_code)
         # finish() can return before wandb-core has written the run file (seen under load); its
         # teardown waits for it, so the offline folder is complete when train() returns.
@@ -633,16 +631,16 @@ def log_model_artifact(run: Any, path: Path, aliases: list[str]) -> None:
     run.log_artifact(artifact, aliases=[*aliases, f"step-{ckpt.get('step')}", "latest"])
 
 
-def offline_folders(run_dir: Path) -> list[Path]:
+def offline_folders(run_dir: PathLike) -> list[Path]:
     """``RUN_DIR/wandb/offline-run-<YYYYMMDD_HHMMSS>-<id>`` folders in the order they were written."""
-    return sorted((run_dir / "wandb").glob("offline-run-*"), key=lambda p: (p.stat().st_mtime, p.name))
+    return sorted(RunDir(run_dir).wandb.glob("offline-run-*"), key=lambda p: (p.stat().st_mtime, p.name))
 
 
-def last_offline_step(run_dir: Path, run_id: str, current: Optional[str] = None) -> int:
+def last_offline_step(run_dir: PathLike, run_id: str, current: Optional[str] = None) -> int:
     """The last history step of run ``run_id`` in RUN_DIR's earlier offline folders (-1: none);
     ``current``: this launch's own folder (or a path inside it), left out."""
     last = -1
-    for folder in (run_dir / "wandb").glob(f"offline-run-*-{run_id}"):
+    for folder in RunDir(run_dir).wandb.glob(f"offline-run-*-{run_id}"):
         if current and Path(current).resolve().is_relative_to(folder.resolve()):
             continue
         for path in folder.glob(f"run-{run_id}.wandb"):
@@ -688,16 +686,16 @@ def wandb_records(path: Path) -> Iterator[Any]:
             yield record
 
 
-def wandb_log_evaluation(run_dir: Path, summary: dict) -> Optional[str]:
+def wandb_log_evaluation(run_dir: RunDir, summary: dict) -> Optional[str]:
     """``summary`` into the training's wandb run (the id in RUN_DIR/wandb_id), so final, best and
     ms-flip mIoU sit in one row of the runs table. None when RUN_DIR has no wandb run."""
     import wandb
     import yaml
 
-    id_file = run_dir / ID_FILE
+    id_file = run_dir.wandb_id
     if not id_file.is_file():
         return None
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    saved = yaml.safe_load(run_dir.config.read_text()) if run_dir.config.is_file() else {}
     mode = wandb_mode()
     run = wandb.init(project=(saved or {}).get("wandb_project", "segtrain"), id=id_file.read_text().strip(),
                      resume="allow", dir=str(run_dir), **({"mode": mode} if mode else {}))
