@@ -43,10 +43,42 @@ def exit_status(code: int) -> int:
     return 128 - code if code < 0 else code
 
 
+# What usually sends the signal that killed a training process, said with the rank's death.
+LIKELY_CAUSE = {
+    signal.SIGKILL: "out of memory? the kernel's OOM killer sends it (dmesg; sacct shows OUT_OF_MEMORY)",
+    signal.SIGSEGV: "a crash in native code (a driver, a compiled kernel)",
+    signal.SIGBUS: "out of shared memory? (/dev/shm, used by the DataLoader's workers)",
+    signal.SIGABRT: "aborted by native code (a failed assertion, NCCL's watchdog)",
+}
+
+
 def describe(rank: int, code: int) -> str:
     if code < 0:
-        return f"process {rank} was killed by {signal.Signals(-code).name}"
+        sig = signal.Signals(-code)
+        cause = LIKELY_CAUSE.get(sig)
+        return f"process {rank} was killed by {sig.name} (signal {-code}{': ' + cause if cause else ''})"
     return f"process {rank} exited with status {code}"
+
+
+def no_restart_on(codes: tuple[int, ...]) -> None:
+    """torchrun ``--max_restarts N`` restarts the group whenever a process fails. A user error
+    (exit 2) would fail again in every round, and a clean stop (exit 75) asked the job to end:
+    neither spends a restart; the agent stops at once. (Patches the agent's monitor: torch has
+    no option for it.)"""
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+    monitor = LocalElasticAgent._monitor_workers
+    if getattr(monitor, "segtrain", False):
+        return
+
+    def monitor_workers(self, worker_group):
+        result = monitor(self, worker_group)
+        if result.is_failed() and any(f.exitcode in codes for f in result.failures.values()):
+            self._remaining_restarts = 0
+        return result
+
+    monitor_workers.segtrain = True
+    LocalElasticAgent._monitor_workers = monitor_workers
 
 
 def quiet_elastic_agent() -> None:
@@ -105,16 +137,29 @@ def fill_num_processes(args) -> None:
         args.num_processes = machines * max(torch.cuda.device_count(), 1)
 
 
+def first_cause(error: ChildFailedError):
+    """(rank, failure) of the process whose end caused the others': a signal death or a user error
+    before the processes that then lost their peers or got the agent's SIGTERM (torch orders
+    failures only by the time its agent noticed them)."""
+    failures = sorted(error.failures.items(), key=lambda rf: (rf[1].timestamp, rf[0]))
+    for rank, failure in failures:
+        killed = failure.exitcode < 0 and failure.exitcode != -signal.SIGTERM
+        if killed or failure.exitcode in (USER_ERROR_EXIT, PREEMPTED_EXIT):
+            return rank, failure
+    return failures[0]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = launch_command_parser().parse_args(argv)
     with user_errors():
         fill_num_processes(args)
     quiet_elastic_agent()
+    no_restart_on((USER_ERROR_EXIT, PREEMPTED_EXIT))
     forward_stop_signals()
     try:
         launch_command(args)
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
+        rank, failure = first_cause(e)
         code = failure.exitcode
         # A rank that exits 75 has passed the checkpoint's last barrier: the stop was clean, even if
         # the agent then killed a slower rank before it could exit on its own.

@@ -410,9 +410,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     window = LogWindow(device)
     progress = tqdm(total=cfg.iterations, initial=step, disable=not accelerator.is_main_process,
                     dynamic_ncols=True, desc="train")
-    stopper = preempt.StopOnSignal(cfg.stop_signals, plan.world_size)  # SIGTERM/USR1: checkpoint, exit 75
+    stopper = preempt.StopOnSignal(cfg.stop_signals, plan.world_size,  # SIGTERM/USR1: checkpoint, exit 75
+                                   distributed.process_group_timeout(cfg.dist_timeout_min))
     try:
-        while step < cfg.iterations and not stopper.stopped:
+        while step < cfg.iterations:
             train_step(model, criterion, optimizer, accelerator, cfg, step, batches, normalization, window)
             step = state.step = step + 1
             progress.update(1)
@@ -427,18 +428,22 @@ def train(cfg: TrainConfig) -> TrainResult:
                 best_before = state.best_miou
                 metrics = validate_and_keep_best(model, accelerator, plan, log, tracker, state, window)
                 best_step = step if state.best_miou != best_before else best_step  # a better mIoU: best.pt written
-            # After validation, so the checkpoint carries the best mIoU it just measured. All ranks
-            # skip should_stop() on the same (checkpoint) steps, so its collectives stay matched.
-            if plan.checkpoints_at(step) or stopper.should_stop():
+            # After validation, so the checkpoint carries the best mIoU it just measured. Asked every
+            # step (the agreement needs it); a stop on the last step is the normal end.
+            stop = stopper.should_stop(step) and step < cfg.iterations
+            if plan.checkpoints_at(step) or stop:
                 save_training_state(accelerator, plan.run_dir, step, cfg.keep_checkpoints)
+            if stop:
+                break
     finally:  # also when a step raises: the loader's workers live for the whole run
         progress.close()
         batches.close()
         stopper.close()
-    if stopper.stopped:
+    if step < cfg.iterations:  # stopped by a signal: the line and the requeue marker before anything may fail
+        preempted = stopper.finish(step, plan.run_dir.step_dir(step), say, accelerator.is_main_process)
         tracker.finish(step, metrics, exit_code=preempt.PREEMPTED_EXIT)  # the run shows as preempted
         accelerator.end_training()
-        raise stopper.exit(step, plan.run_dir.step_dir(step), say)
+        raise preempted
 
     sync_buffers(model, accelerator)
     save_final(accelerator, model, plan, step, metrics, best_step)

@@ -232,3 +232,28 @@ def test_resume_auto_of_a_finished_run_keeps_its_final_checkpoint(packed_shards,
     assert "has trained all 2 steps; nothing to do" in capsys.readouterr().out
     assert torch.load(run_dir / "final.pt", weights_only=True)["metrics"] == final["metrics"]
     assert result.metrics == {}
+
+
+def test_ranks_agree_through_the_store_on_one_step_whoever_got_the_signal(monkeypatch):
+    """Rank 1 alone is signalled at the end of step 3: both ranks stop after step 4, rank 0 names
+    rank 1's signal; a restart round (TORCHELASTIC_RESTART_COUNT) does not see the old request."""
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", 0, 1, True)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    ranks = [preempt.StopOnSignal("TERM+USR1", world_size=2, store=store) for _ in range(2)]
+    try:
+        ranks[0].key = ranks[1].key  # one run: the same key on both ranks (made in the same order there)
+        assert not ranks[0].should_stop(3)  # rank 0 read before rank 1 proposed
+        ranks[1]._handle(signal.SIGUSR1, None)
+        assert not ranks[1].should_stop(3)
+        assert [r.should_stop(4) for r in ranks] == [True, True]
+        assert ranks[0].signum == signal.SIGUSR1
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+        fresh = preempt.StopOnSignal("TERM+USR1", world_size=2, store=store)
+        fresh.key = fresh.key.replace(fresh.key.rsplit("/", 1)[1], ranks[1].key.rsplit("/", 1)[1])
+        assert "round1" in fresh.key and not fresh.should_stop(4)
+        fresh.close()
+    finally:
+        for r in reversed(ranks):
+            r.close()
