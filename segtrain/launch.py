@@ -33,6 +33,7 @@ from accelerate.commands.launch import launch_command, launch_command_parser
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from segtrain.cli import USER_ERROR_EXIT, no_usable_gpu, user_errors
+from segtrain.distributed import LAUNCHER_ENV, PEER_LOST_EXIT
 from segtrain.preempt import PREEMPTED_EXIT
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -53,6 +54,8 @@ LIKELY_CAUSE = {
 
 
 def describe(rank: int, code: int) -> str:
+    if code == PEER_LOST_EXIT:  # no process died on this node: another node's did
+        return f"process {rank} lost contact with another process of the job (another node failed?)"
     if code < 0:
         sig = signal.Signals(-code)
         cause = LIKELY_CAUSE.get(sig)
@@ -146,6 +149,9 @@ def first_cause(error: ChildFailedError):
         killed = failure.exitcode < 0 and failure.exitcode != -signal.SIGTERM
         if killed or failure.exitcode in (USER_ERROR_EXIT, PREEMPTED_EXIT):
             return rank, failure
+    for rank, failure in failures:  # a crash with its traceback before the processes that lost it
+        if failure.exitcode not in (PEER_LOST_EXIT, -signal.SIGTERM):
+            return rank, failure
     return failures[0]
 
 
@@ -155,6 +161,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         fill_num_processes(args)
     quiet_elastic_agent()
     no_restart_on((USER_ERROR_EXIT, PREEMPTED_EXIT))
+    # torch >= 2.4's c10d rendezvous keeps one store server for every restart round and its
+    # workers key the process group's addresses without the round: a restarted gloo group reads
+    # the dead round's ports (connectFullMesh ... Connection refused). Opting out makes the new
+    # round's rank 0 host a fresh store (torch's behaviour before 2.4).
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    os.environ[LAUNCHER_ENV] = "1"  # its processes leave naming a dead process to it (peers_lost)
     forward_stop_signals()
     try:
         launch_command(args)

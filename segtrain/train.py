@@ -113,20 +113,22 @@ def build_training(plan: RunPlan, accelerator: Accelerator) -> tuple[torch.nn.Mo
 
 
 def compile_after_prepare(model: torch.nn.Module, accelerator: Accelerator) -> bool:
-    """Compile the prepared module in place (so checkpoints and unwrap_model see the plain one).
+    """Compile the bare module inside the prepared one, in place (checkpoints and unwrap_model see
+    the plain module).
 
-    After DDP wrapping, as torch documents for DDP: dynamo then sees DDP and splits the graph
-    at its gradient buckets (DDPOptimizer), so all-reduces overlap the backward pass; a module
-    compiled inside DDP is one graph whose gradients are all-reduced only after it. Whether a
-    compiled graph really ran is known after the first step (``confirm_compiled``).
+    The inner module, not the DDP wrapper: dynamo graph-breaks at DDP's own forward in torch 2.14,
+    so a compiled wrapper compiles nothing on 2+ processes (0 graphs with 2 gloo processes). The
+    inner module runs inside DDP's forward, where dynamo finds the active DDP module and splits
+    the graph at its gradient buckets (DDPOptimizer), so all-reduces still overlap the backward
+    pass. Whether a compiled graph really ran is known after the first step (``confirm_compiled``).
     """
-    return hardware.compile_model(model, accelerator.print)
+    return hardware.compile_model(accelerator.unwrap_model(model), accelerator.print)
 
 
 def confirm_compiled(model: torch.nn.Module, plan: RunPlan, accelerator: Accelerator) -> RunPlan:
     """After the first step: 'compiled' in the run's record is what dynamo's counters say ran
     (returned as the plan from here on, and written to config.yaml)."""
-    compiled, line = hardware.compile_outcome(model)
+    compiled, line = hardware.compile_outcome(accelerator.unwrap_model(model))
     accelerator.print(line)
     plan = plan.with_runtime(compiled=compiled)
     if accelerator.is_main_process and plan.resume_from is None:
@@ -454,7 +456,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    with user_errors():
+    with user_errors(), distributed.peers_lost():  # a dead process is named by segtrain.launch, once
         train(parse_config(argv))
 
 

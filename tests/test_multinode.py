@@ -105,3 +105,17 @@ def test_slurm_script_gives_every_rank_its_cpus_and_names_no_precision(tmp_path)
     script = args[args.index("-c") + 1]
     assert "--mixed_precision" not in script and "segtrain.launch" in script
     assert args[args.index("-c") + 2:args.index("-c") + 7] == [f"{REPO}/.venv/bin/python", "2", "8", "node1", "29500"]
+
+
+@pytest.mark.slow
+def test_compile_on_two_processes_compiles_graphs(launch_ddp, tmp_path):
+    """--compile on 2 processes: the inner module is compiled, so dynamo compiles graphs (the DDP
+    wrapper compiled gives 0: dynamo graph-breaks at DDP's forward), the line says so, and DDP
+    still keeps the ranks' parameters equal."""
+    proc = launch_ddp(REPO / "tests" / "ddp_compile_worker.py", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"compile{r}.json").read_text()) for r in (0, 1)]
+    for rank in ranks:
+        assert rank["world"] == 2 and rank["compiled"] and rank["graphs"] > 0, rank
+        assert rank["line"].startswith(f"compile: {rank['graphs']} graph(s) compiled"), rank
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]
