@@ -92,6 +92,8 @@ def quiet_elastic_agent() -> None:
     for name in list(logging.Logger.manager.loggerDict):
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
+    # "master_addr is only used for static rdzv_backend": accelerate passes it with every backend.
+    logging.getLogger("torch.distributed.run").setLevel(logging.ERROR)
 
 
 def forward_stop_signals() -> None:

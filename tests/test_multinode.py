@@ -5,15 +5,19 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from cluster_harness import Job, metrics_steps, wait_for_step
 from conftest import _free_port
 from segtrain.model import load_checkpoint
+from segtrain.preempt import PREEMPTED_EXIT
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,3 +123,113 @@ def test_compile_on_two_processes_compiles_graphs(launch_ddp, tmp_path):
         assert rank["world"] == 2 and rank["compiled"] and rank["graphs"] > 0, rank
         assert rank["line"].startswith(f"compile: {rank['graphs']} graph(s) compiled"), rank
     assert ranks[0]["checksum"] == ranks[1]["checksum"]
+
+
+# ----------------------------------------------------------------------------- the cluster harness
+# N "nodes" of segtrain.launch on 127.0.0.1, signals to every process of the job, srun's
+# --kill-on-bad-exit, kill -9 of a rank (tests/cluster_harness.py). 2 processes in all, so
+# every run here trains the same batches as the uninterrupted one.
+
+STOPS = int(os.environ.get("SEGTRAIN_CLUSTER_STOPS", "2"))  # per layout; the issue's 10: set it to 10
+CLUSTER_ITERATIONS = 4 * STOPS + 4  # room for every stop before the last step (a stop there is the end)
+
+
+def cluster_args(packed_shards, run_dir: Path, *extra: str) -> list[str]:
+    return ["--data", str(packed_shards["train"]), "--run-dir", str(run_dir), "--backbone", "resnet18",
+            "--pretrained", "false", "--crop-size", "33", "--batch-size", "4", "--iterations",
+            str(CLUSTER_ITERATIONS), "--workers", "1", "--log-every", "1", "--checkpoint-every", "2",
+            "--keep-checkpoints", "1", "--val-every", "1000", "--seed", "3", "--mixed-precision", "no",
+            "--tracker", "none", "--resume", "auto", *extra]
+
+
+def same_final_weights(a: Path, b: Path) -> None:
+    x, _ = load_checkpoint(a / "final.pt")
+    y, _ = load_checkpoint(b / "final.pt")
+    for p, q in zip(x.state_dict().values(), y.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def losses(run_dir: Path) -> dict:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_cluster_run(packed_shards, tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("cluster")
+    outcome = Job(cluster_args(packed_shards, work / "run"), nodes=1, procs=2, cwd=work).wait()
+    assert outcome.statuses == [0], str(outcome)
+    return work / "run"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_every_stop_requeues_with_one_checkpoint_and_the_run_is_bit_equal(nodes, packed_shards, tmp_path,
+                                                                          uninterrupted_cluster_run):
+    """SIGTERM to every process of the job (launchers, ranks, loader workers), srun's
+    --kill-on-bad-exit played: each stop leaves the requeue marker and exactly one complete
+    checkpoint (1 node: exit 75), and the requeued jobs (--resume auto) end bit-equal to a run
+    never stopped."""
+    run_dir, marker = tmp_path / "run", tmp_path / "stopped"
+    stopped_at = 0
+    for stop in range(STOPS):
+        job = Job(cluster_args(packed_shards, run_dir), nodes=nodes, procs=2 // nodes, cwd=tmp_path,
+                  env={"SEGTRAIN_STOP_MARKER": str(marker)})
+        wait_for_step(job, run_dir, stopped_at + 1)
+        signalled = job.signal_all(signal.SIGTERM)
+        outcome = job.wait()
+        done = max(metrics_steps(run_dir))
+        assert signalled >= 2 * nodes + 2, signalled  # launchers, ranks and their loader workers
+        assert marker.read_text().strip() == str(run_dir / "checkpoints" / f"step_{done:07d}"), str(outcome)
+        assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"step_{done:07d}"], str(outcome)
+        assert done < CLUSTER_ITERATIONS and "Traceback" not in outcome.output, str(outcome)
+        assert outcome.output.count(f"stopped by SIGTERM after step {done}") == 1  # the main process's line
+        if nodes == 1:
+            assert outcome.statuses == [PREEMPTED_EXIT], str(outcome)
+        print(f"\n{nodes} node(s), stop {stop + 1}: after step {done}, statuses {outcome.statuses}")
+        marker.unlink()  # as examples/slurm.sh does before it requeues
+        stopped_at = done
+    outcome = Job(cluster_args(packed_shards, run_dir), nodes=nodes, procs=2 // nodes, cwd=tmp_path).wait()
+    assert outcome.statuses == [0] * nodes, str(outcome)
+    assert not marker.exists()
+    assert losses(run_dir) == losses(uninterrupted_cluster_run)
+    same_final_weights(run_dir, uninterrupted_cluster_run)
+
+
+@pytest.mark.slow
+def test_a_dead_rank_is_one_line_and_with_restarts_the_run_finishes_equal(packed_shards, tmp_path,
+                                                                          uninterrupted_cluster_run):
+    """kill -9 of rank 1 (the OOM killer): without restarts, one line naming the rank, its signal and
+    the likely cause, no traceback; with --max_restarts 1 the group restarts from the newest complete
+    checkpoint and ends with the uninterrupted run's weights."""
+    for restarts, run_dir in ((0, tmp_path / "once"), (1, tmp_path / "restarted")):
+        flags = ("--max_restarts", str(restarts), "--rdzv_backend", "c10d")
+        job = Job(cluster_args(packed_shards, run_dir), nodes=1, procs=2, cwd=tmp_path, launch_flags=flags)
+        wait_for_step(job, run_dir, 3)
+        os.kill(job.rank_pid(1), signal.SIGKILL)
+        killed = time.monotonic()
+        outcome = job.wait()
+        print(f"\nkill -9 of rank 1, {restarts} restart(s): launcher exit after {time.monotonic() - killed:.1f} s")
+        assert "Traceback" not in outcome.output, str(outcome)
+        if restarts == 0:
+            assert outcome.statuses == [128 + 9], str(outcome)
+            lines = [line for line in outcome.output.splitlines() if line.startswith("segtrain:")]
+            assert lines == ["segtrain: process 1 was killed by SIGKILL (signal 9: out of memory? the kernel's "
+                             "OOM killer sends it (dmesg; sacct shows OUT_OF_MEMORY))"], str(outcome)
+        else:
+            assert outcome.statuses == [0], str(outcome)
+            assert "resumed from" in outcome.output
+            assert losses(run_dir) == losses(uninterrupted_cluster_run)
+            same_final_weights(run_dir, uninterrupted_cluster_run)
+
+
+@pytest.mark.slow
+def test_a_user_error_on_two_processes_is_one_line_and_spends_no_restart(packed_shards, tmp_path):
+    flags = ("--max_restarts", "3", "--rdzv_backend", "c10d")
+    started = time.monotonic()
+    outcome = Job(cluster_args(packed_shards, tmp_path / "run", "--batch-size", "3"), nodes=1, procs=2,
+                  cwd=tmp_path, launch_flags=flags).wait(timeout=300)
+    assert outcome.statuses == [2], str(outcome)
+    lines = [line for line in outcome.output.splitlines() if line.strip() and not line.startswith("---")]
+    assert len(lines) == 1 and lines[0].startswith("segtrain: error: "), str(outcome)  # once: no second round
+    print(f"\nuser error under --max_restarts 3: exit 2 after {time.monotonic() - started:.1f} s")
