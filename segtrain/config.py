@@ -251,8 +251,10 @@ def parse_config(argv: Optional[list[str]] = None) -> TrainConfig:
     if cfg.name is None:
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{cfg.arch}-{cfg.backbone}-{cfg.loss}")
         # A sweep trial is named by its wandb run id: the agent reruns a preempted trial with the same
-        # id, so the rerun finds its RUN_DIR and resumes (--resume auto).
-        cfg = dataclasses.replace(cfg, name=f"{stem}-{trackers.sweep_trial_id() or time.strftime('%Y%m%d-%H%M%S')}")
+        # id, so the rerun finds its RUN_DIR and resumes (--resume auto). Otherwise the job's start
+        # time (segtrain.launch's, the same for every restart round of --max_restarts).
+        started = time.strftime('%Y%m%d-%H%M%S', time.localtime(distributed.job_start()))
+        cfg = dataclasses.replace(cfg, name=f"{stem}-{trackers.sweep_trial_id() or started}")
     return validate(cfg)
 
 

@@ -19,6 +19,7 @@ import dataclasses
 import os
 import pickle
 import sys
+import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -34,6 +35,7 @@ Config = TypeVar("Config")  # a segtrain.config.TrainConfig: config.py takes its
 
 # Set by segtrain.launch for its training processes: it reports a dead process itself.
 LAUNCHER_ENV = "SEGTRAIN_LAUNCHER"
+JOB_START_ENV = "SEGTRAIN_JOB_START"  # set by segtrain.launch: see job_start
 PEER_LOST_EXIT = 3  # this process stopped because another process of the job failed or is gone
 
 # Why 60 minutes: the slowest legitimate wait in a collective is a rank that finishes its
@@ -103,6 +105,14 @@ def main_failed(error: BaseException) -> BaseException:
     if isinstance(error, USER_ERRORS):
         return error
     return SystemExit(PEER_LOST_EXIT)  # quietly: rank 0's traceback says it, its status is the job's
+
+
+def job_start() -> float:
+    """When this job started (seconds since the epoch): segtrain.launch's clock, the same for
+    every restart round of torchrun's --max_restarts, so the default run name (which has the
+    start time) and RUN_DIR stay the run's and --resume auto finds its checkpoints; now when run
+    without it."""
+    return float(os.environ.get(JOB_START_ENV) or time.time())
 
 
 def agree_on_run_name(cfg: Config) -> Config:

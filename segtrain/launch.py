@@ -25,6 +25,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from typing import Optional
 
@@ -33,7 +34,7 @@ from accelerate.commands.launch import launch_command, launch_command_parser
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from segtrain.cli import USER_ERROR_EXIT, no_usable_gpu, user_errors
-from segtrain.distributed import LAUNCHER_ENV, PEER_LOST_EXIT
+from segtrain.distributed import JOB_START_ENV, LAUNCHER_ENV, PEER_LOST_EXIT
 from segtrain.preempt import PREEMPTED_EXIT
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -169,6 +170,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     # round's rank 0 host a fresh store (torch's behaviour before 2.4).
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     os.environ[LAUNCHER_ENV] = "1"  # its processes leave naming a dead process to it (peers_lost)
+    os.environ.setdefault(JOB_START_ENV, str(time.time()))  # one default run name for every restart round
     forward_stop_signals()
     try:
         launch_command(args)

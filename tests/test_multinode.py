@@ -233,3 +233,66 @@ def test_a_user_error_on_two_processes_is_one_line_and_spends_no_restart(packed_
     lines = [line for line in outcome.output.splitlines() if line.strip() and not line.startswith("---")]
     assert len(lines) == 1 and lines[0].startswith("segtrain: error: "), str(outcome)  # once: no second round
     print(f"\nuser error under --max_restarts 3: exit 2 after {time.monotonic() - started:.1f} s")
+
+
+# ----------------------------------------------------------------------------- one process, no training
+
+def test_every_restart_round_gets_the_jobs_default_run_name(monkeypatch):
+    """A torchrun restart parses the config again, later: the default name (with the start time)
+    is the job's, from segtrain.launch's clock, so the new round finds the run's checkpoints."""
+    from segtrain.config import parse_config
+
+    monkeypatch.setenv("SEGTRAIN_JOB_START", str(time.mktime((2026, 1, 2, 3, 4, 5, 0, 0, -1))))
+    first = parse_config([]).name
+    time.sleep(1.1)
+    assert parse_config([]).name == first and first.endswith("-20260102-030405")
+
+
+def test_an_error_while_the_main_process_decides_reaches_every_process(monkeypatch):
+    """Rank 0 fails inside decided_by_main: the others get its user error (one line, exit 2) or
+    end quietly after another error, instead of waiting in the broadcast until the timeout."""
+    import types
+
+    import accelerate.utils
+
+    from segtrain import distributed
+    from segtrain.files import ConfigError
+
+    sent = []
+
+    def fake_broadcast(box, from_process=0):
+        if box[0] is None:
+            box[0] = sent[-1]
+        else:
+            sent.append(box[0])
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", fake_broadcast)
+    main, other = (types.SimpleNamespace(num_processes=2, is_main_process=m) for m in (True, False))
+    for error, expected in ((ConfigError("wandb_id: cannot write"), ConfigError), (KeyError("x"), SystemExit)):
+        def decide():
+            raise error
+        with pytest.raises(type(error)):
+            distributed.decided_by_main(decide, main)
+        with pytest.raises(expected) as raised:
+            distributed.decided_by_main(lambda: "never run here", other)
+        if expected is SystemExit:
+            assert raised.value.code == distributed.PEER_LOST_EXIT
+        else:
+            assert str(raised.value) == "wandb_id: cannot write"
+    assert distributed.decided_by_main(lambda: 7, main) == 7 and distributed.decided_by_main(lambda: 0, other) == 7
+
+
+def test_the_launcher_names_the_process_that_died_not_the_ones_that_lost_it():
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from segtrain import launch
+
+    def failure(rank, code, timestamp):
+        f = ProcessFailure(local_rank=rank, pid=100 + rank, exitcode=code, error_file="/nonexistent")
+        f.timestamp = timestamp
+        return f
+    # Rank 0 lost its peer first (by the agent's clock); rank 1 was killed by the OOM killer.
+    error = ChildFailedError("train", {0: failure(0, 3, 1), 1: failure(1, -9, 2), 2: failure(2, -15, 0)})
+    rank, first = launch.first_cause(error)
+    assert (rank, first.exitcode) == (1, -9)
+    assert launch.describe(rank, first.exitcode).startswith("process 1 was killed by SIGKILL (signal 9: out of memory?")
+    assert launch.describe(0, 3) == "process 0 lost contact with another process of the job (another node failed?)"
