@@ -112,17 +112,18 @@ def test_slurm_script_gives_every_rank_its_cpus_and_names_no_precision(tmp_path)
 
 
 @pytest.mark.slow
-def test_compile_on_two_processes_compiles_graphs(launch_ddp, tmp_path):
+def test_compile_on_two_processes_compiles_graphs_and_overlays_go_to_the_main_process(launch_ddp, tmp_path):
     """--compile on 2 processes: the inner module is compiled, so dynamo compiles graphs (the DDP
     wrapper compiled gives 0: dynamo graph-breaks at DDP's forward), the line says so, and DDP
-    still keeps the ranks' parameters equal."""
-    proc = launch_ddp(REPO / "tests" / "ddp_compile_worker.py", tmp_path)
+    still keeps the ranks' parameters equal. The validation overlays reach rank 0 only."""
+    proc = launch_ddp(REPO / "tests" / "ddp_cluster_worker.py", tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"compile{r}.json").read_text()) for r in (0, 1)]
+    ranks = [json.loads((tmp_path / f"cluster{r}.json").read_text()) for r in (0, 1)]
     for rank in ranks:
         assert rank["world"] == 2 and rank["compiled"] and rank["graphs"] > 0, rank
         assert rank["line"].startswith(f"compile: {rank['graphs']} graph(s) compiled"), rank
     assert ranks[0]["checksum"] == ranks[1]["checksum"]
+    assert ranks[0]["overlays"] == ["00", "01", "02"] and ranks[1]["overlays"] == []
 
 
 # ----------------------------------------------------------------------------- the cluster harness
