@@ -200,7 +200,8 @@ def test_slurm_script_forwards_the_signal_and_requeues_only_a_stopped_run(case, 
     env = os.environ | {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_DIR": str(tmp_path), "FAKE_STATUS": "0",
                         "FAKE_TICKS": "200" if case == "signalled" else "5",
                         "SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_NODELIST": "node1", "SLURM_NNODES": "1",
-                        "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "segtrain", "SEGTRAIN_STOP_MARKER": str(tmp_path / "stopped")}
+                        "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "segtrain",
+                        "SEGTRAIN_STOP_MARKER": str(tmp_path / "stopped")}
     (tmp_path / "stopped").write_text("from the job's last run\n")  # a requeued job's old marker: not a new stop
     script = subprocess.Popen(["bash", str(REPO / "examples" / "slurm.sh"), "--run-dir", "runs/x"], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
