@@ -56,6 +56,9 @@ export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
 # anything that may block or fail at the end (segtrain/preempt.py, SEGTRAIN_STOP_MARKER). It
 # sits in the submit folder (a filesystem the first node sees, where rank 0 and this script run).
 # --kill-on-bad-exit stays: a crashed node must not leave the others waiting in a collective.
+# To survive a dead process (the OOM killer) without a requeue, let torchrun restart the group:
+# replace `--rdzv_backend static` below by `--rdzv_backend c10d --max_restarts 2` (it resumes
+# from the newest checkpoint: --resume auto; tested with 2 processes on one machine).
 export SEGTRAIN_STOP_MARKER=${SEGTRAIN_STOP_MARKER:-$ROOT/.segtrain-stopped-$SLURM_JOB_ID}
 rm -f "$SEGTRAIN_STOP_MARKER"  # a requeued job starts without the last run's marker
 # The stop flag and the collectives use the rendezvous store on MASTER_ADDR:MASTER_PORT and the
