@@ -164,6 +164,7 @@ def uninterrupted_cluster_run(packed_shards, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300 + 150 * STOPS)  # ~1 min per stop on 2 shared cores; 10 stops outlast the default
 @pytest.mark.parametrize("nodes", [1, 2])
 def test_every_stop_requeues_with_one_checkpoint_and_the_run_is_bit_equal(nodes, packed_shards, tmp_path,
                                                                           uninterrupted_cluster_run):
