@@ -1,6 +1,6 @@
 """Two checks in one launch (tests/test_multinode.py): train.compile_after_prepare on every
 process with a cheap dynamo backend, one training step, this rank's compile line and dynamo's
-counters; and the validation overlays gathered to the main process only.
+counters; and the validation samples gathered to the main process only (trackers.ValidationSamples).
 
     accelerate launch ... tests/ddp_cluster_worker.py OUT_DIR
 """
@@ -32,7 +32,7 @@ compiled, line = hardware.compile_outcome(accelerator.unwrap_model(model))
 params = torch.cat([p.detach().flatten() for p in accelerator.unwrap_model(model).parameters()])
 rank = int(os.environ.get("RANK", 0))
 # Rank r sees val images "r0", "r1", "r2": the 3 smallest ids overall are rank 0's.
-picker = trackers.OverlayPicker(3, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), num_classes=2)
+picker = trackers.ValidationSamples(3, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), num_classes=2)
 picker(torch.zeros(3, 3, 4, 4), torch.zeros(3, 4, 4), torch.zeros(3, 4, 4), [f"{rank}{i}" for i in range(3)])
 overlays = [p["id"] for p in picker.gather(accelerator).get("examples", [])]
 (Path(sys.argv[1]) / f"cluster{rank}.json").write_text(json.dumps({
