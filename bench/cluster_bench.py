@@ -1,9 +1,13 @@
 """Cluster life, measured: (1) a signal during 2-process CPU training: steps lost, seconds from
 the signal to the checkpoint and to the launcher's exit; (2) bytes fetched per epoch from a
 local HTTP server (remote manifest) against the split's size, for 1 and 2 ranks of one node,
-1 and 2 loader workers, with and without the node's shard cache (segtrain/shardcache.py).
+1 and 2 loader workers, with and without the node's shard cache (segtrain/shardcache.py); (3) on the
+cluster harness (tests/cluster_harness.py): SIGTERM to every process of the job -> every node
+exited (75 / the requeue marker), for 1 node x 2 processes and 2 nodes x 1, and kill -9 of
+rank 1 under --max_restarts 1 -> the first training step of the restarted group, in seconds.
 
     PYTHONPATH=$PWD python bench/cluster_bench.py [--iterations 12] [--crop 33] [--skip-signal]
+        [--skip-bytes] [--skip-harness]
 
 Prints the figures; name the machine (and any other load on it) when you record them.
 """
@@ -29,6 +33,9 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+sys.path.insert(0, str(REPO / "tests"))
+
+from cluster_harness import Job, metrics_steps, wait_for_step  # noqa: E402
 from segtrain import loaders, sources  # noqa: E402
 from segtrain.pack import pack_split  # noqa: E402
 from segtrain.synthetic import generate  # noqa: E402
@@ -120,21 +127,71 @@ def signal_timing(shard_dir: Path, work: Path, iterations: int, crop: int, targe
           f"{', '.join(f'{t:.2f}' for _, t in sorted(ranks_gone.items()))} s, -> launcher exit {exited - signalled:.2f} s")
 
 
+def harness_args(shard_dir: Path, run_dir: Path, iterations: int, crop: int) -> list[str]:
+    return ["--data", str(shard_dir / "voc-train.json"), "--run-dir", str(run_dir), "--backbone", "resnet18",
+            "--pretrained", "false", "--crop-size", str(crop), "--batch-size", "4", "--iterations", str(iterations),
+            "--workers", "1", "--log-every", "1", "--checkpoint-every", "2", "--keep-checkpoints", "1",
+            "--val-every", "1000", "--mixed-precision", "no", "--tracker", "none", "--resume", "auto"]
+
+
+def stop_on_every_process(shard_dir: Path, work: Path, nodes: int, iterations: int, crop: int) -> None:
+    """SIGTERM to every process of the job at step 3, srun's kill-on-bad-exit played."""
+    run_dir, marker = work / f"stop-{nodes}", work / f"stopped-{nodes}"
+    job = Job(harness_args(shard_dir, run_dir, iterations, crop), nodes=nodes, procs=2 // nodes, cwd=work,
+              env={"SEGTRAIN_STOP_MARKER": str(marker)})
+    wait_for_step(job, run_dir, 3)
+    signalled = time.monotonic()
+    count = job.signal_all(signal.SIGTERM)
+    outcome = job.wait()
+    print(f"SIGTERM to all {count} processes, {nodes} node(s) x {2 // nodes} process(es): every node exited "
+          f"{time.monotonic() - signalled:.2f} s after the signal, statuses {outcome.statuses}, requeue marker "
+          f"{'written' if marker.exists() else 'MISSING'}, stopped after step {max(metrics_steps(run_dir))}")
+
+
+def kill_and_restart(shard_dir: Path, work: Path, iterations: int, crop: int) -> None:
+    """kill -9 of rank 1 at step 3 under --max_restarts 1 (c10d): seconds to the restarted group's first step."""
+    run_dir = work / "restart"
+    job = Job(harness_args(shard_dir, run_dir, iterations, crop), nodes=1, procs=2, cwd=work,
+              launch_flags=("--max_restarts", "1", "--rdzv_backend", "c10d"))
+    wait_for_step(job, run_dir, 3)
+    os.kill(job.rank_pid(1), signal.SIGKILL)
+    killed = time.monotonic()
+    first_step = None
+    while job.nodes[0].poll() is None:
+        resumed = [line for line in job.output().splitlines() if line.startswith("resumed from")]
+        if resumed and first_step is None:
+            at = int(resumed[0].rsplit(" ", 1)[1])
+            if max(metrics_steps(run_dir), default=0) > at:
+                first_step = time.monotonic() - killed
+        time.sleep(0.02)
+    outcome = job.wait()
+    print(f"kill -9 of rank 1 at step 3, --max_restarts 1: first step of the restarted group "
+          f"{first_step:.2f} s after the kill (from {resumed[0].split(' at ')[0][13:]}); job exit status "
+          f"{outcome.statuses[0]} after {time.monotonic() - killed:.2f} s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iterations", type=int, default=12)
     ap.add_argument("--crop", type=int, default=33)
     ap.add_argument("--skip-signal", action="store_true")
+    ap.add_argument("--skip-bytes", action="store_true")
+    ap.add_argument("--skip-harness", action="store_true")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         root = generate(work / "voc", 48, 16, seed=0, min_size=64, max_size=128)
         for split in ("train", "val"):
             pack_split(root, split, work / "shards", shard_size=10, progress=False)
-        bytes_per_epoch(work / "shards", batch=4)
+        if not args.skip_bytes:
+            bytes_per_epoch(work / "shards", batch=4)
         if not args.skip_signal:
             for target in ("one rank", "launcher"):
                 signal_timing(work / "shards", work, args.iterations, args.crop, target)
+        if not args.skip_harness:
+            for nodes in (1, 2):
+                stop_on_every_process(work / "shards", work, nodes, args.iterations, args.crop)
+            kill_and_restart(work / "shards", work, args.iterations, args.crop)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
 # Time limits and preemption: 120 s before the limit SLURM sends SIGUSR1 to this script, which
 # passes it to srun, srun to the launchers, the launchers to the training processes. They finish
 # their step, save a checkpoint and exit 75 (segtrain/preempt.py); the script then requeues the
-# job, which continues from that checkpoint: training runs with --resume auto (the newest
+# job (on a marker file, see below), which continues from that checkpoint: --resume auto (the newest
 # checkpoint of --run-dir, or a fresh start), so the same command serves the first and every
 # later start. A preemption (SIGTERM) stops it the same way, if the cluster's grace time allows
 # a step and a checkpoint. The run is named after the job (name-id, kept by a requeue), so the
@@ -48,7 +48,24 @@ export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
 # No --mixed_precision for the launcher: segtrain's --mixed-precision (default auto: bf16 on GPUs
 # that compute it natively, else fp16) is the precision training uses; pass it after the
 # script name to choose another (--mixed-precision bf16|fp16|fp32).
-PREEMPTED_EXIT=75  # segtrain.preempt.PREEMPTED_EXIT: stopped by a signal after saving a checkpoint
+# Requeue on a marker, not on srun's exit status: with --kill-on-bad-exit=1, srun counts the 75 of
+# the first node to finish its stop as a bad exit and SIGTERMs the other nodes' tasks; a launcher
+# whose processes already ended dies of that signal, and srun reports 143 (2+ nodes: every time
+# in our trials). The marker cannot be lost that way: the main process writes it (atomically)
+# only after the stop checkpoint's last barrier, when every rank has its state on disk, before
+# anything that may block or fail at the end (segtrain/preempt.py, SEGTRAIN_STOP_MARKER). It
+# sits in the submit folder (a filesystem the first node sees, where rank 0 and this script run).
+# --kill-on-bad-exit stays: a crashed node must not leave the others waiting in a collective.
+# To survive a dead process (the OOM killer) without a requeue, let torchrun restart the group:
+# replace `--rdzv_backend static` below by `--rdzv_backend c10d --max_restarts 2` (it resumes
+# from the newest checkpoint: --resume auto; tested with 2 processes on one machine).
+export SEGTRAIN_STOP_MARKER=${SEGTRAIN_STOP_MARKER:-$ROOT/.segtrain-stopped-$SLURM_JOB_ID}
+rm -f "$SEGTRAIN_STOP_MARKER"  # a requeued job starts without the last run's marker
+# The stop flag and the collectives use the rendezvous store on MASTER_ADDR:MASTER_PORT and the
+# backend's own sockets; gloo (CPU runs, and NCCL's bootstrap) binds to the address the host name
+# resolves to, which on some clusters is 127.0.1.1 or a management network: set the interface
+# that reaches the other nodes, e.g. GLOO_SOCKET_IFNAME=ib0 NCCL_SOCKET_IFNAME=ib0 (ip -br addr
+# lists them), in the environment of sbatch; left unset, the libraries choose.
 # srun runs in the background so that this shell can take SIGUSR1/SIGTERM and pass them on.
 forward() { [ -n "${SRUN_PID:-}" ] && kill -s "$1" "$SRUN_PID" 2>/dev/null || true; }
 trap 'forward USR1' USR1
@@ -71,8 +88,10 @@ while :; do
   wait "$SRUN_PID" || status=$?
   kill -0 "$SRUN_PID" 2>/dev/null || break
 done
-if [ "$status" -eq "$PREEMPTED_EXIT" ]; then  # stopped with a checkpoint before the last step
-  echo "segtrain: stopped with a checkpoint; requeueing job $SLURM_JOB_ID" >&2
+if [ -f "$SEGTRAIN_STOP_MARKER" ]; then  # stopped with a checkpoint before the last step
+  echo "segtrain: stopped with a checkpoint in $(cat "$SEGTRAIN_STOP_MARKER"); requeueing job $SLURM_JOB_ID" >&2
+  rm -f "$SEGTRAIN_STOP_MARKER"
   scontrol requeue "$SLURM_JOB_ID"
+  exit 75  # segtrain.preempt.PREEMPTED_EXIT, whatever srun reported
 fi
 exit "$status"

@@ -149,10 +149,13 @@ class MetricsLog:
         self.path, self.enabled = path, enabled
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop lines a crashed run wrote after the checkpoint it resumes from."""
+        """On resume, drop lines a crashed run wrote after the checkpoint it resumes from (the file
+        is left untouched when there are none: a resubmitted finished job changes no file)."""
         if self.enabled and self.path.exists():
-            keep = [r for r in read_metrics_log(self.path) if r["step"] <= step]
-            atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())
+            records = read_metrics_log(self.path)
+            keep = [r for r in records if r["step"] <= step]
+            if len(keep) < len(records):
+                atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())
 
     def write(self, record: dict) -> None:
         if self.enabled:

@@ -24,12 +24,11 @@ from typing import Any, Optional
 import yaml
 
 from segtrain import (autotune, distributed, hardware, inference, integrity, losses, model, preempt, schedule,
-                      shardcache, tracking)
+                      shardcache, trackers)
 from segtrain.cli import ArgumentParser
 from segtrain.files import ConfigError, atomic_write_bytes
 
 MIXED_PRECISIONS = (None,) + hardware.PRECISIONS  # chosen by segtrain/hardware.py (None: accelerate's config)
-TRACKERS = ("wandb", "none")  # the train loop's
 
 
 def describe(choices: Collection) -> str:
@@ -131,15 +130,16 @@ class TrainConfig:
     resume: Optional[str] = setting(None, "auto (the newest checkpoint of RUN_DIR if any, else a fresh start: "
                                     "for jobs that may be requeued) | latest | PATH to a checkpoints/step_* folder")
     stop_signals: str = setting("TERM+USR1", preempt.STOP_HELP, choices=preempt.STOP_SIGNALS)
-    tracker: str = setting("wandb", "experiment tracker", choices=TRACKERS)
+    tracker: str = setting(trackers.DEFAULT_TRACKER, trackers.TRACKER_HELP, choices=trackers.TRACKERS)
     wandb_project: str = setting("segtrain", "wandb project")
-    group: Optional[str] = setting(None, tracking.GROUP_HELP)
-    tags: Optional[str] = setting(None, tracking.TAGS_HELP)
-    notes: Optional[str] = setting(None, tracking.NOTES_HELP)
-    log_model: str = setting(tracking.DEFAULT_LOG_MODEL, "checkpoints sent to wandb as model artifacts",
-                             choices=tracking.LOG_MODEL)
+    group: Optional[str] = setting(None, trackers.GROUP_HELP)
+    tags: Optional[str] = setting(None, trackers.TAGS_HELP)
+    notes: Optional[str] = setting(None, trackers.NOTES_HELP)
+    log_model: str = setting(trackers.DEFAULT_LOG_MODEL, "checkpoints sent to wandb as model artifacts",
+                             choices=trackers.LOG_MODEL)
     log_every: int = setting(10, "optimizer steps between log lines", minimum=1)
-    num_val_images: int = setting(4, "val images with mask overlays sent to the tracker", minimum=0)
+    num_val_images: int = setting(4, "val images with mask overlays sent to the tracker (the smallest ids; "
+                                  "per-image IoU and accuracy go for every val image)", minimum=0)
 
     def resolved_run_dir(self) -> Path:
         return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
@@ -252,7 +252,11 @@ def parse_config(argv: Optional[list[str]] = None) -> TrainConfig:
     cfg = apply_overrides(cfg, args, "command line")
     if cfg.name is None:
         stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{cfg.arch}-{cfg.backbone}-{cfg.loss}")
-        cfg = dataclasses.replace(cfg, name=f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+        # A sweep trial is named by its wandb run id: the agent reruns a preempted trial with the same
+        # id, so the rerun finds its RUN_DIR and resumes (--resume auto). Otherwise the job's start
+        # time (segtrain.launch's, the same for every restart round of --max_restarts).
+        started = time.strftime('%Y%m%d-%H%M%S', time.localtime(distributed.job_start()))
+        cfg = dataclasses.replace(cfg, name=f"{stem}-{trackers.sweep_trial_id() or started}")
     return validate(cfg)
 
 

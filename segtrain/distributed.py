@@ -8,22 +8,35 @@
 * ``process_group_timeout``: how long a process waits in a collective (an all-reduce, a
   barrier) for the others before the job is declared hung; see DIST_TIMEOUT_HELP.
 * ``local_processes``: the processes of this machine (loader workers share its CPUs).
+* ``peers_lost``: a process whose collective failed because another process of the job is
+  gone ends quietly; the launcher names the process that died and why (segtrain/launch.py).
+* ``decided_by_main``: an error while the main process decides reaches every process.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import pickle
+import sys
+import time
+from collections.abc import Callable, Iterator
 from datetime import timedelta
-from collections.abc import Callable
 from typing import Any, TypeVar
 
 from accelerate import PartialState
 from accelerate.utils import InitProcessGroupKwargs, set_seed
 
+from segtrain.cli import USER_ERRORS
+
 T = TypeVar("T")
 Config = TypeVar("Config")  # a segtrain.config.TrainConfig: config.py takes its timeout setting from here,
                             # so this module does not import it
 
+# Set by segtrain.launch for its training processes: it reports a dead process itself.
+LAUNCHER_ENV = "SEGTRAIN_LAUNCHER"
+JOB_START_ENV = "SEGTRAIN_JOB_START"  # set by segtrain.launch: see job_start
+PEER_LOST_EXIT = 3  # this process stopped because another process of the job failed or is gone
 
 # Why 60 minutes: the slowest legitimate wait in a collective is a rank that finishes its
 # share of validation while another still runs its own (the forward passes run on the
@@ -62,9 +75,44 @@ def decided_by_main(decide: Callable[[], T], state: Any = None) -> T:
         return decide()
     from accelerate import utils  # looked up at call time: tests replace broadcast_object_list
 
-    box = [decide() if state.is_main_process else None]
+    box: list[Any] = [None]
+    if state.is_main_process:
+        try:
+            box = [("ok", decide())]
+        except Exception as e:  # the others would wait in the broadcast until the collective timeout
+            box = [("error", e if picklable(e) else RuntimeError(f"{type(e).__name__}: {e}"))]
+            utils.broadcast_object_list(box, from_process=0)
+            raise
     utils.broadcast_object_list(box, from_process=0)
-    return box[0]
+    kind, value = box[0]
+    if kind == "error":
+        raise main_failed(value)
+    return value
+
+
+def picklable(error: BaseException) -> bool:
+    try:
+        pickle.loads(pickle.dumps(error))
+        return True
+    except Exception:
+        return False
+
+
+def main_failed(error: BaseException) -> BaseException:
+    """On a process other than the main one: the main process's error, re-raised here. A user
+    error keeps its type (one line, printed once by rank 0, exit 2 on every process); anything
+    else ends this process quietly with PEER_LOST_EXIT (the main process shows the traceback)."""
+    if isinstance(error, USER_ERRORS):
+        return error
+    return SystemExit(PEER_LOST_EXIT)  # quietly: rank 0's traceback says it, its status is the job's
+
+
+def job_start() -> float:
+    """When this job started (seconds since the epoch): segtrain.launch's clock, the same for
+    every restart round of torchrun's --max_restarts, so the default run name (which has the
+    start time) and RUN_DIR stay the run's and --resume auto finds its checkpoints; now when run
+    without it."""
+    return float(os.environ.get(JOB_START_ENV) or time.time())
 
 
 def agree_on_run_name(cfg: Config) -> Config:
@@ -93,3 +141,23 @@ def usable_cpus() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS, Windows
         return os.cpu_count() or 1
+
+
+# What gloo and NCCL say when a peer's connection is gone (they raise plain RuntimeErrors).
+PEER_LOST_MESSAGES = ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+                      "Connection refused", "NCCL communicator was aborted", "remote process exited")
+
+
+@contextlib.contextmanager
+def peers_lost() -> Iterator[None]:
+    """Under segtrain.launch with several processes: a collective that failed because another
+    process died ends this one with PEER_LOST_EXIT and one short line instead of a traceback
+    per survivor; the launcher's line names the process that died, its signal and the likely
+    cause. Elsewhere (torchrun, plain accelerate launch) the error keeps its traceback."""
+    try:
+        yield
+    except RuntimeError as e:  # torch.distributed.DistBackendError is one
+        quiet = os.environ.get(LAUNCHER_ENV) == "1" and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if not quiet or not any(m in str(e) for m in PEER_LOST_MESSAGES):
+            raise
+        sys.exit(PEER_LOST_EXIT)

@@ -5,7 +5,7 @@ classes; images are normalised with the checkpoint's mean/std.
 
     python -m segtrain.evaluate --checkpoint runs/x/best.pt --data shards/voc-val.json
     python -m segtrain.evaluate ... --protocol ms-flip --out runs/x/eval_ms_flip.json
-    python -m segtrain.evaluate ... --wandb     # also into the training's wandb run (its wandb_id)
+    python -m segtrain.evaluate ... --wandb     # also into the training's wandb run (its wandb_id; --tracker X for others)
     accelerate launch segtrain/evaluate.py --checkpoint ... --data ...     # N processes
 
 The protocols, and what is identical on 1 and N processes: ``segtrain.inference`` (this
@@ -32,7 +32,7 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from segtrain import autotune, distributed, hardware, integrity, tracking
+from segtrain import autotune, distributed, hardware, integrity, trackers
 from segtrain.checkpoints import RunDir, check_fits_data
 from segtrain.cli import ArgumentParser, check_launch, user_errors
 from segtrain.datasets import spec_from_checkpoint
@@ -74,9 +74,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int,
                         help="CPU threads per process (default: as started; accelerate launch gives each "
                              "process 1). The same count on 1 and N processes gives bit-identical results")
-    parser.add_argument("--wandb", action="store_true",
-                        help="also add the results to the training's wandb run (RUN_DIR/wandb_id next to the "
-                             "checkpoint) as eval/<split>/<protocol>/* summary keys: one row with best and final")
+    parser.add_argument("--tracker", choices=tuple(trackers.TRACKERS), default="none",
+                        help="also add the results to the training's run in this tracker (wandb: the run in "
+                             "RUN_DIR/wandb_id next to the checkpoint) as eval/<split>/<protocol>/* keys: one row "
+                             "with best and final")
+    parser.add_argument("--wandb", action="store_const", dest="tracker", const="wandb",
+                        help="the same as --tracker wandb")
     args = parser.parse_args(argv)
     if args.batch_size < 1 or args.workers < 0 or args.crop_size < 1 or (args.threads or 1) < 1:
         parser.error("--batch-size, --crop-size and --threads must be >= 1, --workers >= 0")
@@ -94,10 +97,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         out = args.out or run_dir.eval_result(result["split"], args.protocol)
         atomic_write_bytes(out, (json.dumps(to_jsonable(result), indent=2) + "\n").encode())
         print(f"wrote {out}")
-        if args.wandb:
-            run_id = tracking.log_evaluation(run_dir, to_jsonable(result))
-            print(f"added to wandb run {run_id}" if run_id else
-                  f"--wandb: no wandb_id in {run_dir}; the results were not sent to wandb")
+        if args.tracker != "none":
+            where = trackers.log_evaluation(args.tracker, run_dir, to_jsonable(result))
+            print(f"added to the {args.tracker} run {where}" if where else
+                  f"--tracker {args.tracker}: no such run in {run_dir}; the results were not sent")
 
 
 def run(args: argparse.Namespace, accelerator: Accelerator) -> dict[str, Any]:

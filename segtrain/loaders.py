@@ -46,6 +46,7 @@ import itertools
 import multiprocessing
 import re
 import signal
+import sys
 from collections.abc import Collection, Iterable, Iterator, Sequence
 from typing import Optional
 
@@ -104,9 +105,15 @@ def _loader_worker_init(worker_id: int) -> None:
     """Loader workers ignore the stop signals: those are the training process's to handle
     (segtrain/preempt.py), and a cluster that signals every process of a job must not kill a
     worker first. A worker still ends with its loader, or when its parent process dies or
-    exits (``_end_loader_workers``)."""
+    exits (``_end_loader_workers``), and at once when the parent is killed (``kill -9``, the OOM
+    killer): otherwise it lives on for seconds and prints the tracebacks of its broken pipes."""
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
+    if sys.platform == "linux":
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 @atexit.register  # after multiprocessing's own exit handler was registered: so it runs before it

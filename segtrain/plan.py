@@ -171,7 +171,9 @@ def check_batch(cfg: TrainConfig, world_size: int, device_type: str) -> tuple[in
                           "drop --sync-bn for CPU processes")
     if world_size > 1 and not cfg.sync_bn and per_process_batch < 8 and device_type != "cpu":
         return per_process_batch, (f"{per_process_batch} images per process and --sync-bn off: BatchNorm "
-                                   "statistics come from very few images; consider --sync-bn true",)
+                                   "statistics come from very few images; consider --sync-bn true (its cost: "
+                                   "torch's SyncBatchNorm waits for the device once per BatchNorm layer, ~60 "
+                                   "host-device syncs per DeepLabV3+ R50 step)",)
     return per_process_batch, ()
 
 

@@ -45,7 +45,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import parse_flag_from_env, set_seed
 from tqdm import tqdm
 
-from segtrain import autotune, distributed, hardware, loaders, preempt, tracking
+from segtrain import autotune, distributed, hardware, loaders, preempt, trackers
 from segtrain.cli import check_launch, errors_of_rank, user_errors
 from segtrain.config import TrainConfig, config_to_dict, parse_config, save_config, update_saved_config
 from segtrain.inference import evaluate
@@ -113,20 +113,22 @@ def build_training(plan: RunPlan, accelerator: Accelerator) -> tuple[torch.nn.Mo
 
 
 def compile_after_prepare(model: torch.nn.Module, accelerator: Accelerator) -> bool:
-    """Compile the prepared module in place (so checkpoints and unwrap_model see the plain one).
+    """Compile the bare module inside the prepared one, in place (checkpoints and unwrap_model see
+    the plain module).
 
-    After DDP wrapping, as torch documents for DDP: dynamo then sees DDP and splits the graph
-    at its gradient buckets (DDPOptimizer), so all-reduces overlap the backward pass; a module
-    compiled inside DDP is one graph whose gradients are all-reduced only after it. Whether a
-    compiled graph really ran is known after the first step (``confirm_compiled``).
+    The inner module, not the DDP wrapper: dynamo graph-breaks at DDP's own forward in torch 2.14,
+    so a compiled wrapper compiles nothing on 2+ processes (0 graphs with 2 gloo processes). The
+    inner module runs inside DDP's forward, where dynamo finds the active DDP module and splits
+    the graph at its gradient buckets (DDPOptimizer), so all-reduces still overlap the backward
+    pass. Whether a compiled graph really ran is known after the first step (``confirm_compiled``).
     """
-    return hardware.compile_model(model, accelerator.print)
+    return hardware.compile_model(accelerator.unwrap_model(model), accelerator.print)
 
 
 def confirm_compiled(model: torch.nn.Module, plan: RunPlan, accelerator: Accelerator) -> RunPlan:
     """After the first step: 'compiled' in the run's record is what dynamo's counters say ran
     (returned as the plan from here on, and written to config.yaml)."""
-    compiled, line = hardware.compile_outcome(model)
+    compiled, line = hardware.compile_outcome(accelerator.unwrap_model(model))
     accelerator.print(line)
     plan = plan.with_runtime(compiled=compiled)
     if accelerator.is_main_process and plan.resume_from is None:
@@ -135,7 +137,7 @@ def confirm_compiled(model: torch.nn.Module, plan: RunPlan, accelerator: Acceler
 
 
 def start_run(plan: RunPlan, accelerator: Accelerator) -> tuple[TrainState, MetricsLog]:
-    """The run directory and its config.yaml, the resume, the tracker: all before the first step."""
+    """The run directory and its config.yaml, the resume: all before the first step."""
     cfg, run_dir = plan.cfg, plan.run_dir
     if accelerator.is_main_process:
         run_dir.root.mkdir(parents=True, exist_ok=True)
@@ -152,7 +154,6 @@ def start_run(plan: RunPlan, accelerator: Accelerator) -> tuple[TrainState, Metr
             for key, (old, new) in update_saved_config(run_dir.config, iterations=cfg.iterations).items():
                 accelerator.print(f"{run_dir.config}: {key} {old} -> {new}")
     log.truncate_after(state.step)  # also a fresh start of --resume auto over a run stopped before step 1
-    tracking.start(accelerator, plan, state.step)
     return state, log
 
 
@@ -206,35 +207,36 @@ class LogWindow:
 # ----------------------------------------------------------------------------- validation and outputs
 
 def validate(model: torch.nn.Module, accelerator: Accelerator, plan: RunPlan, log: MetricsLog,
-             step: int) -> dict:
+             tracker: trackers.Tracker, step: int) -> dict:
     """Evaluate on the whole validation split (each image once, over all processes), log the
-    metrics (and, to wandb, per-class scalars and a fixed set of mask overlays), and return them."""
+    metrics (and, to the tracker, per-class and per-image results and a fixed set of mask
+    overlays), and return them."""
     sync_buffers(model, accelerator)
     cfg = plan.cfg
     bare = accelerator.unwrap_model(model)
-    # The dashboard's mask overlays: the same val images (smallest ids) for any process count.
-    overlays = tracking.OverlayPicker(cfg.num_val_images, bare.mean, bare.std)
+    # Per-image results and the mask overlays: the same val images (smallest ids) for any process count.
+    samples = tracker.samples(cfg.num_val_images, bare.mean, bare.std)
     loader = loaders.val_loader(**plan.val_loader, rank=accelerator.process_index, mean=bare.mean, std=bare.std)
     with hardware.evaluation_kernels():  # eager, no cuDNN autotuning: image sizes vary
         metrics = evaluate(bare, loader, accelerator.device, num_classes=cfg.num_classes,
                            class_names=plan.spec.classes, protocol=cfg.val_protocol,
                            autocast_dtype=plan.eval_autocast_dtype, accelerator=accelerator,
-                           on_batch=overlays if cfg.tracker == "wandb" else None)
+                           on_batch=samples)
     model.train()
     record = {"step": step, "epoch": step / plan.steps_per_epoch, "val/miou": metrics["miou"],
               "val/pixel_acc": metrics["pixel_acc"], "val/mean_class_acc": metrics["mean_class_acc"],
               "val/fwiou": metrics["fwiou"]}
     if (peak := hardware.take_peak_memory_mb(accelerator.device)) is not None:
         record["val/max_memory_mb"] = peak
-    publish(accelerator, log, record, file_only={"val/iou": metrics["iou"], "val/class_acc": metrics["class_acc"]})
-    tracking.log_validation(accelerator, plan, step, metrics, overlays)
+    publish(tracker, log, record, file_only={"val/iou": metrics["iou"], "val/class_acc": metrics["class_acc"]})
+    tracker.log_validation(step, metrics, samples.gather(accelerator) if samples else None)  # gather: a collective
     return metrics
 
 
-def publish(accelerator: Accelerator, log: MetricsLog, record: dict, file_only: Optional[dict] = None) -> None:
+def publish(tracker: trackers.Tracker, log: MetricsLog, record: dict, file_only: Optional[dict] = None) -> None:
     """One record (with its "step") to metrics.jsonl, plus ``file_only`` fields, and to the tracker."""
     log.write(record | (file_only or {}))
-    accelerator.log(record, step=record["step"])  # "step" too: the charts' x axis (segtrain.tracking)
+    tracker.log(record)
 
 
 def save_model(accelerator: Accelerator, model: torch.nn.Module, plan: RunPlan, name: str, step: int,
@@ -261,7 +263,7 @@ def to_device(images: torch.Tensor, masks: torch.Tensor, device: torch.device,
     return images, masks
 
 
-def next_batch(batches: Iterator[shards.Batch], rank: int, window: LogWindow) -> tuple[torch.Tensor, torch.Tensor]:
+def next_batch(batches: Iterator[loaders.Batch], rank: int, window: LogWindow) -> tuple[torch.Tensor, torch.Tensor]:
     """The next micro-batch (images, masks); the wait for it counts as the window's data wait
     (the first includes starting the loader workers, once per run)."""
     fetch_start = time.perf_counter()
@@ -272,7 +274,7 @@ def next_batch(batches: Iterator[shards.Batch], rank: int, window: LogWindow) ->
 
 
 def train_step(model: torch.nn.Module, criterion: torch.nn.Module, optimizer: torch.optim.Optimizer,
-               accelerator: Accelerator, cfg: TrainConfig, step: int, batches: Iterator[shards.Batch],
+               accelerator: Accelerator, cfg: TrainConfig, step: int, batches: Iterator[loaders.Batch],
                normalization: tuple[torch.Tensor, torch.Tensor], window: LogWindow) -> None:
     """Optimizer step ``step`` -> ``step + 1``: the learning rate, then ``grad_accum``
     micro-batches (forward, loss, backward), clipping and the update. The summed loss
@@ -298,28 +300,29 @@ def train_step(model: torch.nn.Module, criterion: torch.nn.Module, optimizer: to
     window.steps += 1
 
 
-def log_train(accelerator: Accelerator, plan: RunPlan, log: MetricsLog, optimizer: torch.optim.Optimizer,
-              window: LogWindow, step: int) -> dict:
+def log_train(accelerator: Accelerator, plan: RunPlan, log: MetricsLog, tracker: trackers.Tracker,
+              optimizer: torch.optim.Optimizer, window: LogWindow, step: int) -> dict:
     """The log line of the window that ends at ``step`` (loss, learning rates, throughput)."""
     data_wait, peak_memory = window.data_wait, window.peak_memory()
     mean_loss, images_per_s = window.take(accelerator, plan.cfg.batch_size)
     record = {"step": step, "epoch": step / plan.steps_per_epoch, "train/loss": mean_loss,
               "lr/backbone": optimizer.param_groups[0]["lr"], "lr/head": optimizer.param_groups[1]["lr"],
               "images_per_s": images_per_s, "data_wait_s": data_wait} | peak_memory
-    publish(accelerator, log, record)
+    publish(tracker, log, record)
     return record
 
 
 def validate_and_keep_best(model: torch.nn.Module, accelerator: Accelerator, plan: RunPlan, log: MetricsLog,
-                           state: TrainState, window: LogWindow) -> dict:
+                           tracker: trackers.Tracker, state: TrainState, window: LogWindow) -> dict:
     """Validate at ``state.step``; a better mIoU becomes best.pt. The time it takes is not the
     window's training time, and its peak memory is logged on its own."""
     val_start = time.perf_counter()
     window.set_peak_aside()
-    metrics = validate(model, accelerator, plan, log, state.step)
+    metrics = validate(model, accelerator, plan, log, tracker, state.step)
     if metrics["miou"] > state.best_miou:
         state.best_miou = metrics["miou"]
         save_model(accelerator, model, plan, "best", state.step, metrics)
+        tracker.log_checkpoint(plan.run_dir.best, state.step)
     accelerator.print(f"step {state.step}: val mIoU {metrics['miou']:.4f}, pixel acc {metrics['pixel_acc']:.4f} "
                       f"(best {state.best_miou:.4f})")
     window.start += time.perf_counter() - val_start
@@ -362,8 +365,7 @@ def prepare_run(cfg: TrainConfig) -> tuple[Accelerator, RunPlan]:
     cfg = distributed.agree_on_run_name(cfg)  # before anything uses RUN_DIR (the autotune reads a resumed run's)
     runtime = autotune.training_runtime(cfg, state)
     cfg = dataclasses.replace(cfg, channels_last=runtime.channels_last)
-    accelerator = Accelerator(mixed_precision=hardware.accelerate_precision(runtime.mixed_precision),
-                              log_with="wandb" if cfg.tracker == "wandb" else None)
+    accelerator = Accelerator(mixed_precision=hardware.accelerate_precision(runtime.mixed_precision))
     plan = plan_run(cfg, accelerator.num_processes, accelerator.device.type, runtime)
     accelerator.print(autotune.choice_line(runtime))
     for note in plan.notes:
@@ -395,6 +397,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         accelerator.end_training()
         say(f"{plan.run_dir} has trained all {cfg.iterations} steps; nothing to do (a longer --iterations extends it)")
         return TrainResult(bare, {}, state.best_miou, plan.run_dir.root)
+    tracker = trackers.open_tracker(plan, accelerator.is_main_process)  # after: a finished job opens no run
+    tracker.start(state.step)
     say(run_line(plan, device))
 
     model.train()
@@ -408,46 +412,51 @@ def train(cfg: TrainConfig) -> TrainResult:
     window = LogWindow(device)
     progress = tqdm(total=cfg.iterations, initial=step, disable=not accelerator.is_main_process,
                     dynamic_ncols=True, desc="train")
-    stopper = preempt.StopOnSignal(cfg.stop_signals, plan.world_size)  # SIGTERM/USR1: checkpoint, exit 75
+    stopper = preempt.StopOnSignal(cfg.stop_signals, plan.world_size,  # SIGTERM/USR1: checkpoint, exit 75
+                                   distributed.process_group_timeout(cfg.dist_timeout_min))
     try:
-        while step < cfg.iterations and not stopper.stopped:
+        while step < cfg.iterations:
             train_step(model, criterion, optimizer, accelerator, cfg, step, batches, normalization, window)
             step = state.step = step + 1
             progress.update(1)
             if cfg.compile and step == first_step + 1:
                 plan = confirm_compiled(model, plan, accelerator)
             if plan.logs_at(step):
-                record = log_train(accelerator, plan, log, optimizer, window, step)
+                record = log_train(accelerator, plan, log, tracker, optimizer, window, step)
                 progress.set_postfix(loss=f"{record['train/loss']:.4f}", lr=f"{record['lr/head']:.2e}",
                                      img_s=f"{record['images_per_s']:.1f}")
             if plan.validates_at(step):
                 progress.clear()
                 best_before = state.best_miou
-                metrics = validate_and_keep_best(model, accelerator, plan, log, state, window)
+                metrics = validate_and_keep_best(model, accelerator, plan, log, tracker, state, window)
                 best_step = step if state.best_miou != best_before else best_step  # a better mIoU: best.pt written
-            # After validation, so the checkpoint carries the best mIoU it just measured. All ranks
-            # skip should_stop() on the same (checkpoint) steps, so its collectives stay matched.
-            if plan.checkpoints_at(step) or stopper.should_stop():
+            # After validation, so the checkpoint carries the best mIoU it just measured. Asked every
+            # step (the agreement needs it); a stop on the last step is the normal end.
+            stop = stopper.should_stop(step) and step < cfg.iterations
+            if plan.checkpoints_at(step) or stop:
                 save_training_state(accelerator, plan.run_dir, step, cfg.keep_checkpoints)
+            if stop:
+                break
     finally:  # also when a step raises: the loader's workers live for the whole run
         progress.close()
         batches.close()
         stopper.close()
-    if stopper.stopped:
+    if step < cfg.iterations:  # stopped by a signal: the line and the requeue marker before anything may fail
+        preempted = stopper.finish(step, plan.run_dir.step_dir(step), say, accelerator.is_main_process)
+        tracker.finish(step, metrics, exit_code=preempt.PREEMPTED_EXIT)  # the run shows as preempted
         accelerator.end_training()
-        raise stopper.exit(step, plan.run_dir.step_dir(step), say)
+        raise preempted
 
     sync_buffers(model, accelerator)
     save_final(accelerator, model, plan, step, metrics, best_step)
-    tracking.finish(accelerator, plan, step, metrics)
+    tracker.finish(step, metrics)
     accelerator.end_training()
-    tracking.say_how_to_sync(accelerator, plan)
     say(f"done: best val mIoU {state.best_miou:.4f}; best.pt, metrics.jsonl and config.yaml in {plan.run_dir}")
     return TrainResult(accelerator.unwrap_model(model), metrics, state.best_miou, plan.run_dir.root)
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    with user_errors():
+    with user_errors(), distributed.peers_lost():  # a dead process is named by segtrain.launch, once
         train(parse_config(argv))
 
 

@@ -180,7 +180,8 @@ FAKE_SRUN = """#!/usr/bin/env bash
 # Stands in for srun: records its arguments, stops with the given status on SIGUSR1 (as the
 # training does after its checkpoint), or ends by itself with status $FAKE_STATUS.
 printf '%s\\n' "$@" > "$FAKE_DIR/srun_args"
-trap 'echo USR1 > "$FAKE_DIR/srun_signal"; exit 75' USR1
+# Two nodes under --kill-on-bad-exit: the marker is written, yet srun reports 143 (issue 23).
+trap 'echo USR1 > "$FAKE_DIR/srun_signal"; echo ckpt > "$SEGTRAIN_STOP_MARKER"; exit 143' USR1
 for _ in $(seq "$FAKE_TICKS"); do sleep 0.1; done
 exit "$FAKE_STATUS"
 """
@@ -199,7 +200,9 @@ def test_slurm_script_forwards_the_signal_and_requeues_only_a_stopped_run(case, 
     env = os.environ | {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_DIR": str(tmp_path), "FAKE_STATUS": "0",
                         "FAKE_TICKS": "200" if case == "signalled" else "5",
                         "SLURM_SUBMIT_DIR": str(REPO), "SLURM_JOB_NODELIST": "node1", "SLURM_NNODES": "1",
-                        "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "segtrain"}
+                        "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "segtrain",
+                        "SEGTRAIN_STOP_MARKER": str(tmp_path / "stopped")}
+    (tmp_path / "stopped").write_text("from the job's last run\n")  # a requeued job's old marker: not a new stop
     script = subprocess.Popen(["bash", str(REPO / "examples" / "slurm.sh"), "--run-dir", "runs/x"], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 20
@@ -215,6 +218,7 @@ def test_slurm_script_forwards_the_signal_and_requeues_only_a_stopped_run(case, 
         assert script.returncode == preempt.PREEMPTED_EXIT
         assert (tmp_path / "srun_signal").read_text().strip() == "USR1"
         assert (tmp_path / "requeued").read_text().split() == ["4242"]
+        assert not (tmp_path / "stopped").exists()  # removed: the requeued job starts without it
     else:
         assert script.returncode == 0 and not (tmp_path / "requeued").exists()
 
@@ -232,3 +236,28 @@ def test_resume_auto_of_a_finished_run_keeps_its_final_checkpoint(packed_shards,
     assert "has trained all 2 steps; nothing to do" in capsys.readouterr().out
     assert torch.load(run_dir / "final.pt", weights_only=True)["metrics"] == final["metrics"]
     assert result.metrics == {}
+
+
+def test_ranks_agree_through_the_store_on_one_step_whoever_got_the_signal(monkeypatch):
+    """Rank 1 alone is signalled at the end of step 3: both ranks stop after step 4, rank 0 names
+    rank 1's signal; a restart round (TORCHELASTIC_RESTART_COUNT) does not see the old request."""
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", 0, 1, True)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    ranks = [preempt.StopOnSignal("TERM+USR1", world_size=2, store=store) for _ in range(2)]
+    try:
+        ranks[0].key = ranks[1].key  # one run: the same key on both ranks (made in the same order there)
+        assert not ranks[0].should_stop(3)  # rank 0 read before rank 1 proposed
+        ranks[1]._handle(signal.SIGUSR1, None)
+        assert not ranks[1].should_stop(3)
+        assert [r.should_stop(4) for r in ranks] == [True, True]
+        assert ranks[0].signum == signal.SIGUSR1
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+        fresh = preempt.StopOnSignal("TERM+USR1", world_size=2, store=store)
+        fresh.key = fresh.key.replace(fresh.key.rsplit("/", 1)[1], ranks[1].key.rsplit("/", 1)[1])
+        assert "round1" in fresh.key and not fresh.should_stop(4)
+        fresh.close()
+    finally:
+        for r in reversed(ranks):
+            r.close()
