@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import os
 import sys
+import time
 from collections.abc import Iterator
 from typing import Optional
 
@@ -85,7 +86,22 @@ def fail(error: BaseException) -> None:
         print(f"segtrain: error: process {own_rank}: {one_line(error)}", file=sys.stderr)
     elif process_rank() == 0:
         print(f"segtrain: error: {one_line(error)}", file=sys.stderr)
+    else:
+        leave_the_saying_to_the_first_process()
     sys.exit(USER_ERROR_EXIT)
+
+
+# An error every process raises is said by process 0 alone; the others exit silently. Were one to
+# exit first, the launcher would end the job (SIGTERM) before process 0 had printed, and the run
+# would fail with no line at all (seen under load). Process 0 meets the same error within moments.
+SILENT_EXIT_DELAY_S = 3.0
+
+
+def leave_the_saying_to_the_first_process() -> None:
+    """A silent process's exit, after process 0 has had time to print the shared error."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stderr.flush()
+        time.sleep(SILENT_EXIT_DELAY_S)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -95,6 +111,8 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):  # type: ignore[override]
         if process_rank() == 0:
             print(f"segtrain: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        else:
+            leave_the_saying_to_the_first_process()
         self.exit(USER_ERROR_EXIT)
 
 

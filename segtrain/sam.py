@@ -442,7 +442,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.num < 1 or args.points_per_side < 1:
             raise ValueError("--num and --points-per-side must be at least 1")
         device = resolve_device(args.device)
-        source = resolve_data(args.data, args.split)
+        # With --ids and no --semantic the data is first needed after SAM loads: a bad SAM
+        # checkpoint is said before the data is opened (as it was before data sources existed).
+        source = None if args.ids and not args.semantic else resolve_data(args.data, args.split)
         ids = args.ids or covering_ids(source, args.num)
         semantic_model, spec = None, None
         if args.semantic:
@@ -453,6 +455,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         amp = (autotune.inference_autocast(args.mixed_precision, device, semantic_model)
                if semantic_model is not None else None)
         sam = load_sam(args.sam_checkpoint, args.model_type, device)
+        source = source or resolve_data(args.data, args.split)
         result = run_sam_comparison(sam, source, ids, args.out, semantic_model,
                                     args.points_per_side, args.min_box_area, semantic_autocast=amp, spec=spec)
     if "metrics" in result:

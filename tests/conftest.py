@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from segtrain import hardware
 from segtrain.pack import pack_split
 from segtrain.synthetic import generate
 
@@ -52,13 +53,17 @@ def packed_shards(synthetic_voc, tmp_path_factory) -> dict:
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The precision of the shared trained run: bf16 where this CPU computes it natively (its kernels
+# differ between memory layouts, which the evaluation must reproduce), fp32 where bf16 would be
+# emulated (AVX2-only CPUs: several times slower, and never what a user runs there).
+RUN_PRECISION = "bf16" if hardware.cpu_bf16_native()[0] else "fp32"
 # The flags of the one shared trained run (``trained_run``): 6 steps of a resnet18, validated and
-# checkpointed at steps 3 and 6; bf16 with channels_last, so that evaluating its best.pt proves the
-# evaluation takes the run's precision and memory format (bf16 kernels differ between layouts).
+# checkpointed at steps 3 and 6; RUN_PRECISION with channels_last, so that evaluating its best.pt
+# proves the evaluation takes the run's precision and memory format.
 TRAINED_RUN_FLAGS = ("--backbone", "resnet18", "--pretrained", "false", "--crop-size", "65", "--batch-size", "4",
                      "--iterations", "6", "--workers", "1", "--lr-schedule", "step", "--step-size", "2",
                      "--step-gamma", "0.5", "--log-every", "1", "--checkpoint-every", "3", "--val-every", "3",
-                     "--seed", "7", "--mixed-precision", "bf16", "--channels-last", "true", "--val-protocol", "whole")
+                     "--seed", "7", "--mixed-precision", RUN_PRECISION, "--channels-last", "true", "--val-protocol", "whole")
 
 
 @pytest.fixture(scope="session")

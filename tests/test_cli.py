@@ -89,7 +89,8 @@ def test_a_process_killed_by_a_signal_is_one_line_and_status_128_plus_n(tmp_path
                           cwd=tmp_path, capture_output=True, text=True, timeout=120,
                           env=os.environ | {"PYTHONPATH": str(REPO)})
     assert proc.returncode == 128 + 9
-    assert error_lines(proc) == ["segtrain: process 0 was killed by SIGKILL"]
+    assert error_lines(proc) == ["segtrain: process 0 was killed by SIGKILL (signal 9: out of memory? the kernel's "
+                                 "OOM killer sends it (dmesg; sacct shows OUT_OF_MEMORY))"]
 
 
 @pytest.mark.parametrize("module, usage", [

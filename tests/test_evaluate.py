@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import RUN_PRECISION
 from segtrain.cli import OtherProcessFailed
 from segtrain.evaluate import main
 from segtrain.inference import evaluate, ms_flip_logits, same_size_batches
@@ -239,9 +240,10 @@ def test_cli_batch_size_groups_images(setup, tmp_path):
 def test_evaluate_gives_what_the_runs_validation_gave_for_best_pt(trained_run, packed_shards, tmp_path):
     """best.pt evaluated on the val split reproduces the run's own validation figure: same
     precision and the run's memory format (bf16 kernels differ between layouts). The shared
-    run (conftest.trained_run) trained in bf16 with channels_last and validates whole images."""
+    run (conftest.trained_run) trained in RUN_PRECISION (bf16 where native) with channels_last
+    and validates whole images."""
     run = trained_run[0]
     best = torch.load(run / "best.pt", weights_only=True)["metrics"]["miou"]
-    main(["--checkpoint", str(run / "best.pt"), "--data", str(packed_shards["val"]), "--mixed-precision", "bf16",
-          "--workers", "0", "--out", str(tmp_path / "eval.json")])
+    main(["--checkpoint", str(run / "best.pt"), "--data", str(packed_shards["val"]),
+          "--mixed-precision", RUN_PRECISION, "--workers", "0", "--out", str(tmp_path / "eval.json")])
     assert json.loads((tmp_path / "eval.json").read_text())["miou"] == best

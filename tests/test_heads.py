@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from segtrain import model as model_module
+from segtrain.checkpoints import save_checkpoint
 from segtrain.model import HEADS, Head, build_model
 
 
@@ -32,7 +33,7 @@ def test_a_new_head_is_one_class_and_one_entry(monkeypatch, tmp_path):
         assert model(torch.randn(1, 3, 65, 65))["out"].shape == (1, 3, 65, 65)
     assert model.classifier_keys() == {"head.out.weight", "head.out.bias"}
     path = tmp_path / "fpn.pt"
-    model_module.save_checkpoint(path, model)
+    save_checkpoint(path, model)
     with pytest.warns(UserWarning, match=r"classifier layers re-initialised \(head\.out\.bias, head\.out\.weight\)"):
         loaded, _ = model_module.load_checkpoint(path, num_classes=5)
     assert loaded.head.classifier_conv.out_channels == 5

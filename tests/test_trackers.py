@@ -62,7 +62,18 @@ def the_run(run_dir, run_id=None):
 
 def all_runs(run_dir):
     """Every offline folder's run, oldest first."""
-    return [read_run(next(folder.glob("run-*.wandb"))) for folder in trackers.offline_folders(run_dir)]
+    runs = []
+    for folder in trackers.offline_folders(run_dir):
+        path = next(folder.glob("run-*.wandb"))
+        runs.append(read_run(path) | {"file_id": path.stem.removeprefix("run-")})
+    return runs
+
+
+def run_id_of(run: dict) -> str:
+    """The id a run's records name; for an attempt whose wandb-core was killed before it wrote
+    the run record (SIGTERM to every process of the job), the id its file is named by, which is
+    what `wandb sync` merges same-id folders by."""
+    return run["run"].run_id if run["run"] is not None else run["file_id"]
 
 
 def history(run, key):
@@ -339,7 +350,8 @@ def test_one_job_is_one_wandb_run(job):
     runs = all_runs(run_dir)
     run_id = (run_dir / "wandb_id").read_text().strip()
     assert len(runs) == 4  # a, b, c and the evaluation: the resubmit opened none
-    assert {r["run"].run_id for r in runs} == {run_id}
+    assert {run_id_of(r) for r in runs} == {run_id}
+    assert runs[-2]["run"] is not None and runs[-1]["run"] is not None  # the finished training, the evaluation
     # every step once over all folders: what the killed attempt lost was sent by the next one
     seen = [(row["_step"], key) for r in runs for row in r["history"] for key in row if not key.startswith("_")]
     assert len(seen) == len(set(seen))

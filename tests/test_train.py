@@ -37,7 +37,7 @@ def losses(records):
 
 
 def run_args(data, run_dir, *extra):
-    """The flags of the shared trained run (conftest.TRAINED_RUN_FLAGS: bf16), to resume it."""
+    """The flags of the shared trained run (conftest.TRAINED_RUN_FLAGS), to resume it."""
     return ["--data", str(data), "--run-dir", str(run_dir), *TRAINED_RUN_FLAGS, *extra]
 
 
