@@ -58,7 +58,28 @@ def loss_option(name: str) -> Any:
     return setting(option.default, option.help, option.choices, option.minimum)
 
 
+def loss_weight(field: str) -> Any:
+    """A field for one loss's coefficient (``dice_weight``): help and check from segtrain/losses.py."""
+    return setting(None, losses.WEIGHT_HELP.format(name=losses.LOSS_WEIGHTS[field]), minimum=0)
+
+
+def with_loss_weights(cls: type) -> type:
+    """Insert after ``loss`` a field per entry of ``losses.LOSS_WEIGHTS`` (``dice_weight``:
+    ``--dice-weight``), so a loss added to ``losses.LOSSES`` has its weight flag with nothing
+    listed here. Applied to the plain class, before ``@dataclass`` reads its annotations."""
+    annotations = {}
+    for name, hint in cls.__annotations__.items():
+        annotations[name] = hint
+        if name == "loss":
+            for field in losses.LOSS_WEIGHTS:
+                annotations[field] = "Optional[float]"
+                setattr(cls, field, loss_weight(field))
+    cls.__annotations__ = annotations
+    return cls
+
+
 @dataclass
+@with_loss_weights
 class TrainConfig:
     # data
     data: str = setting("shards/voc-train.json", "a manifest (shards/voc-train.json, "
@@ -117,7 +138,9 @@ class TrainConfig:
     dist_timeout_min: float = setting(distributed.DIST_TIMEOUT_MIN, distributed.DIST_TIMEOUT_HELP, minimum=1)
     # loss (see segtrain/losses.py)
     loss: str = setting("ce", "loss names joined by '+', each with an optional coefficient (e.g. "
-                        f"ce+0.5*dice); names: {describe(losses.LOSSES)}")
+                        f"ce+0.5*dice); names: {describe(losses.LOSSES)}; a later source's --loss "
+                        "clears the --NAME-weight values of earlier ones (a --config file's)")
+    # here: one --NAME-weight field per loss (with_loss_weights)
     class_weighting: str = loss_option("class_weighting")
     focal_gamma: float = loss_option("focal_gamma")
     ohem_thresh: float = loss_option("ohem_thresh")
@@ -190,15 +213,26 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError(f"{f.name}: must be one of {shown}, got {value!r}")
         if minimum is not None and value is not None and value < minimum:  # None: derived later
             raise ConfigError(f"{f.name}: must be >= {minimum}, got {value}")
-    try:
-        losses.parse_loss_spec(cfg.loss)
-    except ValueError as e:
-        raise ConfigError(f"loss: {e}") from None
+    cfg = resolve_loss(cfg)
     if not 0 < cfg.scale_min <= cfg.scale_max:
         raise ConfigError(f"scale_min/scale_max: need 0 < scale_min <= scale_max, got {cfg.scale_min}, {cfg.scale_max}")
     if cfg.crop_size < 33:
         raise ConfigError(f"crop_size: must be >= 33 (the model downsamples 16x), got {cfg.crop_size}")
     return cfg
+
+
+def resolve_loss(cfg: TrainConfig) -> TrainConfig:
+    """``loss`` with the ``--NAME-weight`` values applied (``losses.weigh_terms``), as a normalised
+    spec, and every loss's weight as a number (0 for a loss not in the mix): what config.yaml and the
+    dashboard record. Resolving a resolved config changes nothing."""
+    weights = {field: getattr(cfg, field) for field in losses.LOSS_WEIGHTS}
+    try:
+        terms = losses.weigh_terms(cfg.loss, weights)
+    except ValueError as e:
+        raise ConfigError(f"loss: {e}") from None
+    coefs = {name: coef for coef, name in terms}
+    resolved = {field: coefs.get(name, 0.0) for field, name in losses.LOSS_WEIGHTS.items()}
+    return dataclasses.replace(cfg, loss=losses.loss_spec(terms), **resolved)
 
 
 def field_help(f: dataclasses.Field) -> str:
@@ -233,6 +267,8 @@ def apply_overrides(cfg: TrainConfig, overrides: dict, source: str) -> TrainConf
             close = [k for k in FIELDS if k.startswith(name[:4])]
             raise ConfigError(f"{source}: unknown key {key!r}" + (f" (did you mean {', '.join(close)}?)" if close else ""))
         updates[name] = _coerce(name, value)
+    if "loss" in updates:  # the whole mix: weights from an earlier source (a saved config.yaml) no longer apply
+        updates = {field: None for field in losses.LOSS_WEIGHTS} | updates
     return dataclasses.replace(cfg, **updates)
 
 
@@ -249,15 +285,16 @@ def parse_config(argv: Optional[list[str]] = None) -> TrainConfig:
     cfg = TrainConfig()
     for path in args.pop("config"):
         cfg = apply_overrides(cfg, load_yaml(path), f"--config {path}")
-    cfg = apply_overrides(cfg, args, "command line")
+    cfg = validate(apply_overrides(cfg, args, "command line"))
     if cfg.name is None:
-        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{cfg.arch}-{cfg.backbone}-{cfg.loss}")
+        loss = losses.loss_spec(losses.parse_loss_spec(cfg.loss), digits=3)  # a swept 0.7342... reads 0.734
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{cfg.arch}-{cfg.backbone}-{loss}")
         # A sweep trial is named by its wandb run id: the agent reruns a preempted trial with the same
         # id, so the rerun finds its RUN_DIR and resumes (--resume auto). Otherwise the job's start
         # time (segtrain.launch's, the same for every restart round of --max_restarts).
         started = time.strftime('%Y%m%d-%H%M%S', time.localtime(distributed.job_start()))
         cfg = dataclasses.replace(cfg, name=f"{stem}-{trackers.sweep_trial_id() or started}")
-    return validate(cfg)
+    return cfg
 
 
 def config_to_dict(cfg: TrainConfig) -> dict:

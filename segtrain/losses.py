@@ -411,6 +411,46 @@ def parse_loss_spec(spec: str) -> list[tuple[float, str]]:
     return terms
 
 
+# --ce-weight, --dice-weight, ...: one config field per loss, that term's coefficient as a number (a
+# sweep varies it, a parallel-coordinates panel plots it); see weigh_terms.
+LOSS_WEIGHTS: dict[str, str] = {f"{name}_weight": name for name in LOSSES}  # config field -> loss name
+WEIGHT_HELP = ("coefficient of the {name} loss: replaces its coefficient in --loss, or adds the term; "
+               "0 removes it; none: as --loss says (the saved config holds every loss's, 0 when absent)")
+
+
+def weigh_terms(spec: str, weights: Mapping[str, Optional[float]]) -> list[tuple[float, str]]:
+    """The terms of ``spec`` with ``weights`` (LOSS_WEIGHTS field -> coefficient, None: as ``spec``
+    says) applied, one term per loss (``ce+ce`` is ``2*ce``).
+
+    A weight wins over the coefficient in ``spec``: it replaces it (a sweep varies one term of the mix
+    a config file names), adds the term at the end when ``spec`` lacks it, and 0 removes the term.
+    ValueError, naming the field, for a weight that is negative or not finite, or no term left.
+    """
+    merged: dict[str, float] = {}
+    for coef, name in parse_loss_spec(spec):
+        merged[name] = merged.get(name, 0.0) + coef
+    for field, weight in weights.items():
+        if field not in LOSS_WEIGHTS:
+            raise ValueError(f"unknown loss weight {field!r}; known: {', '.join(LOSS_WEIGHTS)}")
+        if weight is None:
+            continue
+        if not (math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"{field} must be a finite number >= 0, got {weight}")
+        merged[LOSS_WEIGHTS[field]] = float(weight)
+    if not any(merged.values()):
+        zeroed = " ".join(f"{field}=0" for field, weight in weights.items() if weight == 0)
+        raise ValueError(f"no term left: {zeroed} removes every term of {spec!r}; give a loss a weight > 0")
+    return [(coef, name) for name, coef in merged.items() if coef > 0]
+
+
+def loss_spec(terms: Sequence[tuple[float, str]], digits: Optional[int] = None) -> str:
+    """``[(1.0, "ce"), (0.5, "dice")]`` -> ``"ce+0.5*dice"``: a coefficient of 1 left out, the others
+    in the shortest text that reads back as the same float (or ``digits`` significant digits: names)."""
+    def text(coef: float) -> str:
+        return (repr(float(coef)) if digits is None else f"{coef:.{digits}g}").removesuffix(".0")
+    return "+".join(name if coef == 1 else f"{text(coef)}*{name}" for coef, name in terms)
+
+
 def build_loss(spec: str, num_classes: int, ignore_index: int = IGNORE_INDEX,
                class_pixel_counts: Optional[Sequence[int]] = None,
                options: Optional[Mapping[str, Any]] = None) -> nn.Module:

@@ -206,19 +206,19 @@ def flat_config(plan: RunPlan) -> dict[str, Any]:
     """The run's config as users compare runs: top-level scalars only.
 
     No machine-local paths (the data and weights by file name), no nested timing tables, no
-    group/tags/notes (the run has them), and each loss term's weight as a number
-    (``loss_terms/dice``) a panel can plot and a sweep can vary.
+    group/tags/notes (the run has them). Each loss's weight is a number under its flag's name
+    (``dice_weight``, 0 when the loss is not in the mix: the config resolves them), the key a
+    sweep varies and a parallel-coordinates panel plots, next to the normalised ``loss``.
     """
-    from segtrain.losses import LOSS_OPTIONS, parse_loss_spec
+    from segtrain.losses import LOSS_OPTIONS
 
     cfg = plan.cfg
-    terms, used = parse_loss_spec(cfg.loss), loss_options_used(cfg.loss)
+    used = loss_options_used(cfg.loss)
     skip = {"resume", "run_dir", "group", "tags", "notes", "data", "val_data", "init_from", "backbone_weights"}
     config = {k: v for k, v in dataclasses.asdict(cfg).items()
               if k not in skip and (k not in LOSS_OPTIONS or k in used)}
     config |= {f"{k}_name": Path(getattr(cfg, k)).name for k in ("data", "val_data", "init_from", "backbone_weights")
                if getattr(cfg, k)}
-    config |= {f"loss_terms/{name}": coef for coef, name in terms}
     runtime = plan.runtime.to_dict()
     config |= {"mixed_precision": runtime.get("mixed_precision"), "mixed_precision_requested": cfg.mixed_precision,
                "precision_reason": runtime.get("precision_reason"), "device": runtime.get("device"),

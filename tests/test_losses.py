@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from segtrain.losses import (LOSS_NAMES, CombinedLoss, DiceLoss, FocalLoss, LovaszSoftmaxLoss,
-                             OhemCrossEntropyLoss, build_loss, class_weights)
+from segtrain.losses import (LOSS_NAMES, LOSS_WEIGHTS, LOSSES, CombinedLoss, DiceLoss, FocalLoss,
+                             LovaszSoftmaxLoss, OhemCrossEntropyLoss, build_loss, class_weights, loss_spec,
+                             parse_loss_spec, weigh_terms)
 from segtrain.metrics import confusion_matrix, segmentation_metrics
 
 C = 4
@@ -152,6 +153,31 @@ def test_combined_spec_equals_weighted_sum():
     expected = (build_loss("weighted_ce", C, class_pixel_counts=COUNTS, options={"class_weighting": "enet"})(logits, target)
                 + 0.2 * build_loss("lovasz", C)(logits, target))
     torch.testing.assert_close(combined(logits, target), expected)
+
+
+def test_weights_set_replace_add_and_remove_terms():
+    assert set(LOSS_WEIGHTS.values()) == set(LOSSES)  # one weight per loss, whatever LOSSES holds
+    assert weigh_terms("ce+0.5*dice", {}) == [(1.0, "ce"), (0.5, "dice")]
+    assert weigh_terms("ce+0.5*dice", {"dice_weight": 0.25, "ce_weight": None}) == [(1.0, "ce"), (0.25, "dice")]
+    assert weigh_terms("ce", {"lovasz_weight": 2.0}) == [(1.0, "ce"), (2.0, "lovasz")]  # added at the end
+    assert weigh_terms("ce+dice", {"ce_weight": 0.0}) == [(1.0, "dice")]  # 0 removes it
+    assert weigh_terms("ce+ce+0.5*dice", {}) == [(2.0, "ce"), (0.5, "dice")]  # one term per loss
+    with pytest.raises(ValueError, match=r"^no term left: ce_weight=0 removes every term of 'ce'"):
+        weigh_terms("ce", {"ce_weight": 0.0})
+    with pytest.raises(ValueError, match="dice_weight must be a finite number >= 0, got nan"):
+        weigh_terms("ce", {"dice_weight": math.nan})
+    with pytest.raises(ValueError, match="dice_weight must be a finite number >= 0, got -1"):
+        weigh_terms("ce", {"dice_weight": -1})
+    with pytest.raises(ValueError, match="unknown loss weight 'tversky_weight'"):
+        weigh_terms("ce", {"tversky_weight": 1.0})
+    assert loss_spec([(1.0, "ce"), (0.5, "dice"), (2.0, "lovasz")]) == "ce+0.5*dice+2*lovasz"
+    assert loss_spec([(1.0, "ce"), (0.7342109823, "dice")], digits=3) == "ce+0.734*dice"  # run names
+
+
+@pytest.mark.parametrize("terms", [[(1.0, "ce")], [(1.0, "ce"), (0.5, "dice")], [(0.1 + 0.2, "lovasz")],
+                                   [(2.0, "focal"), (1e-05, "ohem")], [(0.7342109823, "dice")]])
+def test_loss_spec_reads_back_to_the_same_floats(terms):
+    assert parse_loss_spec(loss_spec(terms)) == terms
 
 
 def test_every_name_builds_alone():
