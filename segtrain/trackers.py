@@ -35,6 +35,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
 import uuid
 import warnings
@@ -50,7 +51,10 @@ from segtrain.files import PathLike, atomic_write_bytes
 from segtrain.transforms import denormalize
 
 if TYPE_CHECKING:
+    import wandb
     from accelerate import Accelerator
+
+    from segtrain.sources import DataSource
 
 # A segtrain.plan.RunPlan (not imported, even for type checking: plan -> config -> trackers would be a cycle).
 RunPlan = Any
@@ -246,27 +250,56 @@ def _split_sizes(plan: RunPlan) -> dict[str, Any]:
     train, val = plan.train_source, plan.val_source
     sizes = {"train_images": train.num_samples, "val_images": val.num_samples}
     if train.manifest is not None:
-        sizes["data_sha256"] = hashlib.sha256(json.dumps(train.manifest, sort_keys=True).encode()).hexdigest()
+        sizes["data_sha256"] = manifest_sha256(train.manifest)
     return sizes
 
 
-def use_dataset_artifact(run: Any, plan: RunPlan) -> None:
-    """The train manifest as a dataset artifact the run uses (lineage; remote shards as reference
-    entries, not copied). wandb cannot record a use offline, where ``data_sha256`` in the config
-    stands for it; a failure here is one warning and costs the tracker nothing else."""
+def manifest_sha256(manifest: dict) -> str:
+    """A manifest's content hash, whatever file, URL or key order it was read from."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+def dataset_artifact(source: DataSource) -> Optional["wandb.Artifact"]:
+    """The data of ``source`` as a wandb dataset artifact ``data-<manifest name>``, or None for data
+    without a manifest (a bare shard pattern, a VOC folder).
+
+    Its manifest is a file entry (a local manifest's file; a remote one's content as read), every
+    remote shard a reference entry (``checksum=False``: nothing is downloaded, the manifest holds
+    each shard's sha256); local shards are not copied, the manifest stands for them. The metadata
+    carries ``sha256``, the config's ``data_sha256``.
+    """
     import wandb
 
-    source = plan.train_source
-    if run.settings._offline or source.manifest is None or not Path(plan.cfg.data).is_file():
+    if source.manifest is None:
+        return None
+    names = re.findall(r"[^/\s'\"]+\.json", source.location)
+    file_name = names[-1] if names else "manifest.json"
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", file_name.removesuffix(".json"))
+    artifact = wandb.Artifact(f"data-{stem}", type="dataset", metadata={
+        "dataset": source.spec.name, "split": source.split, "num_samples": source.num_samples,
+        "shards": len(source.urls), "sha256": manifest_sha256(source.manifest)})
+    if source.local:
+        artifact.add_file(source.location, name=file_name)
+    else:
+        with artifact.new_file(file_name) as f:
+            json.dump(source.manifest, f, indent=1)
+    for url in source.urls:
+        if "://" in url:  # a pipe: command is no URL wandb could reference
+            artifact.add_reference(url, checksum=False)
+    return artifact
+
+
+def use_dataset_artifact(run: Any, plan: RunPlan) -> None:
+    """The train data's ``dataset_artifact`` as an input of the run (lineage). Online only: offline,
+    wandb refuses to record a use (``use_artifact`` raises "Cannot use artifact when in offline
+    mode", wandb 0.31), and ``data_sha256`` in the config stands for it. A failure here is one
+    warning and costs the tracker nothing else."""
+    if run.offline:
         return
     try:
-        artifact = wandb.Artifact(f"data-{Path(plan.cfg.data).stem}", type="dataset",
-                                  metadata={"split": source.split, "num_samples": source.num_samples})
-        artifact.add_file(str(plan.cfg.data))
-        for url in source.urls:
-            if "://" in url:
-                artifact.add_reference(url, checksum=False)
-        run.use_artifact(artifact)
+        artifact = dataset_artifact(plan.train_source)
+        if artifact is not None:
+            run.use_artifact(artifact)
     except Exception as e:  # noqa: BLE001 -- lineage is a nicety
         warnings.warn(f"wandb: the dataset artifact was not recorded ({type(e).__name__}: {e})", RuntimeWarning)
 

@@ -1,5 +1,6 @@
 """What the trackers get, read back from their own files: the wandb offline run files
 (tests/wandb_reader.py), TensorBoard's event files, tracker.jsonl. No tracker is mocked."""
+import dataclasses
 import json
 import os
 import shutil
@@ -12,10 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from segtrain import loaders, trackers
 from segtrain.sources import resolve_data
 from segtrain.config import parse_config
+from segtrain.losses import LOSSES
 from segtrain.train import train
 from wandb_reader import read_run
 
@@ -87,7 +90,7 @@ def first(packed_shards, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         no_wandb_credentials(patch, root)
         train(parse_config(args(packed_shards["train"], root / "first", "--group", "study", "--tags", "a,b",
-                                "--notes", "a test run", "--log-model", "best", "--loss", "ce+0.5*focal",
+                                "--notes", "a test run", "--log-model", "best", "--focal-weight", "0.5",
                                 "--name", "first-run")))
     return root / "first"
 
@@ -145,7 +148,12 @@ def test_config_as_users_compare_runs(first):
     assert config["steps_per_epoch"] == 48 // 4
     assert config["dataset"] == "voc" and config["train_split"] == "train"
     assert config["train_images"] == 48 and config["val_images"] == 16
-    assert config["loss_terms/ce"] == 1.0 and config["loss_terms/focal"] == 0.5  # numbers a panel can plot
+    # --focal-weight 0.5: the mix as a string and every loss's weight as a number a panel can plot
+    assert config["loss"] == "ce+0.5*focal" and config["ce_weight"] == 1.0 and config["focal_weight"] == 0.5
+    assert config["dice_weight"] == 0.0 and {f"{name}_weight" for name in LOSSES} <= config.keys()
+    saved = yaml.safe_load((first / "config.yaml").read_text())
+    assert {k: saved[k] for k in ("loss", "ce_weight", "focal_weight", "dice_weight")} == \
+        {"loss": "ce+0.5*focal", "ce_weight": 1.0, "focal_weight": 0.5, "dice_weight": 0.0}
     assert "focal_gamma" in config and "class_weighting" not in config and "ohem_thresh" not in config
     assert config["data_name"] == "voc-train.json" and len(config["data_sha256"]) == 64  # "same data?" by content
     for key in ("data", "run_dir", "group", "tags", "notes", "resolved", "resume"):
@@ -217,6 +225,32 @@ def test_online_when_wandb_finds_a_key_for_its_self_hosted_host(tmp_path, offlin
     assert trackers.wandb_mode() is None
 
 
+def test_dataset_artifact_holds_the_manifest_and_references_remote_shards(packed_shards, tmp_path, monkeypatch):
+    """The real wandb.Artifact, no run: a local manifest is one file entry; a remote one (its
+    shards served next to it) adds a reference per shard, which nothing fetches (port 9: closed)."""
+    import base64
+    import hashlib
+
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))  # the staging copies
+    local = resolve_data(packed_shards["train"], "train")
+    artifact = trackers.dataset_artifact(local)
+    entry = artifact.manifest.entries["voc-train.json"]
+    assert artifact.name == "data-voc-train" and artifact.type == "dataset" and len(artifact.manifest.entries) == 1
+    assert entry.ref is None and entry.digest == base64.b64encode(
+        hashlib.md5(packed_shards["train"].read_bytes()).digest()).decode()  # the file itself, copied
+    assert artifact.metadata == {"dataset": "voc", "split": "train", "num_samples": 48, "shards": len(local.urls),
+                                 "sha256": trackers.manifest_sha256(local.manifest)}
+    base = "http://127.0.0.1:9/voc"
+    remote = dataclasses.replace(local, location=f"{base}/voc-train.json",
+                                 urls=tuple(f"{base}/{Path(url).name}" for url in local.urls))
+    entries = trackers.dataset_artifact(remote).manifest.entries
+    assert json.loads(Path(entries["voc-train.json"].local_path).read_text()) == local.manifest
+    shards = {name: e for name, e in entries.items() if name != "voc-train.json"}
+    assert sorted(e.ref for e in shards.values()) == sorted(remote.urls) and len(shards) == len(local.urls)
+    assert all(e.local_path is None and e.digest == e.ref for e in shards.values())  # not downloaded
+    assert trackers.dataset_artifact(resolve_data(str(local.urls[0]), "train")) is None  # no manifest
+
+
 def test_loss_options_only_for_the_losses_that_use_them():
     assert trackers.loss_options_used("ce") == set()
     assert trackers.loss_options_used("weighted_ce+0.5*focal") == {"class_weighting", "focal_gamma"}
@@ -255,7 +289,7 @@ def test_jsonl_tracker_and_a_failing_tracker(packed_shards, tmp_path):
     events = [json.loads(line) for line in (run_dir / "tracker.jsonl").read_text().splitlines()]
     # step 2: the train record, the validation record, then what only a validation has
     assert [e["event"] for e in events] == ["start", "log", "log", "log", "validation", "checkpoint", "finish"]
-    assert events[0]["config"]["loss_terms/ce"] == 1.0 and events[3]["images_seen"] == 8
+    assert events[0]["config"]["ce_weight"] == 1.0 and events[3]["images_seen"] == 8
     assert len(events[4]["per_image"]) == 16 and events[-1]["exit_code"] == 0
     # A tracker that raises at every call (its file is a folder) costs one warning, not the run.
     broken = tmp_path / "broken"
@@ -389,7 +423,7 @@ def test_a_sweep_trial_records_the_agents_run_id(packed_shards, tmp_path, offlin
     monkeypatch.setenv("WANDB_SWEEP_ID", "sweep0001")
     monkeypatch.setenv("WANDB_RUN_ID", "agentrun0000001")
     train(parse_config(args(packed_shards["train"], run_dir, "--iterations", "2", "--resume", "auto",
-                            "--lr", "0.02")))
+                            "--lr=0.02", "--dice_weight=0.25")))  # as the agent passes a trial's parameters
     assert (run_dir / "wandb_id").read_text() == "agentrun0000001"
     for key in ("WANDB_SWEEP_ID", "WANDB_RUN_ID"):
         monkeypatch.delenv(key)
@@ -398,3 +432,4 @@ def test_a_sweep_trial_records_the_agents_run_id(packed_shards, tmp_path, offlin
     runs = all_runs(run_dir)
     assert [r["run"].run_id for r in runs] == ["agentrun0000001"] * 2
     assert "eval/val/whole/miou" in runs[1]["summary"] and runs[0]["config"]["lr"] == 0.02
+    assert runs[0]["config"]["dice_weight"] == 0.25 and runs[0]["config"]["loss"] == "ce+0.25*dice"
