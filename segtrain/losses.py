@@ -438,8 +438,8 @@ def weigh_terms(spec: str, weights: Mapping[str, Optional[float]]) -> list[tuple
             raise ValueError(f"{field} must be a finite number >= 0, got {weight}")
         merged[LOSS_WEIGHTS[field]] = float(weight)
     if not any(merged.values()):
-        zeroed = " ".join(f"{field}=0" for field, weight in weights.items() if weight == 0)
-        raise ValueError(f"no term left: {zeroed} removes every term of {spec!r}; give a loss a weight > 0")
+        zeroed = ", ".join(f"{field}=0" for field, weight in weights.items() if weight == 0)
+        raise ValueError(f"no term left: {zeroed} remove(s) every term of {spec!r}; give a loss a weight > 0")
     return [(coef, name) for name, coef in merged.items() if coef > 0]
 
 

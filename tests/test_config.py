@@ -96,7 +96,7 @@ def test_loss_weights_set_terms_and_the_config_holds_every_weight_as_a_number():
     cfg = parse_config(["--loss", "ce+0.5*dice", "--dice_weight=0.25"])  # as a wandb agent passes it
     assert cfg.loss == "ce+0.25*dice" and cfg.dice_weight == 0.25  # the weight wins
     assert parse_config(["--loss", "ce+dice", "--ce-weight", "0"]).loss == "dice"
-    for argv, error in ((["--ce-weight", "0"], "loss: no term left: ce_weight=0 removes every term of 'ce'"),
+    for argv, error in ((["--ce-weight", "0"], "loss: no term left: ce_weight=0 remove(s) every term of 'ce'"),
                         (["--dice-weight", "-1"], "dice_weight: must be >= 0, got -1.0"),
                         (["--dice-weight", "inf"], "loss: dice_weight must be a finite number >= 0, got inf")):
         with pytest.raises(ConfigError) as caught:

@@ -162,7 +162,7 @@ def test_weights_set_replace_add_and_remove_terms():
     assert weigh_terms("ce", {"lovasz_weight": 2.0}) == [(1.0, "ce"), (2.0, "lovasz")]  # added at the end
     assert weigh_terms("ce+dice", {"ce_weight": 0.0}) == [(1.0, "dice")]  # 0 removes it
     assert weigh_terms("ce+ce+0.5*dice", {}) == [(2.0, "ce"), (0.5, "dice")]  # one term per loss
-    with pytest.raises(ValueError, match=r"^no term left: ce_weight=0 removes every term of 'ce'"):
+    with pytest.raises(ValueError, match=r"^no term left: ce_weight=0 remove\(s\) every term of 'ce'"):
         weigh_terms("ce", {"ce_weight": 0.0})
     with pytest.raises(ValueError, match="dice_weight must be a finite number >= 0, got nan"):
         weigh_terms("ce", {"dice_weight": math.nan})
