@@ -7,7 +7,7 @@
   ``{"model", "model_config", "normalization", **extras}``; ``read_checkpoint`` reads it back
   (``torch_load``: weights_only, one-line errors); ``model.load_checkpoint`` rebuilds the model.
 * The training state a resume needs (``TrainState``, ``save_training_state``, ``resolve_resume``,
-  ``check_resume_processes``): Accelerate's ``save_state`` folders, written atomically.
+  ``read_train_state``): Accelerate's ``save_state`` folders, written atomically.
 * ``MetricsLog`` / ``read_metrics_log``: metrics.jsonl, the plain-text record reports read.
 
 Change the checkpoint format here (and its readers stay in step). This module builds no model:
@@ -169,24 +169,31 @@ class TrainState:
     """What the loop needs to resume besides model, optimizer and RNGs (saved by Accelerate).
 
     ``data_order`` holds every setting the sequence of batches depends on; a resume
-    that changes one of them would continue on different batches, so it is refused.
+    that changes one of them would continue on different batches, so it is refused (but the
+    process layout, on another number of processes). ``layouts``: the run's process layouts,
+    ``[step, processes, per-process batch]`` from the step each began (segtrain.plan, which reads
+    it before the resume: ``read_train_state``).
     """
 
-    def __init__(self, data_order: dict) -> None:
+    def __init__(self, data_order: dict, layouts: Sequence[Sequence[int]] = ()) -> None:
         self.step = 0
         self.best_miou = -1.0
         self.data_order = data_order
+        self.layouts = [list(layout) for layout in layouts]
         self.saved_data_order: Optional[dict] = None
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "best_miou": self.best_miou, "data_order": self.data_order}
+        return {"step": self.step, "best_miou": self.best_miou, "data_order": self.data_order,
+                "layouts": self.layouts}
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.best_miou = int(state["step"]), float(state["best_miou"])
         self.saved_data_order = state.get("data_order")
 
-    def check_resume(self) -> None:
-        saved = self.saved_data_order or {}
+    def check_resume(self, may_change: Collection[str] = ()) -> None:
+        """Refuse a resume whose data-order settings differ from the checkpoint's, but ``may_change``
+        (the process layout of a resume on another number of processes: segtrain.plan.LAYOUT_KEYS)."""
+        saved = {k: v for k, v in (self.saved_data_order or {}).items() if k not in may_change}
         unknown = sorted(set(saved) - set(self.data_order))
         if unknown:  # e.g. written before the record became the loader's own arguments
             raise ConfigError(f"resume: the checkpoint records data-order settings this version does not have "
@@ -199,9 +206,9 @@ class TrainState:
 
 
 # What Accelerate's save_state writes into a checkpoint folder: register_for_checkpointing's first
-# object (the TrainState) and one RNG file per process. Accelerate's own names, kept here only.
+# object (the TrainState) and one RNG file per process (random_states_K.pkl: a resume on more
+# processes finds none for the new ones, and the loop re-seeds every process). Accelerate's name.
 TRAIN_STATE_FILE = "custom_checkpoint_0.pkl"
-RNG_FILES = "random_states_*.pkl"
 
 
 def save_training_state(accelerator: "Accelerator", run_dir: RunDir, step: int, keep: int) -> None:
@@ -241,15 +248,15 @@ def resolve_resume(resume: str, run_dir: RunDir) -> Optional[Path]:
     return path
 
 
-def check_resume_processes(checkpoint: Path, world_size: int) -> None:
-    """Refuse, before ``accelerator.load_state``, a checkpoint saved by another number of processes:
-    it holds one ``random_states_K.pkl`` per process, and loading it elsewhere fails deep inside
-    Accelerate (or, with more processes saved, would silently drop their RNG states)."""
-    saved = len(list(checkpoint.glob(RNG_FILES)))
-    if saved and saved != world_size:
-        raise ConfigError(f"resume: {checkpoint} was saved by {saved} process(es), this run has {world_size}; "
-                          f"resume with {saved} (accelerate launch --num_processes {saved}), or start a new run "
-                          "with --init-from RUN_DIR/best.pt")
+def read_train_state(checkpoint: Path) -> Optional[dict]:
+    """The TrainState record of ``checkpoint`` (``TrainState.state_dict``), read before
+    ``accelerator.load_state``: a resume on another number of processes plans its batch and its
+    data from it (segtrain.plan); None where the folder has none (``load_state`` then says so)."""
+    path = checkpoint / TRAIN_STATE_FILE
+    if not path.is_file():
+        return None
+    state = torch_load(path)
+    return state if isinstance(state, dict) else None
 
 
 # ----------------------------------------------------------------------------- the model file

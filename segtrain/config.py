@@ -308,10 +308,13 @@ def save_config(cfg: TrainConfig, path: Path, resolved: Optional[dict] = None) -
 
 
 def update_saved_config(path: Path, **changes: Any) -> dict:
-    """Set keys of a saved config.yaml (atomically); returns ``{key: (old, new)}`` for those that changed."""
+    """Set keys of a saved config.yaml (atomically; a mapping updates the saved mapping, as
+    ``resolved``); returns ``{key: (old, new)}`` for those that changed."""
     saved = yaml.safe_load(path.read_text()) if path.is_file() else None
     if not isinstance(saved, dict):
         return {}
+    changes = {k: saved[k] | v if isinstance(v, dict) and isinstance(saved.get(k), dict) else v
+               for k, v in changes.items()}
     changed = {k: (saved.get(k), v) for k, v in changes.items() if saved.get(k) != v}
     if changed:
         saved.update({k: new for k, (_, new) in changed.items()})

@@ -47,7 +47,8 @@ import multiprocessing
 import re
 import signal
 import sys
-from collections.abc import Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
@@ -88,7 +89,26 @@ def batches_per_epoch(source: DataSource, batch_size: int, world_size: int) -> i
     num_samples = sum(shard_sizes(source)) if source.kind == "shards" else source.num_samples
     if num_samples == 0:
         raise DataError(f"{source.location}: no {source.split} samples to train on")
-    return max(1, num_samples // (world_size * batch_size))
+    return _steps(num_samples, Layout(world_size, batch_size))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the samples of an epoch are dealt: to ``world_size`` processes, ``batch_size`` each per
+    batch. A resume on another number of processes changes it and keeps the global batch
+    (segtrain.plan); ``train_loader(layouts=...)`` then continues the epoch it interrupted."""
+
+    world_size: int
+    batch_size: int
+
+    @property
+    def samples(self) -> int:
+        """Global samples per batch index (all ranks together)."""
+        return self.world_size * self.batch_size
+
+
+def _steps(num_samples: int, layout: Layout) -> int:
+    return max(1, num_samples // layout.samples)
 
 
 def _resolve_rank(rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
@@ -238,6 +258,53 @@ def pad_collate(samples: list[tuple[torch.Tensor, torch.Tensor, str]],
 
 # --------------------------------------------------------------------------- training
 
+def _window(batch_size: int) -> int:
+    """Samples per shuffle window: whole batches, at least RAW_SHUFFLE_BUFFER."""
+    return batch_size * max(1, -(-RAW_SHUFFLE_BUFFER // batch_size))
+
+
+def _deal(count: int, batch_size: int, window: int, batches: Iterable[int],
+          seed_of: Callable[[int], int]) -> dict[int, list[int]]:
+    """Which of ``count`` samples (indices, in stream order) make each of ``batches``: window ``k``
+    (``window`` samples, whole batches) is dealt by a permutation seeded ``seed_of(k)``."""
+    per_window, orders, members = window // batch_size, {}, {}
+    for b in batches:
+        k = b // per_window
+        if k not in orders:
+            orders[k] = np.random.default_rng(seed_of(k)).permutation(min(window, count - k * window)) + k * window
+        members[b] = orders[k][(b - k * per_window) * batch_size:][:batch_size].tolist()
+    return members
+
+
+def _layout_shares(num_samples: int, seed: int, epoch: int, layouts: Sequence[tuple[int, Layout]],
+                   taken: int) -> tuple[list[Sequence[int]], int, tuple[int, ...]]:
+    """The ranks' shares of ``epoch`` under the last of ``layouts`` ((global sample of the epoch it
+    began at, Layout), the first at 0) when the epoch has ``taken`` global samples: per rank the
+    stream positions in dealing order; the batch index of a share's first sample; the seeds' salt.
+
+    The first layout deals the epoch as always (rank r: the r-th contiguous range of the stream).
+    Each later one takes what the layouts before it had not drawn, in stream order, cut into one
+    contiguous part per rank and dealt by its own seeded windows: no sample of the epoch is drawn
+    twice or left out, whatever the process counts were."""
+    layout = layouts[0][1]
+    size = _steps(num_samples, layout) * layout.batch_size
+    shares: list[Sequence[int]] = [range(r * size, (r + 1) * size) for r in range(layout.world_size)]
+    first, salt = 0, ()
+    for i, (start, following) in enumerate(layouts[1:], 1):
+        if start % layout.samples or start % following.samples or taken % following.samples:
+            raise ValueError(f"layouts {layout} and {following} do not share the batch boundary {start}")
+        rest: set[int] = set()
+        for rank, share in enumerate(shares):
+            members = _deal(len(share), layout.batch_size, _window(layout.batch_size),
+                            range(start // layout.samples - first, taken // layout.samples - first),
+                            lambda k: _mix(seed, epoch, rank, k, *salt))
+            rest.update(share[j] for j in itertools.chain(*members.values()))
+        remaining, part = sorted(rest), len(rest) // following.world_size
+        shares = [remaining[r * part:(r + 1) * part] for r in range(following.world_size)]
+        layout, first, salt = following, start // following.samples, (following.world_size, i)
+    return shares, first, salt
+
+
 def _shard_cycle(num_shards: int, seed: int, epoch: int) -> Iterator[int]:
     """The epoch's endless shard order: pass after pass, each a seeded permutation of all shards."""
     for rnd in itertools.count():
@@ -288,11 +355,12 @@ class _EpochBatches(IterableDataset):
     """
 
     def __init__(self, batch_size: int, steps: int, seed: int, epoch: int, rank: int, skip: int = 0,
-                 take: Optional[int] = None, endless: bool = False, last_epoch: Optional[int] = None):
+                 take: Optional[int] = None, endless: bool = False, last_epoch: Optional[int] = None,
+                 layouts: Sequence[tuple[int, Layout]] = ()):
         super().__init__()
         self.batch_size, self.steps, self.seed, self.epoch, self.rank = batch_size, steps, seed, epoch, rank
         self.skip, self.take, self.endless = skip, steps if take is None else take, endless
-        self.last_epoch = last_epoch
+        self.last_epoch, self.layouts = last_epoch, tuple(layouts)
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -320,39 +388,50 @@ class _TrainShardStream(_EpochBatches):
     ``fetch``), the decoding never."""
 
     def __init__(self, urls: tuple[str, ...], sizes: tuple[int, ...], transform: PairTransform,
-                 batch_size: int, steps: int, seed: int, epoch: int, rank: int, spec: DatasetSpec,
+                 batch_size: int, steps: int, seed: int, epoch: int, rank: int, world_size: int, spec: DatasetSpec,
                  digests: Optional[dict[str, str]] = None, fetch: Optional[_Fetch] = None, **span):
         super().__init__(batch_size, steps, seed, epoch, rank, **span)
         self.urls, self.sizes, self.transform, self.spec, self.digests = urls, sizes, transform, spec, digests
-        self.fetch = fetch
-        self.window = batch_size * max(1, -(-RAW_SHUFFLE_BUFFER // batch_size))
+        self.fetch, self.layout = fetch, Layout(world_size, batch_size)
+        self.window = _window(batch_size)
 
     def _batches(self, epoch: int, batches: list[int]) -> Iterator[Batch]:
-        share, per_window = self.steps * self.batch_size, self.window // self.batch_size
-        windows: dict[int, list[int]] = {}
-        for b in batches:
-            windows.setdefault(b // per_window, []).append(b)
-        base = self.rank * share  # ranks read contiguous shares of the stream, rank-major
-        position = min(windows) * self.window
-        last = min((max(windows) + 1) * self.window, share)
+        positions, first, salt = self._share(epoch)
+        local = [b - first for b in batches]  # batch indices within the share
+        members = _deal(len(positions), self.batch_size, self.window, local,
+                        lambda k: _mix(self.seed, epoch, self.rank, k, *salt))
+        per_window = self.window // self.batch_size
+        lo = local[0] // per_window * self.window  # whole windows, as the dealing cuts them
+        hi = min((local[-1] // per_window + 1) * self.window, len(positions))
+        wanted = {positions[i] for i in itertools.chain(*members.values())}
+        start = position = positions[lo]
         raw = iter(_stream_range(self.urls, self.sizes, _shard_cycle(len(self.urls), self.seed, epoch),
-                                 base + position, base + last, self.digests, self.fetch))
-        for k, in_window in windows.items():
-            start = k * self.window
-            order = np.random.default_rng(_mix(self.seed, epoch, self.rank, k)).permutation(
-                min(self.window, share - start)) + start
-            members = {b: order[(b - k * per_window) * self.batch_size:][:self.batch_size].tolist() for b in in_window}
-            wanted = {p for positions in members.values() for p in positions}
-            kept = {}
-            while position <= max(wanted):  # read on (undecoded) to the last sample this worker needs
+                                 start, positions[hi - 1] + 1, self.digests, self.fetch))
+        kept = {}
+        for j in local:
+            while position <= max(positions[i] for i in members[j]):  # read on (undecoded) to its last sample
                 sample = next(raw)
                 if position in wanted:
                     kept[position] = sample
                 position += 1
-            for b in in_window:
-                yield _stack([self._augment(kept.pop(p), _mix(self.seed, epoch, self.rank, p)) for p in members[b]])
+            yield _stack([self._augment(kept.pop(positions[i]), _mix(self.seed, epoch, self.rank, i, *salt))
+                          for i in members[j]])
         for _ in raw:  # read the range to its end: a shard ending there is counted and its sha256 checked
             pass
+
+    def _share(self, epoch: int) -> tuple[Sequence[int], int, tuple[int, ...]]:
+        """This rank's samples of ``epoch`` (positions in the epoch's stream, in dealing order), the
+        batch index of its first sample, and the words that salt its seeds: normally the rank's
+        contiguous range of the stream; in an epoch that other process layouts began
+        (``layouts``), what they had not drawn (``_layout_shares``)."""
+        if epoch != self.epoch or len(self.layouts) < 2:
+            share = self.steps * self.batch_size
+            return range(self.rank * share, (self.rank + 1) * share), 0, ()
+        if self.layouts[-1][1] != self.layout:
+            raise ValueError(f"the last of layouts {self.layouts} must be this loader's {self.layout}")
+        shares, first, salt = _layout_shares(sum(self.sizes), self.seed, epoch, self.layouts,
+                                             self.take * self.layout.samples)
+        return shares[self.rank], first, salt
 
     def _augment(self, sample: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor, str]:
         sid, jpeg, png, name = _shard_pair(sample)
@@ -417,7 +496,8 @@ def train_loader(source: DataSource, batch_size: int, crop_size: int, *, num_wor
                  color_jitter: bool = False,
                  scale: tuple[float, float] = (0.5, 2.0), pin_memory: bool = False, skip: int = 0,
                  take: Optional[int] = None, endless: bool = False, last_epoch: Optional[int] = None,
-                 node_cache_gb: float = 0.0) -> tuple[Iterable[Batch], int]:
+                 node_cache_gb: float = 0.0,
+                 layouts: Sequence[tuple[int, Layout]] = ()) -> tuple[Iterable[Batch], int]:
     """Augmented uint8 training batches of ``source`` for this rank and epoch, and the number of steps.
 
     ``batch_size`` is per process. Every rank yields exactly ``steps_per_epoch =
@@ -431,11 +511,18 @@ def train_loader(source: DataSource, batch_size: int, crop_size: int, *, num_wor
     the device that uses them. ``node_cache_gb`` > 0 reads remote shards through one copy per node
     (``shardcache``): each is fetched once per node per epoch, not once per loader worker, and the
     batches stay the same.
+
+    ``layouts``: when resumes on other numbers of processes (the same global batch) changed the
+    layout within ``epoch``, each ``(global sample of the epoch it began at, Layout)``, the first at 0
+    and this loader's own last: the rest of that epoch is the samples the earlier layouts had not
+    drawn (none twice, none left out), dealt to this one; later epochs are this layout's own. A
+    folder's epoch order is already one for every layout (rank ``r`` takes samples
+    ``r::world_size`` of one permutation of the ids), so it continues as it is.
     """
     rank, world_size = _resolve_rank(rank, world_size)
     steps = batches_per_epoch(source, batch_size, world_size)
     transform = train_transforms(crop_size, scale=scale, color_jitter=color_jitter, normalize=False)
-    span = dict(skip=skip, take=take, endless=endless, last_epoch=last_epoch)
+    span = dict(skip=skip, take=take, endless=endless, last_epoch=last_epoch, layouts=layouts)
     if source.kind == "folder":
         dataset = VOCSegmentation(source.voc_root, source.split)
         batches = _TrainFolderBatches(dataset, transform, world_size, batch_size, steps, seed, epoch, rank,
@@ -443,7 +530,8 @@ def train_loader(source: DataSource, batch_size: int, crop_size: int, *, num_wor
     else:
         cache = None if source.local else NodeCache.for_source(source.location, node_cache_gb)
         batches = _TrainShardStream(source.urls, shard_sizes(source), transform, batch_size, steps, seed, epoch,
-                                    rank, source.spec, source.checks(), cache and _Fetch(cache, source), **span)
+                                    rank, world_size, source.spec, source.checks(), cache and _Fetch(cache, source),
+                                    **span)
     # batch_size=None: the workers batch (into shared memory) and the DataLoader passes their
     # batches through. A worker beyond `steps` would have no batch to make. The workers' base
     # seed would come from the global RNG without a generator (nothing here draws from it).

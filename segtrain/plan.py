@@ -17,6 +17,7 @@ so it cannot drift from what the loader gets.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -26,7 +27,7 @@ import torch
 from segtrain import distributed, hardware, integrity, loaders
 from segtrain.inference import loader_protocol
 from segtrain.autotune import Runtime
-from segtrain.checkpoints import RunDir, check_resume_processes, resolve_resume
+from segtrain.checkpoints import RunDir, read_train_state, resolve_resume
 from segtrain.files import ConfigError
 from segtrain.losses import LOSS_OPTIONS
 from segtrain.datasets import DatasetSpec
@@ -37,6 +38,33 @@ from segtrain.voc import read_split
 # A segtrain.config.TrainConfig. Not imported: config.py borrows its choices from modules (the
 # trackers) that take a RunPlan, and no import may go round in a circle, TYPE_CHECKING's included.
 TrainConfig = Any
+
+
+# The data-order settings a resume on another number of processes changes (keeping their product,
+# the global batch): the loader's processes and per-process batch, and the accumulation.
+LAYOUT_KEYS = ("world_size", "batch_size", "grad_accum")
+
+
+@dataclass(frozen=True)
+class Resize:
+    """A resume on another number of processes: the checkpoint's (processes, per-process batch,
+    accumulation) and this run's, their product (the global batch) the same."""
+
+    before: tuple[int, int, int]
+    after: tuple[int, int, int]
+
+    @property
+    def resumed_from(self) -> loaders.Layout:
+        """The layout that began the interrupted epoch (its rest is what it had not drawn)."""
+        return loaders.Layout(self.before[0], self.before[1])
+
+    def line(self) -> str:
+        """What changed, in one line."""
+        names = ("processes", "per-process batch", "accumulation")
+        changed = ", ".join(f"{name} {a} -> {b}" for name, a, b in zip(names, self.before, self.after) if a != b)
+        return (f"resume on another number of processes: {changed} (global batch {math.prod(self.after)} as "
+                "before); the interrupted epoch goes on with the samples it had not used; dropout's RNG "
+                "re-seeded per process from the seed and step")
 
 
 @dataclass(frozen=True)
@@ -58,6 +86,9 @@ class RunPlan:
     runtime: Runtime                  # what "auto" settings became here (saved in config.yaml, checkpoints)
     spec: DatasetSpec                 # what the data is (classes, palette, ...): into the checkpoints
     notes: tuple[str, ...] = ()       # warnings for the user (the run can go on)
+    resize: Optional[Resize] = None   # a resume on another number of processes: what changed
+    layouts: tuple[tuple[int, int, int], ...] = ((0, 1, 1),)  # (step, processes, per-process batch) from
+                                      # the step each began: the TrainState keeps them (epoch_layouts)
 
     @property
     def data_order(self) -> dict[str, Any]:
@@ -66,6 +97,11 @@ class RunPlan:
         data is recorded as the user named it (``--data``) and the split it resolved to."""
         order = {k: v for k, v in self.train_loader.items() if k not in loaders.ORDER_FREE and k != "source"}
         return dict(order, data=self.cfg.data, split=self.train_source.split, grad_accum=self.cfg.grad_accum)
+
+    @property
+    def resolved(self) -> dict[str, Any]:
+        """config.yaml's ``resolved:`` record: the runtime's choices and the process layout."""
+        return self.runtime.to_dict() | {"processes": self.world_size, "per_process_batch": self.per_process_batch}
 
     @property
     def train_source(self) -> DataSource:
@@ -78,6 +114,18 @@ class RunPlan:
     @property
     def workers(self) -> int:
         return self.train_loader["num_workers"]
+
+    def epoch_layouts(self, epoch: int) -> tuple[tuple[int, loaders.Layout], ...]:
+        """The process layouts that dealt ``epoch`` (``train_loader(layouts=...)``): each with the
+        global sample of the epoch it began at, the first at 0; one, usually."""
+        start, found = epoch * self.steps_per_epoch, []
+        for step, processes, batch in self.layouts:
+            offset = max(step - start, 0) * self.cfg.batch_size
+            if found and found[-1][0] == offset:  # the earlier one dealt none of this epoch
+                found.pop()
+            if not found or found[-1][1] != loaders.Layout(processes, batch):
+                found.append((offset, loaders.Layout(processes, batch)))
+        return tuple(found)
 
     def with_runtime(self, **changes: Any) -> RunPlan:
         """This plan with ``runtime`` fields changed (``compiled``, known after the first step)."""
@@ -100,11 +148,11 @@ def plan_run(cfg: TrainConfig, world_size: int = 1, device_type: str = "cpu",
     devices (``accelerator.device.type``) with ``runtime``, what autotune.training_runtime chose
     for this machine (default: fp32)."""
     runtime = runtime or Runtime()
-    per_process_batch, notes = check_batch(cfg, world_size, device_type)
     run_dir = RunDir(cfg.resolved_run_dir())
     resume_from = resolve_resume(cfg.resume, run_dir) if cfg.resume else None
-    if resume_from is not None:
-        check_resume_processes(resume_from, world_size)
+    record = read_train_state(resume_from) if resume_from else None
+    cfg, resize = fit_to_processes(cfg, world_size, saved_layout(record))
+    per_process_batch, notes = check_batch(cfg, world_size, device_type)
     # --resume auto and no checkpoint yet: the run stopped before its first one; start it afresh.
     if resume_from is None and cfg.resume != "auto" and run_dir.metrics.exists():
         raise ConfigError(f"run_dir: {run_dir} already holds a run; pass --resume latest (or auto) to continue "
@@ -144,7 +192,8 @@ def plan_run(cfg: TrainConfig, world_size: int = 1, device_type: str = "cpu",
                    loss_options={name: getattr(cfg, name) for name in LOSS_OPTIONS},
                    class_pixel_counts=manifest["class_pixel_counts"] if manifest else None,
                    eval_autocast_dtype=hardware.autocast_dtype(runtime.mixed_precision, device_type), spec=spec,
-                   runtime=runtime, notes=notes)
+                   runtime=runtime, notes=notes, resize=resize,
+                   layouts=layout_history(record, world_size, per_process_batch))
 
 
 def loader_workers(requested: int) -> int:
@@ -153,6 +202,53 @@ def loader_workers(requested: int) -> int:
     if requested == 0:
         return 0
     return min(requested, max(1, distributed.usable_cpus() // distributed.local_processes()))
+
+
+def saved_layout(record: Optional[dict]) -> Optional[tuple[int, int, int]]:
+    """(processes, per-process batch, accumulation) of the run that saved a TrainState ``record``."""
+    order = (record or {}).get("data_order") or {}
+    try:
+        return int(order["world_size"]), int(order["batch_size"]), int(order["grad_accum"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def layout_history(record: Optional[dict], world_size: int, batch: int) -> tuple[tuple[int, int, int], ...]:
+    """The run's process layouts (step, processes, per-process batch) with this one, from the step
+    it resumes at when it differs from the last (a fresh run: just this one, from step 0)."""
+    saved = saved_layout(record)
+    if record is None or saved is None:
+        return ((0, world_size, batch),)
+    history = [tuple(map(int, entry)) for entry in record.get("layouts") or [(0, saved[0], saved[1])]]
+    if history[-1][1:] != (world_size, batch):
+        history.append((int(record["step"]), world_size, batch))
+    return tuple(history)
+
+
+def fit_to_processes(cfg: TrainConfig, world_size: int,
+                     saved: Optional[tuple[int, int, int]]) -> tuple[TrainConfig, Optional[Resize]]:
+    """A resume of a checkpoint ``saved`` by (processes, per-process batch, accumulation) on
+    ``world_size`` processes: the same global batch, with the accumulation that keeps the
+    per-process batch (its memory) as large as it was but no larger where one can; a global batch
+    that does not split over ``world_size`` processes is one line naming the counts that work."""
+    if saved is None or saved[0] == world_size:
+        return cfg, None
+    total, least = math.prod(saved), 1 if cfg.sync_bn else 2  # ASPP's pooling BatchNorm (see check_batch)
+    if cfg.batch_size != total:
+        raise ConfigError(f"batch_size: the checkpoint was trained with a global batch of {total} "
+                          f"({' x '.join(map(str, saved))}), this run asks for {cfg.batch_size}; resume with "
+                          f"--batch-size {total}")
+    batches = [total // (world_size * a) for a in range(1, total + 1)
+               if total % (world_size * a) == 0 and total // (world_size * a) >= least]
+    if not batches:
+        works = [n for n in range(1, total + 1) if total % n == 0 and total // n >= least]
+        raise ConfigError(f"resume: the checkpoint's global batch {total} does not split into {world_size} "
+                          f"processes x at least {least} images; resume on {', '.join(map(str, works))} "
+                          "process(es), or start a new run with --init-from RUN_DIR/best.pt")
+    fitting = [b for b in batches if b <= saved[1]]
+    batch = max(fitting) if fitting else min(batches)
+    accum = total // (world_size * batch)
+    return dataclasses.replace(cfg, grad_accum=accum), Resize(saved, (world_size, batch, accum))
 
 
 def check_batch(cfg: TrainConfig, world_size: int, device_type: str) -> tuple[int, tuple[str, ...]]:

@@ -53,7 +53,7 @@ from segtrain.checkpoints import MetricsLog, TrainState, init_from_checkpoint, s
 from segtrain.files import ConfigError, atomic_link
 from segtrain.losses import build_loss
 from segtrain.model import PretrainedWeightsUnavailable, build_model
-from segtrain.plan import RunPlan, plan_run
+from segtrain.plan import LAYOUT_KEYS, RunPlan, plan_run
 from segtrain.schedule import lr_factor
 from segtrain.transforms import normalization_tensors, normalize
 
@@ -132,7 +132,7 @@ def confirm_compiled(model: torch.nn.Module, plan: RunPlan, accelerator: Acceler
     accelerator.print(line)
     plan = plan.with_runtime(compiled=compiled)
     if accelerator.is_main_process and plan.resume_from is None:
-        update_saved_config(plan.run_dir.config, resolved=plan.runtime.to_dict())
+        update_saved_config(plan.run_dir.config, resolved=plan.resolved)
     return plan
 
 
@@ -142,14 +142,16 @@ def start_run(plan: RunPlan, accelerator: Accelerator) -> tuple[TrainState, Metr
     if accelerator.is_main_process:
         run_dir.root.mkdir(parents=True, exist_ok=True)
         if plan.resume_from is None:  # a resumed run keeps the config it was started with
-            save_config(cfg, run_dir.config, resolved=plan.runtime.to_dict())
-    state = TrainState(plan.data_order)
+            save_config(cfg, run_dir.config, resolved=plan.resolved)
+    state = TrainState(plan.data_order, plan.layouts)
     accelerator.register_for_checkpointing(state)
     log = MetricsLog(run_dir.metrics, enabled=accelerator.is_main_process)
     if plan.resume_from is not None:
         accelerator.load_state(str(plan.resume_from))
-        state.check_resume()
+        state.check_resume(may_change=LAYOUT_KEYS if plan.resize else ())
         accelerator.print(f"resumed from {plan.resume_from} at step {state.step}")
+        if plan.resize:
+            resized(plan, accelerator, state.step)
         if accelerator.is_main_process:  # a longer --iterations extends the run: its config.yaml says so
             for key, (old, new) in update_saved_config(run_dir.config, iterations=cfg.iterations).items():
                 accelerator.print(f"{run_dir.config}: {key} {old} -> {new}")
@@ -157,11 +159,24 @@ def start_run(plan: RunPlan, accelerator: Accelerator) -> tuple[TrainState, Metr
     return state, log
 
 
+def resized(plan: RunPlan, accelerator: Accelerator, step: int) -> None:
+    """After ``load_state`` of a checkpoint saved by another number of processes: one line of what
+    changed, config.yaml's record of it, and every process's RNG seeded afresh (the checkpoint holds
+    one RNG state per process that saved it: none for the new ones, and the old ones' would no
+    longer be one per process), from the seed and the step: reproducible for a given process count."""
+    accelerator.print(plan.resize.line())
+    distributed.seed_process(plan.cfg.seed + step)
+    if accelerator.is_main_process:
+        update_saved_config(plan.run_dir.config, grad_accum=plan.cfg.grad_accum, resolved=plan.resolved)
+
+
 def micro_batches(plan: RunPlan, rank: int, step: int) -> Iterator[loaders.Batch]:
     """This rank's training micro-batches from optimizer step ``step`` on, epoch after epoch.
 
     Each batch is a function of (seed, epoch, rank, batch index), which is what makes resuming
-    exact: a resumed run starts the loader at its epoch and batch. One loader serves the whole
+    exact: a resumed run starts the loader at its epoch and batch (after a resume on another
+    number of processes, the epoch it interrupted goes on with the samples not yet drawn:
+    ``RunPlan.epoch_layouts``). One loader serves the whole
     run (its workers start once, not per epoch). The batches of an epoch that do not fill a
     whole step (grad_accum > 1) are left out.
     """
@@ -169,7 +184,7 @@ def micro_batches(plan: RunPlan, rank: int, step: int) -> Iterator[loaders.Batch
     epoch, skip = divmod(step * plan.cfg.grad_accum, per_epoch)
     last_epoch = (plan.cfg.iterations * plan.cfg.grad_accum - 1) // per_epoch  # no reading ahead past the run
     loader, _ = loaders.train_loader(**plan.train_loader, epoch=epoch, rank=rank, skip=skip, take=per_epoch,
-                                     endless=True, last_epoch=last_epoch)
+                                     endless=True, last_epoch=last_epoch, layouts=plan.epoch_layouts(epoch))
     yield from loader
 
 

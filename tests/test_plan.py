@@ -39,7 +39,8 @@ def test_batch_workers_and_steps_per_epoch(cfg_for, monkeypatch):
 def test_loader_arguments_are_the_loaders_own_and_make_the_data_order(cfg_for):
     plan = plan_run(cfg_for("--batch-size", "4", "--grad-accum", "2", "--workers", "1", "--color-jitter", "true"))
     train_params = set(inspect.signature(loaders.train_loader).parameters)
-    assert set(plan.train_loader) == train_params - {"epoch", "rank", "skip", "take", "endless", "last_epoch"}
+    assert set(plan.train_loader) == train_params - {"epoch", "rank", "skip", "take", "endless", "last_epoch",
+                                                           "layouts"}
     assert set(plan.val_loader) <= set(inspect.signature(loaders.val_loader).parameters) - {"rank"}
     # The workers and pinning are not the data order: a resume on other hardware goes on.
     order_free = {"num_workers", "pin_memory", "node_cache_gb"}
@@ -98,15 +99,34 @@ def test_existing_run_dir_needs_resume(cfg_for, tmp_path):
     assert plan_run(cfg_for("--resume", "latest")).resume_from == tmp_path / "run" / "checkpoints" / "step_0000003"
 
 
-def test_resume_with_another_process_count_is_refused_before_loading(cfg_for, tmp_path):
+def test_resume_on_another_process_count_keeps_the_global_batch(cfg_for, tmp_path):
+    """Planned from the checkpoint's TrainState record, before anything is loaded: the per-process
+    batch (its memory) kept where it can be, else lowered; one line when the batch cannot split."""
     step = tmp_path / "run" / "checkpoints" / "step_0000003"
     step.mkdir(parents=True)
-    for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl", "random_states_1.pkl"):
-        (step / name).write_bytes(b"")
-    with pytest.raises(ConfigError, match=rf"resume: {step} was saved by 2 process\(es\), this run has 4; "
-                                          r"resume with 2 \(accelerate launch --num_processes 2\)"):
-        plan_run(cfg_for("--resume", "latest", "--batch-size", "8"), world_size=4)
-    assert plan_run(cfg_for("--resume", "latest", "--batch-size", "8"), world_size=2).resume_from == step
+    order = plan_run(cfg_for("--batch-size", "8"), world_size=2).data_order  # 2 processes x 4
+    torch.save({"step": 3, "best_miou": 0.1, "data_order": order}, step / "custom_checkpoint_0.pkl")
+    resume = ("--resume", "latest", "--batch-size", "8")
+    fewer = plan_run(cfg_for(*resume), world_size=1)
+    assert (fewer.per_process_batch, fewer.cfg.grad_accum, fewer.steps_per_epoch) == (4, 2, 6)
+    assert fewer.resize.line().startswith("resume on another number of processes: processes 2 -> 1, "
+                                          "accumulation 1 -> 2 (global batch 8 as before)")
+    more = plan_run(cfg_for(*resume), world_size=4)
+    assert (more.per_process_batch, more.cfg.grad_accum, more.steps_per_epoch) == (2, 1, 6)
+    assert "processes 2 -> 4, per-process batch 4 -> 2 (global batch 8 as before)" in more.resize.line()
+    assert more.resolved["processes"] == 4 and more.resolved["per_process_batch"] == 2
+    # Epoch 0 was begun by 2 x 4 and goes on from step 3 (global sample 24) on 4 x 2; epoch 1 is 4 x 2's.
+    assert more.layouts == ((0, 2, 4), (3, 4, 2))
+    assert more.epoch_layouts(0) == ((0, loaders.Layout(2, 4)), (24, loaders.Layout(4, 2)))
+    assert more.epoch_layouts(1) == ((0, loaders.Layout(4, 2)),)
+    same = plan_run(cfg_for(*resume), world_size=2)
+    assert same.resize is None and same.layouts == ((0, 2, 4),) and same.epoch_layouts(0) == ((0, loaders.Layout(2, 4)),)
+    with pytest.raises(ConfigError, match=r"resume: the checkpoint's global batch 8 does not split into 3 processes x "
+                                          r"at least 2 images; resume on 1, 2, 4 process\(es\)"):
+        plan_run(cfg_for(*resume), world_size=3)
+    with pytest.raises(ConfigError, match=r"global batch of 8 \(2 x 4 x 1\), this run asks for 16; resume with "
+                                          r"--batch-size 8"):
+        plan_run(cfg_for("--resume", "latest", "--batch-size", "16"), world_size=4)
 
 
 def test_train_split_comes_from_the_manifest_and_val_must_be_disjoint(cfg_for, packed_shards):

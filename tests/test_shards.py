@@ -219,6 +219,32 @@ def test_an_epoch_leaves_out_only_the_remainder_and_not_always_the_same(syntheti
     assert len({frozenset(m) for m in missing}) > 1, missing
 
 
+def drawn(data, world: int, batch: int, skip: int, count: int, layouts=(), workers: int = 0) -> list:
+    """The batches each rank of ``world`` x ``batch`` draws in epoch 0, from batch ``skip``, ``count`` of
+    them (an epoch of 48 samples in global batches of 8: ``take`` is 6 steps' worth)."""
+    take = 48 // (world * batch)
+    return [b for rank in range(world) for b in itertools.islice(batches_of(train_loader(
+        data, batch, 33, num_workers=workers, seed=5, rank=rank, world_size=world, skip=skip, take=take,
+        layouts=layouts)[0]), count)]
+
+
+@pytest.mark.parametrize("data", ["shards", "folder"])
+def test_an_epoch_resumed_on_other_process_counts_draws_every_sample_once(data, synthetic_voc, packed_shards):
+    """Global batch 8: steps 0-2 on 2 processes x 4, step 3 on 4 x 2, steps 4-5 on 1 x 4 with 2
+    micro-batches (resumes on other process counts; segtrain.plan): the epoch's 48 samples, each once.
+    A resume inside a layout's part of the epoch, on the same count, draws exactly the same batches."""
+    data = packed_shards["train"] if data == "shards" else synthetic_voc
+    split = sorted(voc.read_split(synthetic_voc, "train"))
+    two, four, one = loaders.Layout(2, 4), loaders.Layout(4, 2), loaders.Layout(1, 4)
+    layouts = ((0, two), (24, four), (32, one))  # (global sample of the epoch each began at, layout)
+    parts = [drawn(data, 2, 4, 0, 3), drawn(data, 4, 2, 3, 1, layouts[:2]), drawn(data, 1, 4, 8, 4, layouts)]
+    ids = [sid for part in parts for _, _, batch_ids in part for sid in batch_ids]
+    assert len(ids) == 48 and sorted(ids) == split
+    on_four = drawn(data, 4, 2, 3, 3, layouts[:2], workers=2)  # rank r: batches 3, 4, 5
+    again = drawn(data, 4, 2, 4, 2, layouts[:2])  # resumed at batch 4 on 4 processes again
+    assert same_batches(again, [b for r in range(4) for b in on_four[3 * r + 1:3 * r + 3]])
+
+
 def test_fewer_shards_than_readers_still_fills_every_batch_with_distinct_samples(packed_shards):
     data = pattern(packed_shards, "train", 0, 0)  # one shard of 10 for 2 ranks x 2 workers
     ids = epoch_ids(data, 4, world_size=2)  # 10 // 8 = 1 step per rank
