@@ -388,8 +388,9 @@ class _TrainShardStream(_EpochBatches):
     ``fetch``), the decoding never."""
 
     def __init__(self, urls: tuple[str, ...], sizes: tuple[int, ...], transform: PairTransform,
-                 batch_size: int, steps: int, seed: int, epoch: int, rank: int, world_size: int, spec: DatasetSpec,
-                 digests: Optional[dict[str, str]] = None, fetch: Optional[_Fetch] = None, **span):
+                 batch_size: int, steps: int, seed: int, epoch: int, rank: int, spec: DatasetSpec,
+                 digests: Optional[dict[str, str]] = None, fetch: Optional[_Fetch] = None, world_size: int = 1,
+                 **span):
         super().__init__(batch_size, steps, seed, epoch, rank, **span)
         self.urls, self.sizes, self.transform, self.spec, self.digests = urls, sizes, transform, spec, digests
         self.fetch, self.layout = fetch, Layout(world_size, batch_size)
@@ -530,8 +531,8 @@ def train_loader(source: DataSource, batch_size: int, crop_size: int, *, num_wor
     else:
         cache = None if source.local else NodeCache.for_source(source.location, node_cache_gb)
         batches = _TrainShardStream(source.urls, shard_sizes(source), transform, batch_size, steps, seed, epoch,
-                                    rank, world_size, source.spec, source.checks(), cache and _Fetch(cache, source),
-                                    **span)
+                                    rank, source.spec, source.checks(), cache and _Fetch(cache, source),
+                                    world_size=world_size, **span)
     # batch_size=None: the workers batch (into shared memory) and the DataLoader passes their
     # batches through. A worker beyond `steps` would have no batch to make. The workers' base
     # seed would come from the global RNG without a generator (nothing here draws from it).

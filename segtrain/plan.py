@@ -87,8 +87,8 @@ class RunPlan:
     spec: DatasetSpec                 # what the data is (classes, palette, ...): into the checkpoints
     notes: tuple[str, ...] = ()       # warnings for the user (the run can go on)
     resize: Optional[Resize] = None   # a resume on another number of processes: what changed
-    layouts: tuple[tuple[int, int, int], ...] = ((0, 1, 1),)  # (step, processes, per-process batch) from
-                                      # the step each began: the TrainState keeps them (epoch_layouts)
+    layouts: tuple[tuple[int, int, int], ...] = ()  # (step, processes, per-process batch) from the step
+                                      # each began, this run's last: the TrainState keeps them (epoch_layouts)
 
     @property
     def data_order(self) -> dict[str, Any]:

@@ -126,11 +126,32 @@ def test_lr_schedule_follows_optimizer_steps():
     assert lr_factor(50, poly) == pytest.approx(0.5 ** 0.9)
 
 
+def recording_drawn(drawn: list, patch=None) -> None:
+    """Have train() note the ids of every micro-batch it takes, in ``drawn``: in this process for
+    good, or while ``patch`` (a MonkeyPatch) lasts."""
+    import segtrain.train
+
+    real = segtrain.train.micro_batches
+
+    def micro_batches(*args):
+        for batch in real(*args):
+            drawn.append(list(batch[2]))
+            yield batch
+    (patch or pytest.MonkeyPatch()).setattr(segtrain.train, "micro_batches", micro_batches)
+
+
+def fingerprint(model) -> str:
+    import hashlib
+
+    params = torch.cat([p.detach().double().flatten() for p in model.state_dict().values() if p.is_floating_point()])
+    return hashlib.sha256(params.numpy().tobytes()).hexdigest()
+
+
 def train_rank(out_dir: Path, args: list) -> None:
     """One of 2 processes training with ``args``, rank 1's clock five hours ahead (so its default
     run name, with %H%M%S, differs from rank 0's): writes what this rank agreed on (run name and
-    folder, a fingerprint of its weights) and what its own RNG draws next."""
-    import hashlib
+    folder, a fingerprint of its weights), the ids of its micro-batches and what its own RNG
+    draws next."""
     import time
 
     rank = int(os.environ["RANK"])
@@ -139,24 +160,61 @@ def train_rank(out_dir: Path, args: list) -> None:
         time.tzset()
     os.chdir(out_dir)  # no --run-dir: the default runs/<name>, here
     cfg = parse_config(args)
+    drawn = []
+    recording_drawn(drawn)
     result = train(cfg)
-    params = torch.cat([p.detach().double().flatten() for p in result.model.state_dict().values()
-                        if p.is_floating_point()])
     (out_dir / f"rank{rank}.json").write_text(json.dumps({
         "own_name": cfg.name, "run_dir": str(result.run_dir.resolve()), "world": int(os.environ["WORLD_SIZE"]),
-        "sha256": hashlib.sha256(params.numpy().tobytes()).hexdigest(),
+        "sha256": fingerprint(result.model), "drawn": drawn,
         "next_draw": torch.rand(4).tolist(),  # the global RNG after training: dropout's
     }))
 
 
+def resumed_rank(out_dir: Path, args: list) -> None:
+    """One process of a resume: writes what it printed, the ids of its micro-batches and its weights'
+    fingerprint."""
+    import contextlib
+    import io
+
+    drawn, printed = [], io.StringIO()
+    recording_drawn(drawn)
+    with contextlib.redirect_stdout(printed):
+        result = train(parse_config(args))
+    (out_dir / f"resumed{os.environ['RANK']}.json").write_text(json.dumps({
+        "printed": printed.getvalue(), "drawn": drawn, "sha256": fingerprint(result.model)}))
+
+
+def resume_on(processes: int, args: list, debug_launch, capsys, monkeypatch) -> tuple[str, list, list]:
+    """Train ``args`` (a resume) on ``processes``: what the main process printed, each process's
+    weights' fingerprint, and the ids of the micro-batches they took."""
+    if processes > 1:
+        run_dir = Path(args[args.index("--run-dir") + 1])
+        debug_launch(resumed_rank, run_dir, args, processes=processes)
+        done = [json.loads((run_dir / f"resumed{r}.json").read_text()) for r in range(processes)]
+        return done[0]["printed"], [d["sha256"] for d in done], [sid for d in done for ids in d["drawn"] for sid in ids]
+    drawn, threads = [], torch.get_num_threads()
+    with monkeypatch.context() as patch:
+        recording_drawn(drawn, patch)
+        capsys.readouterr()
+        torch.set_num_threads(1)  # as each launched process has: a busy machine's cores are not all free
+        try:
+            weights = [fingerprint(train(parse_config(args)).model)]
+        finally:
+            torch.set_num_threads(threads)
+    return capsys.readouterr().out, weights, [sid for ids in drawn for sid in ids]
+
+
 def test_two_process_ddp_matches_single_process_and_shares_one_run(single_run, packed_shards, tmp_path,
-                                                                   debug_launch, capsys):
+                                                                   debug_launch, capsys, monkeypatch):
     """Real 2-process DDP on CPU (gloo): same weights on both ranks, the same lr schedule as
     one process, and validation metrics equal to a one-process evaluation of the weights.
     Rank 1's clock is 5 hours ahead, so its default run name differs: both ranks must use rank
     0's name and folder (one folder, checkpoints with both ranks' RNG states), and still draw
-    different dropout masks (per-rank seeds). Resuming with 1 process is one line."""
-    args = base_args(packed_shards["train"], "unused", "--tracker", "none")
+    different dropout masks (per-rank seeds). Its checkpoint at step 3 (mid-epoch) resumed on 1
+    process and on 4: the same global batch, one line of what changed, and the epoch goes on
+    with the samples the 2 processes had not drawn."""
+    small = ("--tracker", "none", "--batch-size", "8", "--crop-size", "33")  # the 4-process resume needs 8
+    args = base_args(packed_shards["train"], "unused", *small)
     args = args[:2] + args[4:]  # no --run-dir: the default runs/<name>, from the clock
     debug_launch(train_rank, tmp_path, args)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -187,17 +245,30 @@ def test_two_process_ddp_matches_single_process_and_shares_one_run(single_run, p
     assert final_val["val/miou"] == pytest.approx(metrics["miou"], abs=1e-12)
     assert final_val["val/pixel_acc"] == pytest.approx(metrics["pixel_acc"], abs=1e-12)
 
-    # Resuming those 2 processes' checkpoint with 1: one line, before accelerator.load_state.
-    capsys.readouterr()
-    resume = ["--run-dir", str(run_dir), "--resume", "latest", "--iterations", "8"]
-    with pytest.raises(SystemExit) as exit_info:
-        main(base_args(packed_shards["train"], "unused", "--tracker", "none")[4:]
-             + ["--data", str(packed_shards["train"]), *resume])
-    assert exit_info.value.code == 2
-    step = run_dir / "checkpoints" / "step_0000006"
-    assert capsys.readouterr().err.strip() == (f"segtrain: error: resume: {step} was saved by 2 process(es), this run "
-                                               "has 1; resume with 2 (accelerate launch --num_processes 2), or start a "
-                                               "new run with --init-from RUN_DIR/best.pt")
+    # 48 images in global batches of 8: one epoch of 6 steps, every image once.
+    epoch = sorted(sid for r in ranks for ids in r["drawn"] for sid in ids)
+    assert len(epoch) == len(set(epoch)) == 48
+    before = [sid for r in ranks for ids in r["drawn"][:3] for sid in ids]  # steps 1-3 (4 images per batch)
+    for processes, changed, layout in ((1, "processes 2 -> 1, accumulation 1 -> 2", "4 images/process x 2"),
+                                       (4, "processes 2 -> 4, per-process batch 4 -> 2", "2 images/process x 1")):
+        resumed = tmp_path / f"on{processes}"
+        crashed_copy(run_dir, resumed, 3)
+        resume = base_args(packed_shards["train"], resumed, *small, "--resume", "latest")
+        printed, weights, after = resume_on(processes, resume, debug_launch, capsys, monkeypatch)
+        assert f"resumed from {resumed / 'checkpoints' / 'step_0000003'} at step 3" in printed
+        assert (f"resume on another number of processes: {changed} (global batch 8 as before); the interrupted "
+                "epoch goes on with the samples it had not used") in printed
+        assert f"{processes} process(es) on cpu, precision fp32, {layout} accumulation = global batch 8" in printed
+        assert len(set(weights)) == 1  # the processes trained one model
+        # Steps 4-6 took the 24 images steps 1-3 had not: the epoch's 48, each once.
+        assert len(after) == 24 and sorted(before + after) == epoch
+        got = read_jsonl(resumed / "metrics.jsonl")
+        assert [r["step"] for r in got if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
+        assert load_checkpoint(resumed / "final.pt")[1]["step"] == 6
+        saved = yaml.safe_load((resumed / "config.yaml").read_text())
+        assert saved["batch_size"] == 8 and saved["grad_accum"] == (2 if processes == 1 else 1)
+        assert (saved["resolved"]["processes"], saved["resolved"]["per_process_batch"]) == (processes, 8 // processes
+                                                                                             // saved["grad_accum"])
 
 
 @pytest.mark.parametrize("argv, message", [
