@@ -53,11 +53,6 @@ class Resize:
     before: tuple[int, int, int]
     after: tuple[int, int, int]
 
-    @property
-    def resumed_from(self) -> loaders.Layout:
-        """The layout that began the interrupted epoch (its rest is what it had not drawn)."""
-        return loaders.Layout(self.before[0], self.before[1])
-
     def line(self) -> str:
         """What changed, in one line."""
         names = ("processes", "per-process batch", "accumulation")
@@ -233,7 +228,7 @@ def fit_to_processes(cfg: TrainConfig, world_size: int,
     that does not split over ``world_size`` processes is one line naming the counts that work."""
     if saved is None or saved[0] == world_size:
         return cfg, None
-    total, least = math.prod(saved), 1 if cfg.sync_bn else 2  # ASPP's pooling BatchNorm (see check_batch)
+    total, least = math.prod(saved), 1 if cfg.sync_bn and world_size > 1 else 2  # ASPP's pooling BN: check_batch
     if cfg.batch_size != total:
         raise ConfigError(f"batch_size: the checkpoint was trained with a global batch of {total} "
                           f"({' x '.join(map(str, saved))}), this run asks for {cfg.batch_size}; resume with "

@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from segtrain.checkpoints import read_train_state
 from segtrain.config import ConfigError, parse_config
 from segtrain.inference import evaluate
 from segtrain.model import load_checkpoint
@@ -249,6 +250,7 @@ def test_two_process_ddp_matches_single_process_and_shares_one_run(single_run, p
     epoch = sorted(sid for r in ranks for ids in r["drawn"] for sid in ids)
     assert len(epoch) == len(set(epoch)) == 48
     before = [sid for r in ranks for ids in r["drawn"][:3] for sid in ids]  # steps 1-3 (4 images per batch)
+    saved_accum = {1: 2, 4: 1}
     for processes, changed, layout in ((1, "processes 2 -> 1, accumulation 1 -> 2", "4 images/process x 2"),
                                        (4, "processes 2 -> 4, per-process batch 4 -> 2", "2 images/process x 1")):
         resumed = tmp_path / f"on{processes}"
@@ -265,8 +267,11 @@ def test_two_process_ddp_matches_single_process_and_shares_one_run(single_run, p
         got = read_jsonl(resumed / "metrics.jsonl")
         assert [r["step"] for r in got if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
         assert load_checkpoint(resumed / "final.pt")[1]["step"] == 6
+        # The run's layouts go on in its checkpoints: a later resume in this epoch continues it too.
+        state = read_train_state(resumed / "checkpoints" / "step_0000006")
+        assert state["layouts"] == [[0, 2, 4], [3, processes, 8 // processes // saved_accum[processes]]]
         saved = yaml.safe_load((resumed / "config.yaml").read_text())
-        assert saved["batch_size"] == 8 and saved["grad_accum"] == (2 if processes == 1 else 1)
+        assert saved["batch_size"] == 8 and saved["grad_accum"] == saved_accum[processes]
         assert (saved["resolved"]["processes"], saved["resolved"]["per_process_batch"]) == (processes, 8 // processes
                                                                                              // saved["grad_accum"])
 
