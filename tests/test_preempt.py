@@ -1,21 +1,18 @@
-"""Preemption: a signal stops training after a whole step with one checkpoint and exit status 75,
-and ``--resume auto`` continues it exactly; ``--resume auto`` without a checkpoint starts afresh."""
-import json
+"""Preemption in one process: the stop flag, its signals and ``--resume auto``'s choice; the
+requeue in examples/slurm.sh. Stops of real jobs (every process, one rank or one launcher
+signalled, exit 75, one checkpoint, a bit-equal resume) are test_multinode.py's cluster harness."""
 import os
 import signal
 import subprocess
-import sys
 import time
 
-import psutil
 import pytest
 import torch
 
-from conftest import REPO, _free_port
+from conftest import REPO
 from segtrain import preempt
 from segtrain.config import parse_config
 from segtrain.files import ConfigError
-from segtrain.model import load_checkpoint
 from segtrain.checkpoints import RunDir, resolve_resume
 from segtrain.plan import plan_run
 
@@ -29,11 +26,6 @@ def run_args(data, run_dir, *extra):
             "--lr-schedule", "step", "--step-size", "4", "--step-gamma", "0.5", "--log-every", "1",
             "--checkpoint-every", "1000", "--val-every", "1000", "--seed", "3", "--mixed-precision", "no",
             "--tracker", "none", *extra]
-
-
-def read_losses(run_dir):
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
 
 
 # ----------------------------------------------------------------------------- one process, no training
@@ -84,94 +76,9 @@ def test_copies_of_one_signal_stop_cleanly_and_a_later_repeat_stops_at_once(monk
         stopper.close()
 
 
-def test_sigterm_to_the_whole_process_group_spares_the_loader_workers(packed_shards, tmp_path):
-    """A cluster ending a job signals all of its processes, loader workers included: the run
-    still stops after a whole step, with its checkpoint, and exits 75."""
-    run_dir = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "segtrain.train", *run_args(packed_shards["train"], run_dir)],
-                            cwd=REPO, env=os.environ | {"OMP_NUM_THREADS": "1"}, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for_step(proc, run_dir, 2)
-    assert psutil.Process(proc.pid).children(), "the loader worker should be running"
-    os.killpg(proc.pid, signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == preempt.PREEMPTED_EXIT, err[-3000:]
-    done = max(read_losses(run_dir))
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"step_{done:07d}"]
-
-
 def test_stop_signals_setting_is_checked():
     with pytest.raises(ConfigError, match="stop_signals: must be one of TERM\\+USR1, TERM, USR1, none"):
         parse_config(["--stop-signals", "KILL"])
-
-
-# ----------------------------------------------------------------------------- two processes (gloo)
-
-def start_launcher(out_dir, *args):
-    """``python -m segtrain.launch`` (what ./launch.sh train and examples/slurm.sh run) of 2 CPU processes."""
-    cmd = [sys.executable, "-m", "segtrain.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           str(REPO / "tests" / "ddp_train_worker.py"), str(out_dir), *map(str, args)]
-    env = os.environ | {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def rank_pid(launcher, rank):
-    for child in psutil.Process(launcher.pid).children():
-        if child.environ().get("RANK") == str(rank):
-            return child.pid
-    raise AssertionError(f"no rank {rank} among the launcher's children")
-
-
-def wait_for_step(launcher, run_dir, step, timeout=300):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert launcher.poll() is None, launcher.communicate()[1][-3000:]
-        if (run_dir / "metrics.jsonl").exists() and max(read_losses(run_dir), default=0) >= step:
-            return
-        time.sleep(0.05)
-    launcher.kill()
-    raise AssertionError(f"step {step} not reached in {timeout} s")
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(packed_shards, tmp_path_factory, launch_ddp):
-    run_dir = tmp_path_factory.mktemp("preempt") / "whole"
-    proc = launch_ddp(REPO / "tests" / "ddp_train_worker.py", run_dir.parent,
-                      *run_args(packed_shards["train"], run_dir, "--resume", "auto"))  # auto: a fresh start
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("target", ["one rank", "launcher"])
-def test_sigterm_checkpoints_exits_75_and_resume_auto_is_exact(target, uninterrupted, packed_shards, tmp_path,
-                                                               launch_ddp):
-    run_dir = tmp_path / "run"
-    launcher = start_launcher(tmp_path, *run_args(packed_shards["train"], run_dir, "--resume", "auto"))
-    wait_for_step(launcher, run_dir, 3)
-    # SLURM may signal one node's processes only: rank 1 alone must stop both, after the same step.
-    os.kill(rank_pid(launcher, 1) if target == "one rank" else launcher.pid, signal.SIGTERM)
-    signalled = time.monotonic()
-    out, err = launcher.communicate(timeout=300)
-    print(f"\n{target}: signal to exit {time.monotonic() - signalled:.2f} s")
-    assert launcher.returncode == preempt.PREEMPTED_EXIT, err[-3000:]
-    assert "stopped by SIGTERM after step" in out and "Traceback" not in err
-
-    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    done = max(read_losses(run_dir))
-    assert checkpoints == [f"step_{done:07d}"] and done < ITERATIONS  # one checkpoint, no step lost
-    print(f"{target}: stopped after step {done}, checkpoint step {done}: 0 steps lost")
-
-    proc = launch_ddp(REPO / "tests" / "ddp_train_worker.py", tmp_path,
-                      *run_args(packed_shards["train"], run_dir, "--resume", "auto"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"resumed from {run_dir / 'checkpoints' / f'step_{done:07d}'}" in proc.stdout + proc.stderr
-    assert read_losses(run_dir) == read_losses(uninterrupted)  # bit-equal, every step
-    a, _ = load_checkpoint(uninterrupted / "final.pt")
-    b, _ = load_checkpoint(run_dir / "final.pt")
-    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
-        torch.testing.assert_close(x, y, rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------- examples/slurm.sh
