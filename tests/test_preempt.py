@@ -7,7 +7,6 @@ import subprocess
 import time
 
 import pytest
-import torch
 
 from conftest import REPO
 from segtrain import preempt
@@ -128,21 +127,6 @@ def test_slurm_script_forwards_the_signal_and_requeues_only_a_stopped_run(case, 
         assert not (tmp_path / "stopped").exists()  # removed: the requeued job starts without it
     else:
         assert script.returncode == 0 and not (tmp_path / "requeued").exists()
-
-
-def test_resume_auto_of_a_finished_run_keeps_its_final_checkpoint(packed_shards, tmp_path, capsys):
-    """A resubmitted job whose run already finished: nothing is trained and final.pt keeps its metrics."""
-    from segtrain.train import train
-
-    run_dir = tmp_path / "run"
-    args = run_args(packed_shards["train"], run_dir, "--iterations", "2", "--val-every", "2")
-    train(parse_config(args))
-    final = torch.load(run_dir / "final.pt", weights_only=True)
-    assert final["metrics"]["miou"] >= 0
-    result = train(parse_config(args + ["--resume", "auto"]))
-    assert "has trained all 2 steps; nothing to do" in capsys.readouterr().out
-    assert torch.load(run_dir / "final.pt", weights_only=True)["metrics"] == final["metrics"]
-    assert result.metrics == {}
 
 
 def test_ranks_agree_through_the_store_on_one_step_whoever_got_the_signal(monkeypatch):

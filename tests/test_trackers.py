@@ -353,7 +353,7 @@ def job(packed_shards, tmp_path_factory):
     run_dir, data = root / "run", packed_shards["train"]
     with pytest.MonkeyPatch.context() as patch:
         no_wandb_credentials(patch, root)
-        flags = ("--iterations", "8", "--resume", "auto")
+        flags = ("--iterations", "8", "--resume", "auto", "--crop-size", "33")  # what is logged, not the model
         a = launch(data, run_dir, *flags, stop_after=2, kill_core=True)
         stop_a = max(r["step"] for r in metrics_log(run_dir))
         b = launch(data, run_dir, *flags, stop_after=stop_a + 2)
