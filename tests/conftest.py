@@ -7,7 +7,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+# GNU OpenMP's threads spin while they wait for work: on a machine whose cores are all busy (loader
+# workers, launched processes, other jobs) a spinning thread holds the core its peer needs, and a
+# resnet18 forward takes seconds instead of a tenth of one. Passive waiting gives the same numbers
+# (the thread count is unchanged). Set before torch loads its OpenMP runtime; launched processes
+# inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
 from torch import nn
 
 from segtrain import hardware
