@@ -11,7 +11,8 @@ that fails, hangs or poisons the CUDA context leaves the others' figures intact:
   data     synthetic VOC-like images (segtrain.synthetic) packed into shards (segtrain.pack)
   peak     bf16 matrix-product rate (torch.matmul, random data): the denominator of MFU
   model    one training step (bench/model_bench.py's bench()): fp32, bf16, bf16+cl at each
-           batch; FLOPs of forward + backward counted by torch.utils.flop_counter
+           batch (bf16 at the profile's bf16_batches: the CPU's first only); FLOPs of
+           forward + backward counted by torch.utils.flop_counter
   train    segtrain's own loop, shards -> loader workers -> Accelerate train() (bench/
            train_bench.py's segtrain_loop), default precision: images/s, peak memory and the
            time spent waiting for batches (metrics.jsonl's data_wait_s); the loader alone
@@ -105,17 +106,18 @@ CPU = Profile(
     name="cpu", backbone="resnet18", crop=33, batches=(2, 4), step_warmup=0, step_seconds=0.1,
     step_range=(1, 1), train_warmup=1, train_steps=1, unique_images=4, train_images=8, val_images=2,
     image_size=(40, 64), shard_size=4, workers=1, sam_model="tiny", sam_points=2, sam_images=1,
-    matmul_n=256, matmul_iters=2, budget_s=560,
+    matmul_n=256, matmul_iters=2, budget_s=680,
     # bf16 is emulated on a CPU without avx512_bf16/AMX (20-50x slower than fp32): its model-step
     # modes at the first batch only.
     bf16_batches=(2,),
     # One thread: on a small machine shared with other jobs, two spinning OpenMP threads per
     # process made a forward pass 25x slower (1.36 s against 0.053 s).
     threads=1,
-    # Several times what each section takes on an idle 2-core machine (they add up to the budget, so
-    # none is scaled down): a loaded machine slows them without cutting rows short.
-    limits={"env": 30, "data": 45, "peak": 30, "model": 90, "train": 90, "syncs": 60, "plain": 60, "eval": 60,
-            "sam": 60, "compile": 35})
+    # 3-5x what each section took on the 2-core development machine under a load average of 5 (2-20 s),
+    # adding up to the budget (none scaled down): unused time costs nothing, and a loaded machine slows
+    # the sections without cutting rows short.
+    limits={"env": 40, "data": 45, "peak": 45, "model": 100, "train": 100, "syncs": 100, "plain": 80, "eval": 80,
+            "sam": 60, "compile": 30})
 SHM_MIN_BYTES = 2**30      # below this, loader workers are lowered
 SHM_PER_WORKER = 2**28     # /dev/shm room per loader worker (prefetched batches of 16 images at 513 px, twice over)
 
@@ -684,10 +686,12 @@ def run_child(name: str, args: argparse.Namespace, profile: Profile, work: Path,
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, help="folder for gpu_check.md and gpu_check.json")
-    ap.add_argument("--cpu", action="store_true", help="toy sizes (ResNet-18, crop 65) that run on a CPU in ~1 minute")
+    ap.add_argument("--cpu", action="store_true",
+                    help=f"toy sizes ({CPU.backbone}, crop {CPU.crop}) that run on a CPU in 1-2 minutes")
     ap.add_argument("--sections", default=",".join(SECTIONS),
                     help="comma-separated subset to run, e.g. to rerun the failed ones (default: all, in order)")
-    ap.add_argument("--budget", type=float, help="seconds for the whole run (default: 450 on a GPU, 420 with --cpu)")
+    ap.add_argument("--budget", type=float, help=f"seconds for the whole run (default: {GPU.budget_s:.0f} on a GPU, "
+                                                 f"{CPU.budget_s:.0f} with --cpu)")
     ap.add_argument("--work", type=Path, help="scratch folder (data, runs); default a temporary one, removed after")
     ap.add_argument("--section", help=argparse.SUPPRESS)   # internal: run one section in this process
     ap.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
