@@ -209,8 +209,11 @@ def device():
 
 
 def synchronize() -> None:
-    from model_bench import sync  # bench/ is sys.path[0]: this file runs as a script
-    sync(device())
+    """segtrain.steptime.sync's wait for the GPU, without importing segtrain.steptime (timm,
+    torchvision: seconds of a CPU-mode section that needs only torch, e.g. peak)."""
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def reset_peak() -> None:
