@@ -11,7 +11,8 @@ that fails, hangs or poisons the CUDA context leaves the others' figures intact:
   data     synthetic VOC-like images (segtrain.synthetic) packed into shards (segtrain.pack)
   peak     bf16 matrix-product rate (torch.matmul, random data): the denominator of MFU
   model    one training step (bench/model_bench.py's bench()): fp32, bf16, bf16+cl at each
-           batch; FLOPs of forward + backward counted by torch.utils.flop_counter
+           batch (bf16 at the profile's bf16_batches: the CPU's first only); FLOPs of
+           forward + backward counted by torch.utils.flop_counter
   train    segtrain's own loop, shards -> loader workers -> Accelerate train() (bench/
            train_bench.py's segtrain_loop), default precision: images/s, peak memory and the
            time spent waiting for batches (metrics.jsonl's data_wait_s); the loader alone
@@ -78,12 +79,13 @@ class Profile:
     image_size: tuple[int, int]
     shard_size: int
     workers: int               # loader workers (train() caps them at the CPU count)
-    sam_model: str             # vit_b, or "tiny" (a 2-block encoder) for the CPU
+    sam_model: str             # vit_b, or "tiny" (tiny_sam(): a 2-block encoder at 256 px) for the CPU
     sam_points: int            # points per side of the automatic generator
     sam_images: int            # timed images (one more is the untimed warm-up)
     matmul_n: int
     matmul_iters: int
     budget_s: float            # the whole run
+    bf16_batches: tuple[int, ...]  # the batches at which the model section times its bf16 modes
     threads: Optional[int]     # OMP_NUM_THREADS of each section (None: torch's default)
     limits: dict               # seconds each section may take at most
 
@@ -94,18 +96,27 @@ GPU = Profile(
     # loader-alone figure is dominated by workers starting; 40 val images in 3 shards (3 loader workers).
     step_range=(5, 60), train_warmup=5, train_steps=30, unique_images=48, train_images=2048, val_images=40,
     image_size=(350, 500), shard_size=16, workers=os.cpu_count() or 4, sam_model="vit_b", sam_points=32,
-    sam_images=5, matmul_n=8192, matmul_iters=30, budget_s=450, threads=None,
+    sam_images=5, matmul_n=8192, matmul_iters=30, budget_s=450, bf16_batches=(8, 16), threads=None,
     limits={"env": 60, "data": 90, "peak": 45, "model": 150, "train": 150, "syncs": 90, "plain": 75, "eval": 60,
             "sam": 75, "compile": 240})
 CPU = Profile(
-    name="cpu", backbone="resnet18", crop=65, batches=(2, 4), step_warmup=1, step_seconds=0.5,
-    step_range=(1, 3), train_warmup=1, train_steps=2, unique_images=8, train_images=16, val_images=3,
-    image_size=(64, 128), shard_size=8, workers=1, sam_model="tiny", sam_points=2, sam_images=1,
-    matmul_n=512, matmul_iters=5, budget_s=420,
+    # Toy sizes, for the test suite: every section's code at the least work that still gives each row a
+    # figure (one timed model step and no untimed one, two val images); crop 33 is the smallest
+    # DeepLabV3+ OS16 input used in the tests.
+    name="cpu", backbone="resnet18", crop=33, batches=(2, 4), step_warmup=0, step_seconds=0.1,
+    step_range=(1, 1), train_warmup=1, train_steps=1, unique_images=4, train_images=8, val_images=2,
+    image_size=(40, 64), shard_size=4, workers=1, sam_model="tiny", sam_points=2, sam_images=1,
+    matmul_n=256, matmul_iters=2, budget_s=680,
+    # bf16 is emulated on a CPU without avx512_bf16/AMX (20-50x slower than fp32): its model-step
+    # modes at the first batch only.
+    bf16_batches=(2,),
     # One thread: on a small machine shared with other jobs, two spinning OpenMP threads per
     # process made a forward pass 25x slower (1.36 s against 0.053 s).
     threads=1,
-    limits={"env": 60, "data": 60, "peak": 40, "model": 90, "train": 120, "syncs": 90, "plain": 60, "eval": 60,
+    # 3-5x what each section took on the 2-core development machine under a load average of 5 (2-20 s),
+    # adding up to the budget (none scaled down): unused time costs nothing, and a loaded machine slows
+    # the sections without cutting rows short.
+    limits={"env": 40, "data": 45, "peak": 45, "model": 100, "train": 100, "syncs": 100, "plain": 80, "eval": 80,
             "sam": 60, "compile": 30})
 SHM_MIN_BYTES = 2**30      # below this, loader workers are lowered
 SHM_PER_WORKER = 2**28     # /dev/shm room per loader worker (prefetched batches of 16 images at 513 px, twice over)
@@ -198,8 +209,11 @@ def device():
 
 
 def synchronize() -> None:
-    from model_bench import sync  # bench/ is sys.path[0]: this file runs as a script
-    sync(device())
+    """segtrain.steptime.sync's wait for the GPU, without importing segtrain.steptime (timm,
+    torchvision: seconds of a CPU-mode section that needs only torch, e.g. peak)."""
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def reset_peak() -> None:
@@ -345,7 +359,7 @@ def model_step_rows(ctx: Context, modes: tuple[str, ...]) -> None:
             traceback.print_exc()
             flops = None
             ctx.notes.append(f"batch {batch}: FLOPs not counted ({one_line(e)})")
-        for mode in modes:
+        for mode in [m for m in modes if batch in p.bf16_batches or model_bench.MODES[m][0] is None]:
             def measure() -> dict:
                 known = seconds_per_image.get(mode, seconds_per_image.get("last"))
                 guess = p.step_seconds / (known * batch) if known else p.step_range[0]
@@ -368,6 +382,9 @@ def model_step_rows(ctx: Context, modes: tuple[str, ...]) -> None:
                 return row
             ctx.attempt({"batch": batch, "mode": mode}, measure)
     memory = "torch.cuda.max_memory_allocated" if dev.type == "cuda" else "peak RSS of the process (CPU)"
+    if set(p.batches) - set(p.bf16_batches):
+        ctx.notes.append(f"bf16 modes at batch {', '.join(map(str, p.bf16_batches))} only (the {p.name} "
+                         "profile: bf16 is emulated on most CPUs)")
     ctx.notes.append(f"DeepLabV3+ {p.backbone} OS16, crop {p.crop}, SGD step, CE loss, random data; "
                      f"{p.step_warmup} untimed warm-up steps; memory = {memory}; MFU = counted model FLOPs "
                      "/ s/step / measured bf16 matmul peak (fp32 rows too)")
@@ -390,6 +407,15 @@ def bench_args(ctx: Context, batch: int, precision: Optional[str] = None) -> arg
     p = ctx.profile
     return argparse.Namespace(backbone=p.backbone, crop=p.crop, batch=batch, warmup=p.train_warmup,
                               steps=p.train_steps, workers=p.workers, precision=precision)
+
+
+BF16_EMULATED = "skipped: bf16 is emulated on this CPU"
+
+
+def bf16_emulated(dev) -> bool:
+    """A CPU without native bf16 (AVX2): bf16 runs emulated there, ~25x slower than fp32."""
+    from segtrain.hardware import cpu_bf16_native
+    return dev.type == "cpu" and not cpu_bf16_native()[0]
 
 
 def section_train(ctx: Context) -> None:
@@ -420,8 +446,11 @@ def section_train(ctx: Context) -> None:
         ctx.attempt({"loop": "segtrain train()", "batch": batch, "requested": str(default)},
                     lambda: loop(batch, default))
     if resolved.get(p.batches[0], "bf16") != "bf16":  # the default ran another precision: bf16 too, for the ratio
-        ctx.attempt({"loop": "segtrain train()", "batch": p.batches[0], "requested": "bf16"},
-                    lambda: loop(p.batches[0], "bf16"))
+        keys = {"loop": "segtrain train()", "batch": p.batches[0], "requested": "bf16"}
+        if bf16_emulated(dev):  # the default (auto) picked fp32 for that reason: no user runs it
+            ctx.add(keys | {"error": BF16_EMULATED})
+        else:
+            ctx.attempt(keys, lambda: loop(p.batches[0], "bf16"))
     ctx.attempt({"loop": "loader alone (no model)", "batch": p.batches[-1]},
                 lambda: loader_alone(ctx, p.batches[-1]))
     ctx.notes.append(f"shards -> loaders.train_loader ({p.workers} workers requested, train() caps them at the CPU "
@@ -513,15 +542,14 @@ def section_eval(ctx: Context) -> None:
     from segtrain.sources import resolve_data
     from segtrain.voc import NUM_CLASSES
     p, dev = ctx.profile, device()
-    from segtrain.hardware import cpu_bf16_native
     model = build_model("deeplabv3plus", p.backbone, NUM_CLASSES, output_stride=16).to(dev)
-    # On a CPU without native bf16 (AVX2) bf16 is emulated, ~25x slower: ms-flip's 12 passes per image
-    # would use the section's whole time for a figure no user runs; whole images still time it.
-    emulated = dev.type == "cpu" and not cpu_bf16_native()[0]
+    # ms-flip's 12 passes per image in emulated bf16 would use the section's whole time for a figure
+    # no user runs; whole images still time bf16.
+    emulated = bf16_emulated(dev)
     for protocol in ("whole", "ms-flip"):
         for precision, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
             if emulated and protocol == "ms-flip" and precision == "bf16":
-                ctx.add({"protocol": protocol, "precision": precision, "error": "skipped: bf16 is emulated on this CPU"})
+                ctx.add({"protocol": protocol, "precision": precision, "error": BF16_EMULATED})
                 continue
             def measure() -> dict:
                 loader = val_loader(resolve_data(ctx.val_manifest, "val"), batch_size=1, num_workers=min(p.workers, 4),
@@ -544,6 +572,25 @@ def section_eval(ctx: Context) -> None:
                      "the first image is untimed")
 
 
+def tiny_sam(image_size: int = 256):
+    """SAM built as segment_anything's _build_sam builds vit_b, at CPU size: a 2-block, 64-wide image
+    encoder at ``image_size`` px (vit_b: 12 blocks, 768 wide, 1024 px); SAM's own prompt encoder and
+    mask decoder, random weights. The generator and segtrain.sam run the same code on it."""
+    from functools import partial
+    import torch
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+    grid = image_size // 16  # patch size 16
+    encoder = ImageEncoderViT(depth=2, embed_dim=64, img_size=image_size, mlp_ratio=4, num_heads=2, patch_size=16,
+                              norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), qkv_bias=True, use_rel_pos=True,
+                              global_attn_indexes=[1], window_size=14, out_chans=256)
+    prompts = PromptEncoder(embed_dim=256, image_embedding_size=(grid, grid), input_image_size=(image_size, image_size),
+                            mask_in_chans=16)
+    decoder = MaskDecoder(num_multimask_outputs=3, transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256,
+                          transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8))
+    return Sam(image_encoder=encoder, prompt_encoder=prompts, mask_decoder=decoder,
+               pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375]).eval()
+
+
 def section_sam(ctx: Context) -> None:
     import itertools
     import numpy as np
@@ -552,11 +599,7 @@ def section_sam(ctx: Context) -> None:
     from segtrain.loaders import iter_samples
     from segtrain.sources import resolve_data
     p, dev = ctx.profile, device()
-    if p.sam_model == "tiny":  # SAM's own builder with a 2-block image encoder: the same code, CPU-sized
-        from segment_anything.build_sam import _build_sam
-        sam = _build_sam(encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=[1])
-    else:
-        sam = sam_model_registry[p.sam_model]()  # no checkpoint: random weights
+    sam = tiny_sam() if p.sam_model == "tiny" else sam_model_registry[p.sam_model]()  # no checkpoint: random weights
     generator = mask_generator(sam.to(dev).eval(), points_per_side=p.sam_points)
     samples = list(itertools.islice(iter_samples(resolve_data(ctx.val_manifest, "val")), p.sam_images + 1))
     if len(samples) < p.sam_images + 1:
@@ -646,10 +689,12 @@ def run_child(name: str, args: argparse.Namespace, profile: Profile, work: Path,
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, help="folder for gpu_check.md and gpu_check.json")
-    ap.add_argument("--cpu", action="store_true", help="toy sizes (ResNet-18, crop 65) that run on a CPU in ~1 minute")
+    ap.add_argument("--cpu", action="store_true",
+                    help=f"toy sizes ({CPU.backbone}, crop {CPU.crop}) that run on a CPU in 1-2 minutes")
     ap.add_argument("--sections", default=",".join(SECTIONS),
                     help="comma-separated subset to run, e.g. to rerun the failed ones (default: all, in order)")
-    ap.add_argument("--budget", type=float, help="seconds for the whole run (default: 450 on a GPU, 420 with --cpu)")
+    ap.add_argument("--budget", type=float, help=f"seconds for the whole run (default: {GPU.budget_s:.0f} on a GPU, "
+                                                 f"{CPU.budget_s:.0f} with --cpu)")
     ap.add_argument("--work", type=Path, help="scratch folder (data, runs); default a temporary one, removed after")
     ap.add_argument("--section", help=argparse.SUPPRESS)   # internal: run one section in this process
     ap.add_argument("--deadline", type=float, help=argparse.SUPPRESS)

@@ -29,15 +29,42 @@ def positive(row: dict, *keys: str) -> None:
         assert isinstance(value, (int, float)) and math.isfinite(value) and value > 0, (key, row)
 
 
+def import_gpu_check():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    return gpu_check
+
+
+CPU = import_gpu_check().CPU  # the sizes the CPU mode runs: the rows expected below follow from them
+TIME_LIMIT_SKIP = "skipped: the section's time limit was reached"
+
+
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check") / "out"
-    proc = run_check(out, "--cpu")
+    proc = run_check(out, "--cpu", timeout=int(CPU.budget_s) + 120)
     return out, proc
+
+
+def skip_if_cut_short_on_a_loaded_machine(sections: dict) -> None:
+    """A section that ran out of time proves nothing either way when the machine is loaded (shared CPUs:
+    the limits are several times an idle run's seconds): skip, naming them. On an idle machine it is a
+    hang or a slowdown, and fails. Any other error fails in the assertions below."""
+    short = [name for name, s in sections.items()
+             if s["status"] == "skipped" or "timed out after" in s.get("error", "")
+             or any(r.get("error") == TIME_LIMIT_SKIP for r in s["rows"])]
+    load = max(os.getloadavg())
+    if short and load >= (os.cpu_count() or 1):
+        pytest.skip(f"section(s) {', '.join(short)} ran out of time with a load average of {load:.1f}")
 
 
 def test_cpu_mode_runs_every_section_and_writes_figures(cpu_run):
     out, proc = cpu_run
+    assert (out / "gpu_check.json").exists(), proc.stdout[-4000:] + proc.stderr[-4000:]
+    skip_if_cut_short_on_a_loaded_machine(json.loads((out / "gpu_check.json").read_text())["sections"])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     # What the GPU machine sends back: at most 8 plain files, directly under OUT_DIR.
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_check.log", "gpu_check.md"]
@@ -52,31 +79,37 @@ def test_cpu_mode_runs_every_section_and_writes_figures(cpu_run):
     positive(peak["bfloat16"], "tflop_s", "ms")
 
     steps = {(r["batch"], r["mode"]): r for r in sections["model"]["rows"]}
-    assert set(steps) == {(b, m) for b in (2, 4) for m in ("fp32", "bf16", "bf16+cl")}
+    assert set(steps) == model_rows_expected() and len(CPU.batches) >= 2
     for row in steps.values():
         positive(row, "s_per_step", "images_per_s", "peak_mem_mb", "gflop_per_image", "tflop_s", "mfu")
         assert row["images_per_s"] == pytest.approx(row["batch"] / row["s_per_step"])
     # FLOPs come from the counter and grow with the model's input: per image, equal at both batches.
-    assert steps[2, "fp32"]["gflop_per_image"] == pytest.approx(steps[4, "fp32"]["gflop_per_image"], rel=0.02)
+    first, last = CPU.batches[0], CPU.batches[-1]
+    assert steps[first, "fp32"]["gflop_per_image"] == pytest.approx(steps[last, "fp32"]["gflop_per_image"], rel=0.02)
 
     loops = sections["train"]["rows"]
     trained = [r for r in loops if r["loop"] == "segtrain train()"]
-    assert [r["batch"] for r in trained][:2] == [2, 4]
+    assert [r["batch"] for r in trained][:len(CPU.batches)] == list(CPU.batches)
+    emulated_bf16 = not hardware.cpu_bf16_native()[0]  # bf16 runs that no user would make are skipped, saying so
     for row in trained:
+        if emulated_bf16 and row["requested"] == "bf16":  # auto picked fp32: the bf16 loop would be emulated
+            assert row["error"] == "skipped: bf16 is emulated on this CPU"
+            continue
         positive(row, "images_per_s", "steps")
         assert 0 <= row["data_wait_pct"] <= 100 and row["data_wait_ms_per_step"] >= 0
         assert row["precision"] in ("no", "bf16", "fp16")
     positive(next(r for r in loops if r["loop"].startswith("loader alone")), "images_per_s")
+    assert [r["batch"] for r in sections["plain"]["rows"]] == list(CPU.batches)
     for row in sections["plain"]["rows"]:
         positive(row, "images_per_s")
     evals = {(r["protocol"], r["precision"]): r for r in sections["eval"]["rows"]}
     assert set(evals) == {(p, q) for p in ("whole", "ms-flip") for q in ("fp32", "bf16")}
-    emulated_bf16 = not hardware.cpu_bf16_native()[0]  # ms-flip in emulated bf16 is skipped, saying so
     for key, row in evals.items():
         if emulated_bf16 and key == ("ms-flip", "bf16"):
             assert row["error"] == "skipped: bf16 is emulated on this CPU"
         else:
             positive(row, "images_per_s", "images")
+    assert len(sections["sam"]["rows"]) == CPU.sam_images
     for row in sections["sam"]["rows"]:
         positive(row, "seconds")
         assert row["masks"] >= 0
@@ -85,8 +118,15 @@ def test_cpu_mode_runs_every_section_and_writes_figures(cpu_run):
     assert syncs["loss"] == "ce+weighted_ce+focal+dice+lovasz+ohem" and syncs["result"] == "not checked (no CUDA)"
 
 
+def model_rows_expected() -> set[tuple[int, str]]:
+    """(batch, mode) of the model section: fp32 at every batch, the bf16 modes at the profile's bf16 batches."""
+    return {(b, m) for b in CPU.batches for m in ("fp32", "bf16", "bf16+cl") if m == "fp32" or b in CPU.bf16_batches}
+
+
 def test_cpu_mode_markdown_has_header_goals_and_every_table(cpu_run):
-    out, _ = cpu_run
+    out, proc = cpu_run
+    assert (out / "gpu_check.json").exists(), proc.stdout[-4000:] + proc.stderr[-4000:]
+    skip_if_cut_short_on_a_loaded_machine(json.loads((out / "gpu_check.json").read_text())["sections"])
     md = (out / "gpu_check.md").read_text()
     for heading in ("# segtrain GPU check (cpu mode)", "## Goals (issue 12)", "## Matrix-product peak",
                     "## Model step (bench/model_bench.py)", "## Training loop", "## Plain fp32 reference-style loop",
@@ -98,18 +138,15 @@ def test_cpu_mode_markdown_has_header_goals_and_every_table(cpu_run):
     # The goal lines carry figures computed from this run, e.g. "| 1.17x (1.9 / 1.6) |".
     assert re.search(r"vs plain fp32 loop.*\| >= 2x \| \d+\.\d\dx \(\d+\.\d / \d+\.\d\) \|", md)
     assert re.search(r"\| best MFU \(model step\) \| >= 30% \| \d+\.\d%", md)
-    model_rows = [line for line in md.splitlines() if re.match(r"\| [24] \| (fp32|bf16|bf16\+cl) \|", line)]
-    assert len(model_rows) == 6 and all("n/a" not in line for line in model_rows)
+    model_rows = [tuple(line.split(" | ")[:2]) for line in md.splitlines()
+                  if re.match(r"\| \d+ \| (fp32|bf16|bf16\+cl) \|", line) and "n/a" not in line]
+    assert sorted(model_rows) == sorted((f"| {b}", m) for b, m in model_rows_expected())
     log = (out / "gpu_check.log").read_text()
     assert "=== section compile" in log and "# segtrain GPU check" in log
 
 
 def test_a_small_dev_shm_lowers_loader_workers_with_a_message(monkeypatch):
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        import gpu_check
-    finally:
-        sys.path.remove(str(REPO / "bench"))
+    gpu_check = import_gpu_check()
     monkeypatch.setattr(gpu_check.shutil, "disk_usage", lambda path: shutil_usage(64 * 2**20))
     profile, message = gpu_check.fit_workers_to_shm(gpu_check.GPU)
     assert profile.workers == 0 and "/dev/shm is 64 MiB" in message and "--shm-size" in message
@@ -127,11 +164,7 @@ def shutil_usage(total):
 def test_sections_that_use_all_their_time_leave_the_later_ones_their_share(tmp_path, monkeypatch):
     """Every section runs to its limit (the worst case): the last one (compile) still gets its
     share of the budget, not the leftovers of the others."""
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        import gpu_check
-    finally:
-        sys.path.remove(str(REPO / "bench"))
+    gpu_check = import_gpu_check()
     clock = [1000.0]
     given = {}
 
