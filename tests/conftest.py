@@ -23,6 +23,25 @@ from segtrain.synthetic import generate
 
 NUM_TRAIN, NUM_VAL = 48, 16
 
+# pytest-xdist (setup.cfg: one worker per core, whole files per worker): the workers share the
+# cores, so each process, and every process a test starts, gets its share of them. Two OpenMP
+# pools spinning on the same core make a forward pass many times slower (bench/gpu_check.py).
+XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if XDIST_WORKERS > 1:
+    _threads = max(1, (os.cpu_count() or 1) // XDIST_WORKERS)
+    torch.set_num_threads(_threads)
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+
+# The files that launch processes, slowest first: xdist hands whole files to workers in the order
+# collected, so the long ones start first and the short ones fill in around them.
+SLOWEST_FILES = ("test_multinode.py", "test_trackers.py", "test_train.py", "test_gpu_check.py", "test_remote.py",
+                 "test_reliability.py", "test_evaluate.py", "test_sam.py", "test_launch.py", "test_cli.py")
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    rank = {name: i for i, name in enumerate(SLOWEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOWEST_FILES)))  # stable: in-file order kept
+
 
 @pytest.fixture(autouse=True, scope="session")
 def no_autotune(tmp_path_factory):
