@@ -159,12 +159,14 @@ def measure(shape: steptime.ModelShape, mode: str, crop: int, batch: int, candid
     """Seconds per step of each candidate, timed round-robin (tests replace this function).
 
     Training builds a fresh model per candidate; inference times ``model`` itself (forward only)."""
-    steps = {}
+    steps, was_training = {}, model is not None and model.training
     for precision, channels_last in candidates:
         net = model if model is not None else shape.build()
         steps[candidate_name(precision, channels_last)] = steptime.prepare(
             net, shape, crop, batch, precision, channels_last, mode)
     timings = steptime.time_interleaved(steps, ROUNDS, WARMUP, drop_slower_than=DROP_SLOWER_THAN)
+    if model is not None:
+        model.train(was_training)  # the timing put it in eval mode
     return {name: [round(t, 4) for t in timing.steps] for name, timing in timings.items()}
 
 
@@ -290,7 +292,11 @@ def inference_precision(requested: Optional[str], device: torch.device, model: t
     """``(precision, reason)`` for evaluate/predict/report/sam: forward passes of the loaded
     ``model`` timed in fp32 and bf16 (its memory format as loaded); says the choice once."""
     shape = steptime.ModelShape.of(getattr(model, "model_config", {}))
-    choice = decide_once(lambda: decide(requested, False, device, shape, INFER_CROP, 1, "infer", model), state)
+    # Timed in the memory format it runs in, and left in it: the kernels (and so, in bf16, the
+    # last bits of the logits) of an evaluation follow the format, and evaluate gives the run's
+    # channels_last model what its validation gave only if the timing does not convert it.
+    layout = steptime.is_channels_last(model)
+    choice = decide_once(lambda: decide(requested, layout, device, shape, INFER_CROP, 1, "infer", model), state)
     say(f"precision: {choice.precision} ({choice.reason})")
     return choice.precision, choice.reason
 

@@ -137,6 +137,15 @@ def time_calls(step: Callable[[], None], steps: int, warmup: int = 1, device: to
     return Timing([timed() for _ in range(steps)], warm)
 
 
+def is_channels_last(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s convolutions are in channels_last (``model.to(memory_format=...)``):
+    read from its first weight with a spatial extent (1x1 kernels look the same in both)."""
+    for p in model.parameters():
+        if p.dim() == 4 and p.shape[2] * p.shape[3] > 1 and p.shape[1] > 1:
+            return p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+    return False
+
+
 def prepare(model: torch.nn.Module, shape: ModelShape, crop: int, batch: int, precision: str,
             channels_last: bool, mode: str = "train",
             device: torch.device = torch.device("cpu")) -> Callable[[], None]:
@@ -179,5 +188,5 @@ def time_interleaved(steps_of: Mapping[str, Callable[[], None]], rounds: int, wa
     return timings
 
 
-__all__ = ["ModelShape", "Timing", "MODES", "random_batch", "train_step", "infer_step", "time_calls",
+__all__ = ["ModelShape", "Timing", "MODES", "is_channels_last", "random_batch", "train_step", "infer_step", "time_calls",
            "prepare", "time_setting", "time_interleaved", "sync", "autocast_dtype"]

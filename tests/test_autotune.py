@@ -161,20 +161,28 @@ def test_only_the_main_process_decides_and_all_get_its_choice(monkeypatch):
     assert decided == [1] and main == other == autotune.Choice("bf16", True, "measured")
 
 
-def test_inference_times_forward_passes_of_the_loaded_model(tune):
-    calls = tune({"fp32": [0.09], "bf16": [0.05]})
-    model = SHAPE.build()
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_inference_times_forward_passes_of_the_loaded_model(tune, channels_last):
+    """In the memory format the model was loaded in (evaluate puts a channels_last run's model in
+    channels_last: its validation's kernels, so in bf16 its validation's figures)."""
+    cl = "+cl" if channels_last else ""
+    calls = tune({"fp32" + cl: [0.09], "bf16" + cl: [0.05]})
+    model = SHAPE.build().to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     lines = []
     assert autotune.inference_autocast("auto", CPU, model, lines.append) == torch.bfloat16
-    assert calls == [(["bf16", "fp32"], "infer")]  # the memory format stays as loaded
-    assert lines == [f"precision: bf16 (measured 0.05 vs 0.09 s/step fp32 on {hardware.cpu_model()})"]
+    assert calls == [(["bf16" + cl, "fp32" + cl], "infer")]
+    setting = "fp32 + channels_last" if channels_last else "fp32"
+    assert lines == [f"precision: bf16 (measured 0.05 vs 0.09 s/step {setting} on {hardware.cpu_model()})"]
 
 
 def test_measure_times_every_candidate_with_the_step_harness():
     """The real timing function (no figures asserted): one entry per candidate, positive seconds."""
     shape = steptime.ModelShape(backbone="resnet18", num_classes=3)
-    figures = autotune.measure(shape, "infer", 33, 1, [("fp32", False), ("bf16", False)], model=shape.build())
-    assert set(figures) == {"fp32", "bf16"}
+    model = shape.build().to(memory_format=torch.channels_last).train()
+    figures = autotune.measure(shape, "infer", 33, 1, [("fp32", True), ("bf16", True)], model=model)
+    assert set(figures) == {"fp32+cl", "bf16+cl"}
+    assert steptime.is_channels_last(model) and model.training  # the caller's model, as it was
+    assert not steptime.is_channels_last(model.to(memory_format=torch.contiguous_format))
     # each timed ROUNDS times, or once (its last warm-up step) when dropped as a clear loser
     assert all(len(t) in (1, autotune.ROUNDS) and min(t) > 0 for t in figures.values())
     assert max(len(t) for t in figures.values()) == autotune.ROUNDS  # the fastest is always timed
