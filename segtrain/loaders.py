@@ -47,6 +47,9 @@ import multiprocessing
 import re
 import signal
 import sys
+import threading
+import time
+import contextlib
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Optional
@@ -144,6 +147,25 @@ def _end_loader_workers() -> None:
     for child in multiprocessing.active_children():
         if child.daemon:
             child.kill()
+
+
+@contextlib.contextmanager
+def threads_ended_after(timeout_s: float = 5.0) -> Iterator[None]:
+    """Wait, on leaving, for the threads started inside to end (up to ``timeout_s`` in all).
+
+    A loader that is used up closes its workers' queues, whose feeder threads then end on their
+    own. A fork at the moment a thread ends deadlocks the child on CPython up to 3.11.7
+    (python/cpython#112275: the interpreter's thread-list lock is inherited taken): a validation
+    loop forks its loader workers once per validation, and 1 run in ~12 of 44 validations on 2
+    processes hung for good in its worker's fork. Wrapped around each use of a loader that is
+    made again later, no thread it started is ending when the next one forks."""
+    before = set(threading.enumerate())
+    try:
+        yield
+    finally:
+        deadline = time.monotonic() + timeout_s
+        for thread in set(threading.enumerate()) - before:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _mix(*words: int) -> int:

@@ -232,7 +232,8 @@ def validate(model: torch.nn.Module, accelerator: Accelerator, plan: RunPlan, lo
     # Per-image results and the mask overlays: the same val images (smallest ids) for any process count.
     samples = tracker.samples(cfg.num_val_images, bare.mean, bare.std)
     loader = loaders.val_loader(**plan.val_loader, rank=accelerator.process_index, mean=bare.mean, std=bare.std)
-    with hardware.evaluation_kernels():  # eager, no cuDNN autotuning: image sizes vary
+    # threads_ended_after: the next validation forks this loader's workers again (see there).
+    with hardware.evaluation_kernels(), loaders.threads_ended_after():  # eager, no cuDNN autotuning: sizes vary
         metrics = evaluate(bare, loader, accelerator.device, num_classes=cfg.num_classes,
                            class_names=plan.spec.classes, protocol=cfg.val_protocol,
                            autocast_dtype=plan.eval_autocast_dtype, accelerator=accelerator,

@@ -419,3 +419,32 @@ def test_a_step_that_raises_stops_the_loader_workers(packed_shards, tmp_path, mo
                                          "--tracker", "none", "--mixed-precision", "no"]))
     assert [p for p in multiprocessing.active_children() if p.pid not in earlier] == []
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_no_thread_a_validation_started_is_still_ending_when_the_next_one_forks(packed_shards, tmp_path,
+                                                                                 monkeypatch):
+    """A validation's loader, used up, closes its worker queues and their feeder threads end on
+    their own; a fork (the next validation's worker) while one ends can hang the child for good
+    on CPython <= 3.11.7 (loaders.threads_ended_after). Here the evaluation leaves a thread that
+    ends 2 s later, as a slow feeder thread would: validate() returns only after it ended."""
+    import threading
+    import time
+
+    from segtrain import train as train_module
+    ending, still_running = [], []
+    evaluate, validate = train_module.evaluate, train_module.validate
+
+    def evaluate_leaving_a_thread(*args, **kwargs):
+        ending.append(threading.Thread(target=time.sleep, args=(2.0,), daemon=True))
+        ending[-1].start()
+        return evaluate(*args, **kwargs)
+
+    def checked(*args, **kwargs):
+        metrics = validate(*args, **kwargs)
+        still_running.extend(t for t in ending if t.is_alive())
+        return metrics
+    monkeypatch.setattr(train_module, "evaluate", evaluate_leaving_a_thread)
+    monkeypatch.setattr(train_module, "validate", checked)
+    main(base_args(packed_shards["train"], tmp_path / "run", "--tracker", "none", "--iterations", "1",
+                   "--val-every", "1", "--crop-size", "33"))
+    assert len(ending) == 1 and still_running == []
