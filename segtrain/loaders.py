@@ -239,7 +239,16 @@ class _UsingCache:
 
     def __iter__(self) -> Iterator[Batch]:
         with self.cache.using():
-            yield from self.loader
+            batches = iter(self.loader)
+            try:
+                yield from batches
+            finally:
+                # The workers end before this process leaves the cache: after an error the traceback
+                # keeps the iterator (and its workers) alive, and a worker still fetching would make
+                # the folder again after the last user removed it.
+                shutdown = getattr(batches, "_shutdown_workers", None)  # torch's multi-worker iterator
+                if shutdown is not None:
+                    shutdown()
 
     def __len__(self) -> int:
         return len(self.loader)
