@@ -47,9 +47,6 @@ import multiprocessing
 import re
 import signal
 import sys
-import threading
-import time
-import contextlib
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Optional
@@ -147,25 +144,6 @@ def _end_loader_workers() -> None:
     for child in multiprocessing.active_children():
         if child.daemon:
             child.kill()
-
-
-@contextlib.contextmanager
-def threads_ended_after(timeout_s: float = 5.0) -> Iterator[None]:
-    """Wait, on leaving, for the threads started inside to end (up to ``timeout_s`` in all).
-
-    A loader that is used up closes its workers' queues, whose feeder threads then end on their
-    own. A fork at the moment a thread ends deadlocks the child on CPython up to 3.11.7
-    (python/cpython#112275: the interpreter's thread-list lock is inherited taken): a validation
-    loop forks its loader workers once per validation, and 1 run in ~12 of 44 validations on 2
-    processes hung for good in its worker's fork. Wrapped around each use of a loader that is
-    made again later, no thread it started is ending when the next one forks."""
-    before = set(threading.enumerate())
-    try:
-        yield
-    finally:
-        deadline = time.monotonic() + timeout_s
-        for thread in set(threading.enumerate()) - before:
-            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _mix(*words: int) -> int:
@@ -585,9 +563,16 @@ def _decode_val(sample: dict, transform: PairTransform, spec: DatasetSpec) -> tu
 def val_loader(source: DataSource, *, batch_size: int = 1, num_workers: int = 1,
                protocol: str = "whole", crop_size: int = 513, rank: Optional[int] = None,
                world_size: Optional[int] = None, mean: tuple[float, ...] = IMAGENET_MEAN,
-               std: tuple[float, ...] = IMAGENET_STD, pin_memory: bool = False) -> Iterable[Batch]:
+               std: tuple[float, ...] = IMAGENET_STD, pin_memory: bool = False,
+               persistent_workers: bool = False) -> Iterable[Batch]:
     """Every sample of ``source`` exactly once across ranks, normalised (the model's ``mean`` and
-    ``std``: ``model.mean``, ``model.std``), un-augmented.
+    ``std``: ``model.mean``, ``model.std``), un-augmented. Iterating it again gives the same batches.
+
+    ``persistent_workers``: the workers start at the first pass and serve every later one (a
+    training's validations). Each start forks this process, and on CPython up to 3.11.7 a fork at
+    the moment another thread starts or ends can hang the child for good (python/cpython#112275:
+    the interpreter's thread-list lock is inherited taken; seen as 1 hang in ~12 two-process
+    runs of 44 validations, each forking its own worker). One fork per run, not one per validation.
 
     Batches of differently sized images are padded (image 0, mask 255). A rank that
     gets no sample (more ranks than samples) yields nothing.
@@ -603,7 +588,8 @@ def val_loader(source: DataSource, *, batch_size: int = 1, num_workers: int = 1,
         dataset = VOCSegmentation(source.voc_root, source.split)
         samples = _FolderSamples(dataset, list(range(rank, len(dataset), world_size)), transform, source.spec)
         loader = DataLoader(samples, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                            collate_fn=list, worker_init_fn=_loader_worker_init)
+                            collate_fn=list, worker_init_fn=_loader_worker_init,
+                            persistent_workers=persistent_workers and num_workers > 0)
         return wds.DataPipeline(loader, wds.map(collate))
 
     # By sample, not by shard: VOC val (1449 images) is 6 shards, Cityscapes val 2, so 8 ranks
@@ -613,8 +599,9 @@ def val_loader(source: DataSource, *, batch_size: int = 1, num_workers: int = 1,
     if start == end:
         return []
     samples = _ValRange(source.urls, sizes, start, end, transform, source.spec, source.checks())
-    return (wds.WebLoader(samples, batch_size=None, num_workers=min(num_workers, end - start),
-                          worker_init_fn=_loader_worker_init)
+    workers = min(num_workers, end - start)
+    return (wds.WebLoader(samples, batch_size=None, num_workers=workers, worker_init_fn=_loader_worker_init,
+                          persistent_workers=persistent_workers and workers > 0)
             .batched(batch_size, collation_fn=collate, partial=True))
 
 

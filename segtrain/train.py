@@ -34,7 +34,7 @@ import dataclasses
 import os
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -222,7 +222,7 @@ class LogWindow:
 # ----------------------------------------------------------------------------- validation and outputs
 
 def validate(model: torch.nn.Module, accelerator: Accelerator, plan: RunPlan, log: MetricsLog,
-             tracker: trackers.Tracker, step: int) -> dict:
+             tracker: trackers.Tracker, step: int, loader: Iterable) -> dict:
     """Evaluate on the whole validation split (each image once, over all processes), log the
     metrics (and, to the tracker, per-class and per-image results and a fixed set of mask
     overlays), and return them."""
@@ -231,9 +231,7 @@ def validate(model: torch.nn.Module, accelerator: Accelerator, plan: RunPlan, lo
     bare = accelerator.unwrap_model(model)
     # Per-image results and the mask overlays: the same val images (smallest ids) for any process count.
     samples = tracker.samples(cfg.num_val_images, bare.mean, bare.std)
-    loader = loaders.val_loader(**plan.val_loader, rank=accelerator.process_index, mean=bare.mean, std=bare.std)
-    # threads_ended_after: the next validation forks this loader's workers again (see there).
-    with hardware.evaluation_kernels(), loaders.threads_ended_after():  # eager, no cuDNN autotuning: sizes vary
+    with hardware.evaluation_kernels():  # eager, no cuDNN autotuning: image sizes vary
         metrics = evaluate(bare, loader, accelerator.device, num_classes=cfg.num_classes,
                            class_names=plan.spec.classes, protocol=cfg.val_protocol,
                            autocast_dtype=plan.eval_autocast_dtype, accelerator=accelerator,
@@ -329,12 +327,13 @@ def log_train(accelerator: Accelerator, plan: RunPlan, log: MetricsLog, tracker:
 
 
 def validate_and_keep_best(model: torch.nn.Module, accelerator: Accelerator, plan: RunPlan, log: MetricsLog,
-                           tracker: trackers.Tracker, state: TrainState, window: LogWindow) -> dict:
+                           tracker: trackers.Tracker, state: TrainState, window: LogWindow,
+                           val_batches: Iterable) -> dict:
     """Validate at ``state.step``; a better mIoU becomes best.pt. The time it takes is not the
     window's training time, and its peak memory is logged on its own."""
     val_start = time.perf_counter()
     window.set_peak_aside()
-    metrics = validate(model, accelerator, plan, log, tracker, state.step)
+    metrics = validate(model, accelerator, plan, log, tracker, state.step, val_batches)
     if metrics["miou"] > state.best_miou:
         state.best_miou = metrics["miou"]
         save_model(accelerator, model, plan, "best", state.step, metrics)
@@ -422,6 +421,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     metrics: dict[str, Any] = {}
     best_step = -1  # the step best.pt was written at by this process
     batches = micro_batches(plan, accelerator.process_index, step)
+    # One val loader for the run: its workers start at the first validation and serve the rest
+    # (a fork per validation can hang on CPython <= 3.11.7: loaders.val_loader).
+    val_batches = loaders.val_loader(**plan.val_loader, rank=accelerator.process_index, mean=bare.mean,
+                                     std=bare.std, persistent_workers=True)
     normalization = normalization_tensors(bare.mean, bare.std, device)  # once: no host-to-device copy per batch
     # Training crops are one fixed size: cuDNN's autotuning pays off (validation turns it off).
     torch.backends.cudnn.benchmark = device.type == "cuda"
@@ -444,7 +447,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             if plan.validates_at(step):
                 progress.clear()
                 best_before = state.best_miou
-                metrics = validate_and_keep_best(model, accelerator, plan, log, tracker, state, window)
+                metrics = validate_and_keep_best(model, accelerator, plan, log, tracker, state, window, val_batches)
                 best_step = step if state.best_miou != best_before else best_step  # a better mIoU: best.pt written
             # After validation, so the checkpoint carries the best mIoU it just measured. Asked every
             # step (the agreement needs it); a stop on the last step is the normal end.

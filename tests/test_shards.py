@@ -479,21 +479,3 @@ def test_a_process_that_leaves_a_loader_running_still_exits(packed_shards):
                           text=True, timeout=60)
     assert proc.returncode == 0 and "left running" in proc.stdout, proc.stderr[-2000:]
 
-
-def test_threads_ended_after_waits_for_the_threads_started_inside_and_no_longer():
-    import threading
-    import time
-
-    lasting = threading.Event()
-    before = threading.Thread(target=lasting.wait, daemon=True)
-    before.start()
-    with loaders.threads_ended_after():
-        ending = threading.Thread(target=time.sleep, args=(0.3,), daemon=True)
-        ending.start()
-    assert not ending.is_alive() and before.is_alive()  # joined; one from before is not waited for
-    start = time.monotonic()
-    with loaders.threads_ended_after(timeout_s=0.2):
-        never = threading.Thread(target=lasting.wait, daemon=True)
-        never.start()
-    assert never.is_alive() and time.monotonic() - start < 2  # bounded by the timeout
-    lasting.set()

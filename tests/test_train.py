@@ -421,30 +421,21 @@ def test_a_step_that_raises_stops_the_loader_workers(packed_shards, tmp_path, mo
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_no_thread_a_validation_started_is_still_ending_when_the_next_one_forks(packed_shards, tmp_path,
-                                                                                 monkeypatch):
-    """A validation's loader, used up, closes its worker queues and their feeder threads end on
-    their own; a fork (the next validation's worker) while one ends can hang the child for good
-    on CPython <= 3.11.7 (loaders.threads_ended_after). Here the evaluation leaves a thread that
-    ends 2 s later, as a slow feeder thread would: validate() returns only after it ended."""
-    import threading
-    import time
+def test_the_validations_of_a_run_share_one_loader_whose_workers_start_once(packed_shards, tmp_path,
+                                                                            monkeypatch):
+    """Each process start is a fork of the training process, which on CPython <= 3.11.7 can hang
+    for good when another thread starts or ends at that moment (loaders.val_loader): 3
+    validations start the val loader's worker once, beside the training loader's."""
+    import multiprocessing.process
 
-    from segtrain import train as train_module
-    ending, still_running = [], []
-    evaluate, validate = train_module.evaluate, train_module.validate
+    started = []
+    start = multiprocessing.process.BaseProcess.start
 
-    def evaluate_leaving_a_thread(*args, **kwargs):
-        ending.append(threading.Thread(target=time.sleep, args=(2.0,), daemon=True))
-        ending[-1].start()
-        return evaluate(*args, **kwargs)
-
-    def checked(*args, **kwargs):
-        metrics = validate(*args, **kwargs)
-        still_running.extend(t for t in ending if t.is_alive())
-        return metrics
-    monkeypatch.setattr(train_module, "evaluate", evaluate_leaving_a_thread)
-    monkeypatch.setattr(train_module, "validate", checked)
-    main(base_args(packed_shards["train"], tmp_path / "run", "--tracker", "none", "--iterations", "1",
+    def counted(process):
+        started.append(process)
+        return start(process)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", counted)
+    main(base_args(packed_shards["train"], tmp_path / "run", "--tracker", "none", "--iterations", "3",
                    "--val-every", "1", "--crop-size", "33"))
-    assert len(ending) == 1 and still_running == []
+    assert len([r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "val/miou" in r]) == 3
+    assert len(started) == 2  # one training loader worker (--workers 1), one val loader worker
