@@ -38,3 +38,7 @@ overlays = [p["id"] for p in picker.gather(accelerator).get("examples", [])]
 (Path(sys.argv[1]) / f"cluster{rank}.json").write_text(json.dumps({
     "compiled": compiled, "line": line, "graphs": hardware.dynamo_counts()["graphs"],
     "world": accelerator.num_processes, "checksum": params.sum().item(), "overlays": overlays}))
+# The process group ended before the interpreter's teardown (as train() does): a gloo thread
+# still joinable while C++ destructors run aborts the process ("terminate called without an
+# active exception", seen once in a loaded suite run).
+accelerator.end_training()
