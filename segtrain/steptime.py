@@ -188,5 +188,5 @@ def time_interleaved(steps_of: Mapping[str, Callable[[], None]], rounds: int, wa
     return timings
 
 
-__all__ = ["ModelShape", "Timing", "MODES", "is_channels_last", "random_batch", "train_step", "infer_step", "time_calls",
-           "prepare", "time_setting", "time_interleaved", "sync", "autocast_dtype"]
+__all__ = ["ModelShape", "Timing", "MODES", "is_channels_last", "random_batch", "train_step", "infer_step",
+           "time_calls", "prepare", "time_setting", "time_interleaved", "sync", "autocast_dtype"]

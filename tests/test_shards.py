@@ -478,4 +478,3 @@ def test_a_process_that_leaves_a_loader_running_still_exits(packed_shards):
     proc = subprocess.run([sys.executable, "-c", script, str(packed_shards["train"])], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0 and "left running" in proc.stdout, proc.stderr[-2000:]
-

@@ -399,7 +399,7 @@ def test_resume_with_another_worker_count_is_exact(packed_shards, tmp_path):
 
 
 def test_a_step_that_raises_stops_the_loader_workers(packed_shards, tmp_path, monkeypatch):
-    """The training loader lives for the whole run: a step that raises must not leave its
+    """The training and val loaders live for the whole run: a step that raises must not leave their
     workers running (or the stop-signal handlers installed) in a process that goes on."""
     import multiprocessing
     import signal
@@ -416,6 +416,7 @@ def test_a_step_that_raises_stops_the_loader_workers(packed_shards, tmp_path, mo
         train_module.train(parse_config(["--data", str(packed_shards["train"]), "--run-dir", str(tmp_path / "r"),
                                          "--backbone", "resnet18", "--pretrained", "false", "--crop-size", "33",
                                          "--batch-size", "2", "--iterations", "4", "--workers", "2",
+                                         "--val-every", "1",  # the val loader's workers have started too
                                          "--tracker", "none", "--mixed-precision", "no"]))
     assert [p for p in multiprocessing.active_children() if p.pid not in earlier] == []
     assert signal.getsignal(signal.SIGTERM) is before
